@@ -1,0 +1,1 @@
+"""kdpipe phase one/two/evaluation."""

@@ -1,0 +1,184 @@
+"""Typed configs: frozen dataclasses filled from defaults < TOML file < CLI flags.
+
+One dataclass per concept; its field defaults are the only defaults. `load_config` refuses
+unknown keys (with a did-you-mean), coerces TOML/CLI values to the field types, and
+`write_resolved` saves the resolved config beside an output so any run can be reproduced.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import tomllib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Mapping, TypeVar
+
+import tomli_w
+
+from kdpipe.storage.errors import ConfigError
+
+C = TypeVar("C")
+
+
+def _suggest(key: str, allowed: list[str]) -> str:
+    close = difflib.get_close_matches(key, allowed, n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Coerce a TOML/CLI value to a dataclass field type, or raise ConfigError naming `where`."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
+    if origin is typing.Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: {value!r} is not allowed; choose one of {', '.join(map(repr, args))}")
+        return value
+    if origin in (tuple, list):
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        inner = args[0] if args else Any
+        out = [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(out) if origin is tuple else out
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: expected a table of keys, got {value!r}")
+        return build_config(tp, value, where=where)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        try:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}") from None
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    return value
+
+
+def build_config(cls: type[C], values: Mapping[str, Any], where: str = "config") -> C:
+    """Build `cls` from a mapping; unknown keys and bad types raise ConfigError naming `where.key`."""
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in values.items():
+        k = key.replace("-", "_")
+        if k not in fields:
+            raise ConfigError(
+                f"{where}: unknown key '{key}'{_suggest(k, list(fields))}; allowed keys: {', '.join(fields)}"
+            )
+        kwargs[k] = _coerce(value, hints[k], f"{where}.{k}")
+    missing = [
+        n for n, f in fields.items()
+        if n not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise ConfigError(f"{where}: missing required key(s) {', '.join(missing)}")
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def read_toml(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML ({e}); fix the syntax at the position given") from None
+
+
+def load_config(
+    cls: type[C],
+    toml_path: str | os.PathLike | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    section: str | None = None,
+) -> C:
+    """defaults < TOML file (optionally one [section]) < overrides (CLI flags that were given)."""
+    values: dict[str, Any] = {}
+    where = cls.__name__
+    if toml_path is not None:
+        data = read_toml(toml_path)
+        if section is not None:
+            data = data.get(section, {})
+        values.update(data)
+        where = f"{toml_path}" + (f" [{section}]" if section else "")
+    for k, v in (overrides or {}).items():
+        if v is not None:
+            values[k.replace("-", "_")] = v
+    return build_config(cls, values, where=where)
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """A plain dict of a (nested) config with None values dropped (TOML has no null)."""
+
+    def clean(v: Any) -> Any:
+        if dataclasses.is_dataclass(v):
+            return {f.name: clean(getattr(v, f.name)) for f in dataclasses.fields(v) if getattr(v, f.name) is not None}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items() if x is not None}
+        if isinstance(v, Path):
+            return str(v)
+        return v
+
+    return clean(cfg)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write via `.tmp` + fsync + os.replace: readers see the old file or the new one, never half."""
+    path = Path(path)
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_resolved(cfg: Any, path: str | os.PathLike) -> None:
+    """Save the resolved config as TOML (loadable again with --config)."""
+    atomic_write_text(path, tomli_w.dumps(config_to_dict(cfg)))

@@ -1,0 +1,112 @@
+"""Tiny models and tokenizers built locally from a config: no hub download, ever.
+
+Tests, the demo and the benchmarks need a real teacher and student that vLLM and
+transformers both load. They are built here from a `LlamaConfig` with a byte-level BPE
+tokenizer trained on a small corpus, and saved in Hugging Face format.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Iterable
+
+# A chat template in the Hugging Face (Jinja) convention, so recipes exercise the
+# "apply the teacher's chat template" path exactly as with a real instruct model.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+)
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>", "<sep>"]
+
+DEFAULT_CORPUS = (
+    "The quick brown fox jumps over the lazy dog. "
+    "Summarize the following text in one sentence. "
+    "The city council approved a new budget for parks and schools on Monday. "
+    "Researchers in Paris reported that the river reached its highest level in ten years. "
+    "Question: who approved the budget? Answer: the city council. "
+    "Entities: Paris (LOCATION), Monday (DATE), city council (ORGANIZATION). "
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class TinyModelConfig:
+    vocab_size: int = 512  # tokenizer vocabulary (the model's may be padded beyond it)
+    model_vocab_size: int | None = None  # None = same as the tokenizer's
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 2
+    num_key_value_heads: int = 2
+    max_position_embeddings: int = 1024
+    seed: int = 0
+
+
+def build_tokenizer(out_dir: str | os.PathLike, texts: Iterable[str] | None = None, vocab_size: int = 512):
+    """Train a byte-level BPE tokenizer on `texts` and save it as a PreTrainedTokenizerFast."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    texts = list(texts) if texts is not None else [DEFAULT_CORPUS] * 4
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        additional_special_tokens=["<|user|>", "<|assistant|>", "<|system|>", "<|end|>", "<sep>"],
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    fast.model_max_length = 1024
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(out_dir)
+    return fast
+
+
+def build_model(out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike, cfg: TinyModelConfig = TinyModelConfig()):
+    """A randomly initialised Llama of `cfg` saved (safetensors) with the tokenizer beside it."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(cfg.seed)
+    config = LlamaConfig(
+        vocab_size=cfg.model_vocab_size or len(tok),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads,
+        max_position_embeddings=cfg.max_position_embeddings,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=False,
+        torch_dtype="float32",
+    )
+    model = LlamaForCausalLM(config)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tok.save_pretrained(out_dir)
+    return model
+
+
+def build_tiny(out_dir: str | os.PathLike, texts: Iterable[str] | None = None, cfg: TinyModelConfig = TinyModelConfig()) -> Path:
+    """Tokenizer + model in one folder; returns the folder (loadable by transformers and vLLM)."""
+    out = Path(out_dir)
+    build_tokenizer(out, texts, vocab_size=cfg.vocab_size)
+    build_model(out, out, cfg)
+    return out
