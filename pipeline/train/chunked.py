@@ -1,0 +1,144 @@
+"""The memory-lean loss: logits, log-softmax, gathers, CE and KD chunk by chunk over target tokens.
+
+Plain fine-tuning materializes logits [B, T, V] (plus their float32 copy and the log-softmax),
+which dominates memory for large vocabularies. Here the student's final hidden states are first
+gathered at the target positions ([N, H], N target tokens), then each chunk of `chunk_size`
+tokens runs  h @ W[:V].T -> log_softmax -> gather(target, teacher ids) -> CE, D  under
+`torch.utils.checkpoint`, so only the chunk's inputs are kept for backward and the [chunk, V]
+tensors are recomputed there: at most one chunk's [chunk, V] tensors are alive at any time,
+in forward or backward.
+
+With T = 1 the CE and the KD term share one log-softmax and one gather of [chunk, 1 + K] ids, so
+the KD term adds only [chunk, K]-sized work to what CE alone already does.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from kdpipe.pipeline.train.losses import cross_entropy, kd_divergence_from_kept
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """What the loss computes; mirrors the TrainConfig fields of the same names."""
+
+    alpha: float = 0.5
+    temperature: float = 1.0
+    divergence: str = "forward_kl"
+    tail_mode: str = "bucket"
+    jsd_beta: float = 0.5
+    codec: str = "topk"  # the store's codec: 'topk' or 'sampled'
+    chunk_size: int = 1024  # target tokens per chunk of logits
+    # Transform applied to the raw lm_head logits by some architectures (see logit_transform_of).
+    logit_scale: float = 1.0  # logits * logit_scale
+    logit_softcap: float | None = None  # cap * tanh(logits / cap)
+
+
+def logit_transform_of(model_config) -> dict:
+    """Logit scaling that a model's forward applies after lm_head, read from its HF config.
+
+    The chunked loss bypasses the model's own logits computation, so it must apply the same
+    transform: Gemma-2/3 soft-capping, Cohere `logit_scale`, Granite `logits_scaling` (a divisor).
+    """
+    out: dict = {}
+    cap = getattr(model_config, "final_logit_softcapping", None)
+    if cap:
+        out["logit_softcap"] = float(cap)
+    scale = 1.0
+    if getattr(model_config, "logit_scale", None):
+        scale *= float(model_config.logit_scale)
+    if getattr(model_config, "logits_scaling", None):
+        scale /= float(model_config.logits_scaling)
+    if scale != 1.0:
+        out["logit_scale"] = scale
+    return out
+
+
+def _chunk_loss(
+    h: torch.Tensor,  # [c, H] final hidden states at the chunk's target positions
+    weight: torch.Tensor,  # [V, H] lm_head weight sliced to the tokenizer vocabulary
+    bias: torch.Tensor | None,  # [V]
+    target_ids: torch.Tensor,  # [c]
+    teacher_ids: torch.Tensor | None,  # [c, K]
+    teacher_logprobs: torch.Tensor | None,  # [c, K]
+    teacher_tail: torch.Tensor | None,  # [c]
+    spec: LossSpec,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Σ CE, Σ D) over one chunk, as float32 0-dim tensors (D not yet multiplied by T²)."""
+    z = torch.nn.functional.linear(h, weight, bias)  # [c, V]
+    if z.dtype not in (torch.float32, torch.float64):
+        z = z.float()  # bf16/fp16 autocast: softmax and the loss in float32
+    if spec.logit_scale != 1.0:
+        z = z * spec.logit_scale
+    if spec.logit_softcap:
+        z = spec.logit_softcap * torch.tanh(z / spec.logit_softcap)
+    log_q1 = torch.log_softmax(z, dim=-1)  # [c, V]
+    if teacher_ids is None or spec.alpha >= 1.0:
+        ce = cross_entropy(log_q1, target_ids)  # [c]
+        return ce.sum(), ce.new_zeros(())
+    ids = teacher_ids.clamp_min(0)  # [c, K]
+    if spec.temperature == 1.0:
+        # One gather for both parts: column 0 is the target, columns 1.. the teacher's kept ids.
+        g = log_q1.gather(-1, torch.cat([target_ids.unsqueeze(-1), ids], dim=-1))  # [c, 1+K]
+        ce, kept = -g[:, 0], g[:, 1:]
+    else:
+        ce = cross_entropy(log_q1, target_ids)  # [c]
+        del log_q1  # free before the tempered [c, V] log-softmax
+        kept = torch.log_softmax(z / spec.temperature, dim=-1).gather(-1, ids)  # [c, K]
+    d = kd_divergence_from_kept(
+        kept, ids, teacher_logprobs, teacher_tail,
+        divergence=spec.divergence, tail_mode=spec.tail_mode, temperature=spec.temperature,
+        jsd_beta=spec.jsd_beta, codec=spec.codec,
+    )  # [c]
+    return ce.sum(), d.sum()
+
+
+def chunked_loss_parts(
+    hidden: torch.Tensor,  # [N, H] final hidden states gathered at Batch.pred_index
+    weight: torch.Tensor,  # [V_model, H] lm_head weight (V_model may be padded beyond the tokenizer)
+    vocab_size: int,  # the tokenizer's vocabulary V <= V_model: logits beyond it are sliced off
+    target_ids: torch.Tensor,  # [N]
+    teacher_ids: torch.Tensor | None = None,  # [N, K]
+    teacher_logprobs: torch.Tensor | None = None,  # [N, K]
+    teacher_tail: torch.Tensor | None = None,  # [N]
+    spec: LossSpec = LossSpec(),
+    bias: torch.Tensor | None = None,  # [V_model]
+    use_checkpoint: bool = True,
+) -> dict[str, torch.Tensor]:
+    """Summed loss parts {"ce", "kd" (= T²·Σ D), "loss" = α·ce + (1−α)·kd} over N target tokens.
+
+    Same values as `losses.distillation_loss_parts` on the dense logits, without the [N, V] tensor.
+    """
+    w = weight[:vocab_size]  # [V, H] a view: padded rows get no logits and no gradient
+    b = bias[:vocab_size] if bias is not None else None
+    n = hidden.shape[0]
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    ce_sum = hidden.new_zeros((), dtype=acc)
+    d_sum = hidden.new_zeros((), dtype=acc)
+    with_kd = teacher_ids is not None and spec.alpha < 1.0
+    for start in range(0, n, spec.chunk_size):
+        sl = slice(start, min(start + spec.chunk_size, n))
+        args = (
+            hidden[sl], w, b, target_ids[sl],
+            teacher_ids[sl] if with_kd else None,
+            teacher_logprobs[sl] if with_kd else None,
+            teacher_tail[sl] if with_kd else None,
+            spec,
+        )
+        if use_checkpoint and torch.is_grad_enabled():
+            ce, d = checkpoint(_chunk_loss, *args, use_reentrant=False)
+        else:
+            ce, d = _chunk_loss(*args)
+        ce_sum = ce_sum + ce
+        d_sum = d_sum + d
+    kd = spec.temperature**2 * d_sum
+    return {"ce": ce_sum, "kd": kd, "loss": spec.alpha * ce_sum + (1.0 - spec.alpha) * kd}
+
+
+def num_chunks(n_targets: int, chunk_size: int) -> int:
+    return max(1, math.ceil(n_targets / chunk_size))
