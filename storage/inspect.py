@@ -1,0 +1,179 @@
+"""inspect_store: a store's summary, and with verify=True a full re-check of every shard."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from kdpipe.storage import codecs
+from kdpipe.storage.errors import StoreError
+from kdpipe.storage.manifest import file_sha256, open_store
+
+
+def _check_consistency(batch: pa.RecordBatch, codec: codecs.CodecConfig) -> str | None:
+    """Per-row column lengths agree (P positions, E entries); None if fine."""
+    def lengths(name: str) -> np.ndarray:
+        off = batch.column(name).offsets.to_numpy()
+        return np.diff(off)
+
+    P = lengths("target_positions")
+    per_pos = ["num_entries", "tail"] if codec.name == "topk" else ["num_entries", "tail_count"]
+    for name in per_pos:
+        if not np.array_equal(lengths(name), P):
+            return f"column {name} has a different length than target_positions"
+    ne = batch.column("num_entries")
+    counts = ne.values.to_numpy(zero_copy_only=False).astype(np.int64)
+    off = ne.offsets.to_numpy()
+    E = np.add.reduceat(counts, off[:-1]) if counts.size else np.zeros(len(P), np.int64)
+    E = np.where(np.diff(off) > 0, E, 0)
+    entry_cols = ["ids_lo", "ids_hi", "logprob_q"] if codec.name == "topk" else ["ids_lo", "ids_hi", "counts"]
+    for name in entry_cols:
+        if not np.array_equal(lengths(name), E):
+            return f"column {name} does not hold sum(num_entries) values per row"
+    if counts.size and counts.max() > codec.max_entries:
+        return f"a position holds {int(counts.max())} entries, more than the codec's {codec.max_entries}"
+    return None
+
+
+def _stats(rec_counts, rec_mass, rec_ent, counts, lp, tail) -> None:
+    valid = np.isfinite(lp)
+    p = np.where(valid, np.exp(lp.astype(np.float64)), 0.0)
+    rec_counts.append(counts.astype(np.int64))
+    rec_mass.append(p.sum(axis=1))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        h = -(np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0)).sum(axis=1)
+        t = tail.astype(np.float64)
+        h += np.where(t > 0, -t * np.log(np.where(t > 0, t, 1.0)), 0.0)
+    rec_ent.append(h)
+
+
+def inspect_store(store_dir: str | os.PathLike, verify: bool = False, sample_rows: int = 4096) -> dict[str, Any]:
+    """Summary of a finalized store; verify=True re-checks every shard (checksum, schema, columns).
+
+    Shard problems are collected (not raised) into report["problems"] and report["ok"] is False;
+    a missing/unreadable manifest raises StoreError. Entry statistics come from the first
+    `sample_rows` rows (all rows when verifying).
+    """
+    m = open_store(store_dir)
+    codec = m.meta.codec
+    problems: list[dict[str, str]] = []
+    counts_l: list = []
+    mass_l: list = []
+    ent_l: list = []
+    seen = 0
+    from kdpipe.storage.reader import _DecodedBatch, check_schema
+
+    for s in m.shards:
+        if not verify and seen >= sample_rows:
+            break
+        path = s.path
+        if not path.exists():
+            problems.append({"shard": s.file, "problem": "file is missing"})
+            continue
+        size = path.stat().st_size
+        if size != s.bytes:
+            problems.append({"shard": s.file, "problem": f"{size} bytes, the manifest says {s.bytes} (truncated or replaced)"})
+            continue
+        if verify:
+            got = file_sha256(path)
+            if got != s.checksum:
+                problems.append({"shard": s.file, "problem": f"checksum mismatch ({got} != manifest {s.checksum}); the file is corrupted"})
+                continue
+        try:
+            with pa.OSFile(str(path), "rb") as f:
+                reader = pa.ipc.open_file(f)
+                check_schema(reader.schema, codec, path)
+                if reader.num_record_batches != len(s.batch_rows):
+                    raise StoreError(f"{reader.num_record_batches} record batches, the manifest says {len(s.batch_rows)}")
+                rows = tokens = 0
+                for i in range(reader.num_record_batches):
+                    if not verify and seen >= sample_rows:
+                        break
+                    b = reader.get_batch(i)
+                    if verify:
+                        bad = _check_consistency(b, codec)
+                        if bad:
+                            raise StoreError(f"record batch {i}: {bad}")
+                    rows += b.num_rows
+                    tokens += int(np.diff(b.column("target_positions").offsets.to_numpy()).sum())
+                    db = _DecodedBatch(b, codec)
+                    for j in range(b.num_rows):
+                        if not verify and seen >= sample_rows:
+                            break
+                        rec = db.record(j)
+                        _stats(counts_l, mass_l, ent_l, db._get("num_entries", j), rec.logprobs, rec.tail)
+                        seen += 1
+                if verify and (rows != s.rows or tokens != s.target_tokens):
+                    raise StoreError(f"holds {rows} rows / {tokens} target tokens, the manifest says {s.rows} / {s.target_tokens}")
+        except StoreError as e:
+            problems.append({"shard": s.file, "problem": str(e).replace(f"{path}: ", "")})
+        except (pa.ArrowInvalid, pa.ArrowException, OSError, ValueError, IndexError) as e:
+            problems.append({"shard": s.file, "problem": f"unreadable ({type(e).__name__}: {e})"})
+
+    def mean(parts: list) -> float | None:
+        return float(np.concatenate(parts).mean()) if parts and sum(len(p) for p in parts) else None
+
+    meta = m.meta
+    return {
+        "store": str(Path(store_dir)),
+        "ok": not problems,
+        "verified": verify,
+        "format_version": m.raw.get("format_version"),
+        "cache_key": m.cache_key,
+        "teacher": meta.teacher,
+        "teacher_revision": meta.teacher_revision,
+        "recipe": meta.recipe,
+        "codec": codec.name,
+        "top_k": codec.top_k,
+        "top_p": codec.top_p,
+        "draws": codec.draws if codec.name == "sampled" else None,
+        "shards": len(m.shards),
+        "sequences": m.num_sequences,
+        "target_tokens": m.num_target_tokens,
+        "bytes": m.bytes,
+        "bytes_per_token": m.bytes / max(1, m.num_target_tokens),
+        "mean_entries_per_position": mean(counts_l),
+        "mean_kept_mass": mean(mass_l),
+        "teacher_entropy_nats": mean(ent_l),
+        "stats_rows": seen,
+        "problems": problems,
+    }
+
+
+def format_report(r: dict[str, Any]) -> str:
+    def f(v: Any) -> str:
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return str(v)
+
+    codec = r["codec"] + (f" k={r['top_k']}" if r["codec"] == "topk" else f" N={r['draws']} from top-{r['top_k']}")
+    if r["top_p"] is not None:
+        codec += f" p={r['top_p']}"
+    rows = [
+        ("store", r["store"]),
+        ("teacher", f"{r['teacher']}" + (f" @ {r['teacher_revision']}" if r["teacher_revision"] else "")),
+        ("recipe", r["recipe"]),
+        ("codec", codec),
+        ("cache key", r["cache_key"][:16] + "…"),
+        ("shards", f(r["shards"])),
+        ("sequences", f(r["sequences"])),
+        ("target tokens", f(r["target_tokens"])),
+        ("bytes", f(r["bytes"])),
+        ("bytes / target token", f(r["bytes_per_token"])),
+        ("mean entries / position", f(r["mean_entries_per_position"])),
+        ("mean kept mass", f(r["mean_kept_mass"])),
+        ("teacher entropy (nats, est.)", f(r["teacher_entropy_nats"])),
+        ("verified", "yes" if r["verified"] else "no (use --verify)"),
+        ("ok", "yes" if r["ok"] else "NO"),
+    ]
+    w = max(len(k) for k, _ in rows)
+    lines = [f"{k.ljust(w)}  {v}" for k, v in rows]
+    for p in r["problems"]:
+        lines.append(f"BAD SHARD {p['shard']}: {p['problem']}")
+    return "\n".join(lines)

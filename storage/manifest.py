@@ -1,0 +1,250 @@
+"""Store metadata, the cache key, fingerprints, and the manifests (per task, and the merged one).
+
+The manifest is the contract readers trust: a reader refuses a store whose manifest is missing,
+has an unknown format version, or points outside the store directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kdpipe.storage.codecs import CodecConfig
+from kdpipe.storage.errors import StoreError
+from kdpipe.storage.format import FORMAT_VERSION, MANIFEST_FILE, SHARD_RE
+
+
+@dataclass(frozen=True)
+class StoreMeta:
+    """Everything that determines a store's contents (hashed into its cache key)."""
+
+    teacher: str
+    teacher_revision: str | None
+    tokenizer_fingerprint: str
+    vocab_size: int  # len(tokenizer)
+    recipe: str
+    recipe_params: dict
+    codec: CodecConfig
+    dataset_fingerprint: str
+    generation_params: dict  # engine/sampling settings that determine contents
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["codec"] = dataclasses.asdict(self.codec)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str = "meta") -> "StoreMeta":
+        try:
+            d = dict(d)
+            d["codec"] = CodecConfig(**d["codec"])
+            return cls(**d)
+        except (KeyError, TypeError) as e:
+            raise StoreError(f"{where}: store metadata is malformed ({e}); was it written by another kdpipe version?") from None
+
+
+def _canonical(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, default=str)
+
+
+def cache_key(meta: StoreMeta) -> str:
+    """sha256 over everything that determines a store's contents, including FORMAT_VERSION."""
+    return hashlib.sha256(_canonical({"format_version": FORMAT_VERSION, "meta": meta.to_dict()}).encode()).hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 of a tokenizer's vocabulary (token -> id), special tokens and chat template."""
+    vocab = tokenizer.get_vocab()
+    special = {
+        "all_special_tokens": list(getattr(tokenizer, "all_special_tokens", []) or []),
+        "all_special_ids": list(getattr(tokenizer, "all_special_ids", []) or []),
+        "bos": getattr(tokenizer, "bos_token", None),
+        "eos": getattr(tokenizer, "eos_token", None),
+        "pad": getattr(tokenizer, "pad_token", None),
+        "unk": getattr(tokenizer, "unk_token", None),
+    }
+    payload = {
+        "vocab": sorted(vocab.items(), key=lambda kv: (kv[1], kv[0])),
+        "len": len(tokenizer),
+        "special": special,
+        "chat_template": getattr(tokenizer, "chat_template", None),
+    }
+    return hashlib.sha256(_canonical(payload).encode()).hexdigest()
+
+
+def kdpipe_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("kdpipe")
+    except Exception:  # not installed (running from a source tree)
+        return "unknown"
+
+
+# ----------------------------------------------------------------------------------------------
+# files
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    """.tmp + fsync + os.replace (+ directory fsync): readers see the old file or the new one."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_json(path: Path, what: str) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except FileNotFoundError:
+        raise StoreError(f"{path}: {what} not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise StoreError(f"{path}: {what} is not valid JSON ({e}); the file is corrupted, rerun the step that wrote it") from None
+    if not isinstance(obj, dict):
+        raise StoreError(f"{path}: {what} must be a JSON object")
+    return obj
+
+
+def check_format_version(obj: dict[str, Any], path: Path) -> None:
+    v = obj.get("format_version")
+    if v != FORMAT_VERSION:
+        raise StoreError(
+            f"{path}: unknown store format version {v!r} (this kdpipe reads version {FORMAT_VERSION}); "
+            "use the kdpipe version that wrote the store or regenerate it"
+        )
+
+
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return "sha256:" + h.hexdigest()
+
+
+def resolve_shard(store_dir: Path, name: Any, where: Path) -> Path:
+    """A shard named by a manifest, refused unless it is a plain shard file inside the store."""
+    if not isinstance(name, str) or not SHARD_RE.match(name) or os.sep in name or "/" in name:
+        raise StoreError(f"{where}: shard entry {name!r} is not a shard file name (shard-tNNNNN-sNNNNNN.arrow); refusing it")
+    root = store_dir.resolve()
+    path = (root / name).resolve()
+    if path.parent != root:
+        raise StoreError(f"{where}: shard {name!r} resolves outside the store directory {root}; refusing it")
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# the merged manifest
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    file: str
+    rows: int
+    target_tokens: int
+    bytes: int
+    checksum: str
+    batch_rows: tuple[int, ...]  # rows of each record batch, in order (for seeking)
+    task: int
+    path: Path = field(compare=False, repr=False, default=Path())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "file": self.file, "rows": self.rows, "target_tokens": self.target_tokens, "bytes": self.bytes,
+            "checksum": self.checksum, "batch_rows": list(self.batch_rows), "task": self.task,
+        }
+
+
+def shard_from_dict(d: Any, store_dir: Path, where: Path) -> ShardInfo:
+    if not isinstance(d, dict):
+        raise StoreError(f"{where}: shard entry {d!r} is not an object")
+    try:
+        info = ShardInfo(
+            file=d["file"], rows=int(d["rows"]), target_tokens=int(d["target_tokens"]), bytes=int(d["bytes"]),
+            checksum=str(d["checksum"]), batch_rows=tuple(int(x) for x in d["batch_rows"]), task=int(d["task"]),
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise StoreError(f"{where}: shard entry {d.get('file')!r} is malformed (missing or bad {e})") from None
+    path = resolve_shard(store_dir, info.file, where)
+    if sum(info.batch_rows) != info.rows:
+        raise StoreError(f"{where}: shard {info.file}: batch_rows add up to {sum(info.batch_rows)}, not rows={info.rows}")
+    return dataclasses.replace(info, path=path)
+
+
+@dataclass(frozen=True)
+class StoreManifest:
+    """A parsed, checked manifest.json of a finalized store."""
+
+    store_dir: Path
+    meta: StoreMeta
+    cache_key: str
+    shards: tuple[ShardInfo, ...]
+    num_sequences: int
+    num_target_tokens: int
+    num_tasks: int
+    kdpipe_version: str
+    raw: dict = field(repr=False, compare=False, default_factory=dict)
+
+    @property
+    def codec(self) -> CodecConfig:
+        return self.meta.codec
+
+    @property
+    def bytes(self) -> int:
+        return sum(s.bytes for s in self.shards)
+
+
+def open_store(store_dir: str | os.PathLike) -> StoreManifest:
+    """Parse and check a finalized store's manifest.json (no shard is read)."""
+    store_dir = Path(store_dir)
+    if not store_dir.is_dir():
+        raise StoreError(f"{store_dir}: store directory not found")
+    path = store_dir / MANIFEST_FILE
+    if not path.exists():
+        hint = "run `kdpipe finalize` once every task is done" if (store_dir / "tasks").is_dir() else "is this a kdpipe store?"
+        raise StoreError(f"{path}: manifest not found; the store is not finalized ({hint})")
+    raw = read_json(path, "store manifest")
+    check_format_version(raw, path)
+    try:
+        meta = StoreMeta.from_dict(raw["meta"], where=str(path))
+        key = raw["cache_key"]
+        shards_raw = raw["shards"]
+    except KeyError as e:
+        raise StoreError(f"{path}: store manifest lacks key {e}; regenerate it with `kdpipe finalize`") from None
+    if key != cache_key(meta):
+        raise StoreError(f"{path}: cache_key does not match the recorded metadata; the manifest was edited or corrupted")
+    if not isinstance(shards_raw, list):
+        raise StoreError(f"{path}: 'shards' must be a list")
+    shards = tuple(shard_from_dict(s, store_dir, path) for s in shards_raw)
+    seen: dict[str, int] = {}
+    for s in shards:
+        if s.file in seen:
+            raise StoreError(f"{path}: shard {s.file} is listed twice (tasks {seen[s.file]} and {s.task})")
+        seen[s.file] = s.task
+    n_seq = sum(s.rows for s in shards)
+    if n_seq == 0:
+        raise StoreError(f"{path}: the store is empty (no sequences); regenerate it from a non-empty dataset")
+    return StoreManifest(
+        store_dir=store_dir, meta=meta, cache_key=key, shards=shards, num_sequences=n_seq,
+        num_target_tokens=sum(s.target_tokens for s in shards), num_tasks=int(raw.get("num_tasks", 1)),
+        kdpipe_version=str(raw.get("kdpipe_version", "unknown")), raw=raw,
+    )

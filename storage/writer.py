@@ -1,0 +1,332 @@
+"""ShardWriter: one task's rows -> rolling zstd Arrow IPC shards, crash-safe and resumable.
+
+A shard becomes visible only complete: it is written to `<name>.tmp`, fsynced, then renamed.
+Its name derives from (task index, sequence number), and the task manifest lists the finished
+shards, so a rerun of the same task skips the sample ids already stored and continues numbering.
+An exclusive lock per (store, task) stops two processes from writing the same task.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from kdpipe.storage import codecs
+from kdpipe.storage.errors import DataError, StoreError
+from kdpipe.storage.format import (
+    BATCH_BYTES, FORMAT_VERSION, MD_CODEC, MD_FORMAT, META_FILE, SHARD_RE, TASKS_DIR, ZSTD_LEVEL,
+    shard_name, shard_schema, task_manifest_name,
+)
+from kdpipe.storage.manifest import (
+    StoreMeta, atomic_write_json, cache_key, check_format_version, file_sha256, fsync_dir, kdpipe_version, read_json,
+)
+
+
+def _ensure_meta(store_dir: Path, meta: StoreMeta) -> str:
+    """Write meta.json if absent (atomically, first writer wins); else refuse a different meta."""
+    key = cache_key(meta)
+    path = store_dir / META_FILE
+    if not path.exists():
+        tmp = path.with_name(f"{META_FILE}.{os.getpid()}.tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump({"format_version": FORMAT_VERSION, "cache_key": key, "meta": meta.to_dict()}, f, indent=1, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)  # fails if another task created it meanwhile: then compare below
+        except FileExistsError:
+            pass
+        finally:
+            os.unlink(tmp)
+        fsync_dir(store_dir)
+    existing = read_json(path, "store metadata")
+    check_format_version(existing, path)
+    if existing.get("cache_key") != key:
+        diff = [k for k, v in meta.to_dict().items() if existing.get("meta", {}).get(k) != json.loads(json.dumps(v, default=str))]
+        raise StoreError(
+            f"{store_dir}: the store was written by another teacher/codec/dataset (cache key "
+            f"{str(existing.get('cache_key'))[:12]}… != {key[:12]}…; differing fields: {', '.join(diff) or 'format'}); "
+            "use a new store directory or delete this one"
+        )
+    return key
+
+
+def read_shard_stats(path: Path) -> dict[str, Any]:
+    """Rows, target tokens and batch sizes of a finished shard (used to adopt shards on resume)."""
+    with pa.OSFile(str(path), "rb") as f:
+        reader = pa.ipc.open_file(f)
+        batch_rows, tokens = [], 0
+        for i in range(reader.num_record_batches):
+            b = reader.get_batch(i)
+            batch_rows.append(b.num_rows)
+            tokens += int(pc.sum(pc.list_value_length(b.column("target_positions"))).as_py() or 0)
+    return {"rows": sum(batch_rows), "target_tokens": tokens, "batch_rows": batch_rows}
+
+
+def shard_sample_ids(path: Path) -> list[str]:
+    with pa.OSFile(str(path), "rb") as f:
+        reader = pa.ipc.open_file(f)
+        out: list[str] = []
+        for i in range(reader.num_record_batches):
+            out.extend(reader.get_batch(i).column("sample_id").to_pylist())
+    return out
+
+
+class ShardWriter:
+    """Writes one task's sequences into a store directory (see module doc).
+
+    Usage:
+        with ShardWriter(store, meta, task_index=i, num_tasks=n) as w:
+            done = w.done_ids()
+            for sample in data:
+                if sample.id not in done:
+                    w.add(sample.id, input_ids, positions, top_ids, top_logprobs)
+    """
+
+    def __init__(self, store_dir: str | os.PathLike, meta: StoreMeta, task_index: int = 0, num_tasks: int = 1,
+                 shard_bytes: int = 256 << 20) -> None:
+        if not 0 <= task_index < num_tasks:
+            raise StoreError(f"task_index {task_index} must be in [0, num_tasks={num_tasks})")
+        if shard_bytes <= 0:
+            raise StoreError(f"shard_bytes must be positive, got {shard_bytes}")
+        self.store_dir = Path(store_dir)
+        self.meta = meta
+        self.codec = meta.codec
+        self.task_index = task_index
+        self.num_tasks = num_tasks
+        self.shard_bytes = shard_bytes
+        self.schema = shard_schema(self.codec.name, self.codec.max_entries).with_metadata(
+            {MD_FORMAT: str(FORMAT_VERSION).encode(), MD_CODEC: json.dumps(meta.to_dict()["codec"], sort_keys=True).encode()}
+        )
+        self.store_dir.mkdir(parents=True, exist_ok=True)
+        tasks = self.store_dir / TASKS_DIR
+        tasks.mkdir(exist_ok=True)
+        self._lock_path = tasks / task_manifest_name(task_index).replace(".json", ".lock")
+        self._lock_fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+            raise StoreError(
+                f"{self.store_dir}: task {task_index} is being written by another process (lock {self._lock_path}); "
+                "wait for it or give this run another task index"
+            ) from None
+        try:
+            self.cache_key = _ensure_meta(self.store_dir, meta)
+            self._manifest_path = tasks / task_manifest_name(task_index)
+            self._load_task_manifest()
+        except BaseException:
+            self._release()
+            raise
+        self._pending: list[dict[str, Any]] = []
+        self._pending_bytes = 0
+        self._sink = None
+        self._ipc = None
+        self._cur: dict[str, Any] | None = None
+        self._added: set[str] = set()
+        self._closed = False
+
+    # -- resume --------------------------------------------------------------------------------
+
+    def _load_task_manifest(self) -> None:
+        """Load this task's manifest, drop stale .tmp files, adopt finished shards not yet listed."""
+        if self._manifest_path.exists():
+            m = read_json(self._manifest_path, "task manifest")
+            check_format_version(m, self._manifest_path)
+            if m.get("cache_key") != self.cache_key:
+                raise StoreError(f"{self._manifest_path}: task manifest belongs to another store configuration (cache key differs)")
+            if m.get("num_tasks") != self.num_tasks:
+                raise StoreError(
+                    f"{self._manifest_path}: task {self.task_index} was started with num_tasks={m.get('num_tasks')}, "
+                    f"now {self.num_tasks}; rerun with the same number of tasks or use a new store"
+                )
+            self._shards = list(m.get("shards", []))
+        else:
+            self._shards = []
+        prefix = f"shard-t{self.task_index:05d}-"
+        for p in self.store_dir.glob(prefix + "*.tmp"):
+            p.unlink()  # a writer of this task died mid-shard; we hold the lock, so it is stale
+        listed = {s["file"] for s in self._shards}
+        found = sorted(p.name for p in self.store_dir.glob(prefix + "*.arrow") if SHARD_RE.match(p.name))
+        for name in found:
+            if name not in listed:  # renamed into place, then killed before the manifest update
+                path = self.store_dir / name
+                self._shards.append({"file": name, "bytes": path.stat().st_size, "checksum": file_sha256(path),
+                                     "task": self.task_index, **read_shard_stats(path)})
+        self._shards.sort(key=lambda s: s["file"])
+        self._next_seq = 1 + max((int(SHARD_RE.match(s["file"]).group(2)) for s in self._shards), default=-1)
+        self._done: set[str] | None = None
+        self._write_task_manifest(complete=False)
+
+    def done_ids(self) -> set[str]:
+        """Sample ids already in finished shards of this task (a resumed run skips them)."""
+        if self._done is None:
+            done: set[str] = set()
+            for s in self._shards:
+                done.update(shard_sample_ids(self.store_dir / s["file"]))
+            self._done = done
+        return set(self._done)
+
+    # -- writing -------------------------------------------------------------------------------
+
+    def add(self, sample_id: str, input_ids: Sequence[int], target_positions: Sequence[int], top_ids: np.ndarray,
+            top_logprobs: np.ndarray, text: str | None = None) -> None:
+        """Encode one sequence's teacher entries with the store's codec and queue it for writing.
+
+        top_ids [P, K] int (sorted by log-prob desc, -1 padding), top_logprobs [P, K] float
+        (full-vocabulary log-probs, -inf padding); entries j describe p(input_ids[t_j] | input_ids[:t_j]).
+        """
+        if self._closed:
+            raise StoreError(f"{self.store_dir}: writer for task {self.task_index} is closed")
+        sample_id = str(sample_id)
+        if sample_id in self._added or (self._done is not None and sample_id in self._done):
+            raise DataError(f"sample id {sample_id!r} was already written to task {self.task_index} of {self.store_dir}; sample ids must be unique")
+        ids = np.asarray(input_ids, dtype=np.int64)
+        pos = np.asarray(target_positions, dtype=np.int64)
+        top_ids = np.asarray(top_ids)
+        top_lp = np.asarray(top_logprobs, dtype=np.float32)
+        L, P = ids.shape[0], pos.shape[0]
+        where = f"sample {sample_id!r}"
+        if ids.ndim != 1 or pos.ndim != 1:
+            raise DataError(f"{where}: input_ids and target_positions must be 1-D")
+        if top_ids.ndim != 2 or top_ids.shape != top_lp.shape or top_ids.shape[0] != P:
+            raise DataError(f"{where}: top_ids {top_ids.shape} and top_logprobs {top_lp.shape} must both be [P={P}, K]")
+        if P and (pos.min() < 1 or pos.max() >= L):
+            raise DataError(f"{where}: target positions must be in [1, {L}) (position t predicts input_ids[t] from input_ids[:t])")
+        if P > 1 and (np.diff(pos) <= 0).any():
+            raise DataError(f"{where}: target positions must be strictly increasing")
+        V = self.meta.vocab_size
+        if L and (ids.min() < 0 or ids.max() >= V):
+            raise DataError(f"{where}: input_ids must be in [0, vocab_size={V})")
+        if top_ids.size and top_ids.max() >= V:
+            raise DataError(f"{where}: teacher ids must be < vocab_size={V} (got {int(top_ids.max())})")
+        if V > (1 << 24):
+            raise DataError(f"vocab_size {V} exceeds the store's 24-bit token ids")
+        if self.codec.name == "topk":
+            cols = codecs.encode_topk(self.codec, top_ids, top_lp)
+        else:
+            cols = codecs.encode_sampled(self.codec, top_ids, top_lp, codecs.sample_seed(self.codec.seed, sample_id))
+        row = {"sample_id": sample_id, "text": text, "input_ids": ids.astype(np.int32), "target_positions": pos.astype(np.int32), **cols}
+        self._pending.append(row)
+        self._added.add(sample_id)
+        self._pending_bytes += sum(v.nbytes for v in cols.values()) + 4 * (L + P) + len(sample_id) + len(text or "")
+        if self._pending_bytes >= min(BATCH_BYTES, self.shard_bytes):
+            self._flush_batch()
+
+    def _flush_batch(self) -> None:
+        if not self._pending:
+            return
+        rows = self._pending
+        arrays = []
+        for f in self.schema:
+            if f.name in ("sample_id", "text"):
+                arrays.append(pa.array([r[f.name] for r in rows], type=f.type))
+            else:
+                vt = f.type.value_type
+                parts = [np.asarray(r[f.name]) for r in rows]
+                lengths = np.fromiter((len(p) for p in parts), dtype=np.int64, count=len(parts))
+                offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+                values = pa.array(np.concatenate(parts).astype(vt.to_pandas_dtype()) if parts else np.zeros(0), type=vt)
+                arrays.append(pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), values))
+        batch = pa.RecordBatch.from_arrays(arrays, schema=self.schema)
+        if self._ipc is None:
+            self._open_shard()
+        self._ipc.write_batch(batch)
+        self._cur["batch_rows"].append(batch.num_rows)
+        self._cur["rows"] += batch.num_rows
+        self._cur["target_tokens"] += sum(len(r["target_positions"]) for r in rows)
+        self._pending = []
+        self._pending_bytes = 0
+        if self._sink.tell() >= self.shard_bytes:
+            self._finish_shard()
+
+    def _open_shard(self) -> None:
+        name = shard_name(self.task_index, self._next_seq)
+        self._next_seq += 1
+        tmp = self.store_dir / (name + ".tmp")
+        self._sink = pa.OSFile(str(tmp), "wb")
+        opts = pa.ipc.IpcWriteOptions(compression=pa.Codec("zstd", compression_level=ZSTD_LEVEL))
+        self._ipc = pa.ipc.new_file(self._sink, self.schema, options=opts)
+        self._cur = {"file": name, "tmp": tmp, "rows": 0, "target_tokens": 0, "batch_rows": []}
+
+    def _finish_shard(self) -> None:
+        self._ipc.close()
+        self._sink.close()
+        cur = self._cur
+        tmp: Path = cur.pop("tmp")
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        final = self.store_dir / cur["file"]
+        cur.update(bytes=tmp.stat().st_size, checksum=file_sha256(tmp), task=self.task_index)
+        os.replace(tmp, final)
+        fsync_dir(self.store_dir)
+        self._shards.append(cur)
+        if self._done is not None:
+            self._done.update(self._added)
+        self._ipc = self._sink = self._cur = None
+        self._write_task_manifest(complete=False)
+
+    def _write_task_manifest(self, complete: bool) -> None:
+        atomic_write_json(self._manifest_path, {
+            "format_version": FORMAT_VERSION, "cache_key": self.cache_key, "task_index": self.task_index,
+            "num_tasks": self.num_tasks, "complete": complete, "kdpipe_version": kdpipe_version(),
+            "shards": self._shards,
+        })
+
+    def close(self) -> None:
+        """Flush the last rows, finish the open shard and mark the task complete."""
+        if self._closed:
+            return
+        try:
+            self._flush_batch()
+            if self._ipc is not None:
+                self._finish_shard()
+            self._write_task_manifest(complete=True)
+        finally:
+            self._closed = True
+            self._release()
+
+    def abort(self) -> None:
+        """Drop unfinished rows and the open .tmp shard; finished shards stay (a rerun resumes)."""
+        if self._closed:
+            return
+        try:
+            if self._ipc is not None:
+                try:
+                    self._ipc.close()
+                    self._sink.close()
+                finally:
+                    Path(self._cur["tmp"]).unlink(missing_ok=True)
+        finally:
+            self._closed = True
+            self._release()
+
+    def _release(self) -> None:
+        if getattr(self, "_lock_fd", None) is not None:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    @property
+    def shards(self) -> list[dict[str, Any]]:
+        return [dict(s) for s in self._shards]

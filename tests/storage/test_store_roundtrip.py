@@ -1,0 +1,50 @@
+"""Write -> finalize -> read back: ids exact, log-probs within the codec's bound, tail exact to fp32."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from kdstore_testutil import build_store
+
+from kdpipe.storage import CodecConfig, StoreReader, collate, open_store
+
+
+@pytest.mark.parametrize("top_p", [None, 0.9])
+def test_topk_round_trip(tmp_path, top_p):
+    codec = CodecConfig(top_k=8, top_p=top_p)
+    data = build_store(tmp_path, n=40, codec=codec)
+    m = open_store(tmp_path)
+    assert m.num_sequences == 40 and len(m.shards) > 1
+    bound = codec.logprob_step / 2 + 1e-6
+    seen = set()
+    for rec in StoreReader(tmp_path, shuffle_buffer=5):
+        ids, pos, top, lp = data[rec.sample_id]
+        assert rec.text == f"text of {rec.sample_id}"
+        np.testing.assert_array_equal(rec.input_ids, ids)
+        np.testing.assert_array_equal(rec.target_positions, pos)
+        p = np.exp(lp[:, :8].astype(np.float64))
+        keep = np.ones_like(p, dtype=bool) if top_p is None else (np.cumsum(p, 1) - p) < top_p
+        for j in range(len(pos)):
+            n = keep[j].sum()
+            np.testing.assert_array_equal(rec.ids[j, :n], top[j, :n])
+            assert (rec.ids[j, n:] == -1).all() and np.isneginf(rec.logprobs[j, n:]).all()
+            assert np.abs(rec.logprobs[j, :n] - lp[j, :n]).max() <= bound
+            assert rec.tail[j] == np.float32(max(0.0, 1.0 - p[j, :n].sum()))
+        seen.add(rec.sample_id)
+    assert seen == set(data)
+
+
+def test_collate_shapes_and_indices(tmp_path):
+    build_store(tmp_path, n=6)
+    recs = list(StoreReader(tmp_path, shuffle=False))[:3]
+    b = collate(recs, pad_id=7)
+    T = max(len(r.input_ids) for r in recs)
+    N = sum(len(r.target_positions) for r in recs)
+    assert b.input_ids.shape == (3, T) and b.num_targets == N
+    assert b.teacher_ids.shape[0] == N and b.teacher_logprobs.shape == b.teacher_ids.shape
+    # pred_index points at the hidden state one before each target
+    flat = b.input_ids.view(-1)
+    assert (flat[b.pred_index + 1] == b.target_ids).all()
+    assert (b.attention_mask.sum(1).tolist() == [len(r.input_ids) for r in recs])
+    cut = collate(recs, pad_id=7, max_len=5)
+    assert cut.input_ids.shape[1] == 5 and (cut.pred_index % 5 < 4).all()
