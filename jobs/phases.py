@@ -1,0 +1,209 @@
+"""The bridge from a job file's sections to each phase's own config dataclass.
+
+The phases own their field lists (GenerateConfig, TrainConfig, EvalConfig); this module holds
+only (a) the few friendly job-file names that differ from a phase's field name (ALIASES),
+(b) the fields the job layer sets itself (paths, task sharding), and (c) the command line of
+each phase. A section is validated by building the phase's dataclass with
+kdpipe.pipeline.config.build_config, so a misspelt key gets the phase's did-you-mean and a bad
+value the phase's own message, prefixed with the job file and section.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import typing
+from pathlib import Path
+from typing import Any, Mapping
+
+from kdpipe.jobs.render import TASK_ID
+from kdpipe.jobs.spec import JobSpec, RunSpec, unknown_key_error
+from kdpipe.pipeline.config import build_config
+from kdpipe.storage.errors import ConfigError, KdpipeError
+
+PHASE_CLASSES = {
+    "generate": ("kdpipe.pipeline.generate.config", "GenerateConfig", "phase one (generate-logits)"),
+    "train": ("kdpipe.pipeline.train.config", "TrainConfig", "phase two (train-student)"),
+    "evaluate": ("kdpipe.pipeline.evaluate.config", "EvalConfig", "evaluation (evaluate)"),
+}
+
+# job-file key -> phase field, per phase (only where the job file's name reads better).
+ALIASES = {
+    "generate": {"model": "teacher", "revision": "teacher_revision", "dataset": "data", "k": "top_k", "store": "out"},
+    "train": {"model": "student"},
+    "evaluate": {},
+}
+
+# Fields the job layer fills; a job file sets them through the job's own keys instead.
+RESERVED = {
+    "generate": {"out": "generation.store", "task_index": "the array task (set per task)", "num_tasks": "generation.num_tasks"},
+    "train": {"stores": "generation.store", "out": "the run directory RUN_DIR/runs/<run name>"},
+    "evaluate": {"out": "the run directory (RUN_DIR/runs/<run name>/eval)", "stores": "generation.store"},
+}
+
+
+def phase_class(phase: str) -> type:
+    module, name, what = PHASE_CLASSES[phase]
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"{what} is not available in this installation ({module}.{name}: {e})") from None
+
+
+def field_names(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls) if f.init]
+
+
+def list_fields(cls: type) -> frozenset[str]:
+    """Fields whose type is a list/tuple: in a student entry a plain list there is a value, not a sweep."""
+    hints = typing.get_type_hints(cls)
+    out = set()
+    for name in field_names(cls):
+        tp = hints[name]
+        kinds = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, getattr(__import__("types"), "UnionType")) else (tp,)
+        if any(typing.get_origin(k) in (list, tuple) or k in (list, tuple) for k in kinds):
+            out.add(name)
+    return frozenset(out)
+
+
+def _collect(
+    phase: str,
+    cls: type,
+    sections: list[tuple[str, Mapping[str, Any]]],
+    injected: Mapping[str, Any],
+) -> dict[str, Any]:
+    """Merge job sections into one phase mapping; unknown/duplicate/reserved keys are errors."""
+    fields = set(field_names(cls))
+    aliases = ALIASES[phase]
+    reserved = RESERVED[phase]
+    allowed = sorted((fields - set(reserved) - set(aliases.values())) | set(aliases))
+    values: dict[str, Any] = {}
+    origin: dict[str, str] = {}
+    for where, table in sections:
+        for key, value in table.items():
+            k = aliases.get(key, key.replace("-", "_"))
+            if k in reserved and key not in aliases:
+                raise ConfigError(f"{where}.{key}: set by the job, not here (it comes from {reserved[k]}); remove it")
+            if k not in fields:
+                raise unknown_key_error(where, key, allowed)
+            if k in values:
+                raise ConfigError(f"{where}.{key}: already set in {origin[k]}; give it once")
+            values[k] = value
+            origin[k] = f"{where}.{key}"
+    values.update(injected)
+    return values
+
+
+def _build(phase: str, cls: type, values: Mapping[str, Any], where: str) -> Any:
+    try:
+        return build_config(cls, values, where=where)
+    except KdpipeError as e:
+        msg = str(e)
+        # A phase's __post_init__ names only its key; say which job file it came from.
+        raise ConfigError(msg if msg.startswith(where) else f"{where}: {msg}") from None
+
+
+def _path_or_hub_id(job: JobSpec, value: str) -> str:
+    """A model/dataset value: a path relative to the job file when it exists there, else as given (hub id)."""
+    p = job.resolve_path(value)
+    return str(p) if p.exists() else value
+
+
+# -- phase one -----------------------------------------------------------------------------------
+
+
+def generate_config(job: JobSpec) -> Any:
+    cls = phase_class("generate")
+    w = str(job.path)
+    teacher = {k: v for k, v in job.teacher.extra.items()}
+    teacher["model"] = _path_or_hub_id(job, job.teacher.model)
+    teacher["tensor_parallel_size"] = job.teacher.tensor_parallel_size
+    data = dict(job.data)
+    for key in ("dataset", "data"):
+        if isinstance(data.get(key), str):
+            data[key] = _path_or_hub_id(job, data[key])
+    values = _collect(
+        "generate",
+        cls,
+        [(f"{w} [teacher]", teacher), (f"{w} [data]", data), (f"{w} [generation]", dict(job.generation.extra))],
+        {"out": str(job.generation.store), "num_tasks": job.generation.num_tasks},
+    )
+    return _build("generate", cls, values, f"{w} [teacher]/[data]/[generation]")
+
+
+def expected_cache_key(gen_cfg: Any) -> str | None:
+    """The store cache key this generation config would write, when phase one can tell without
+    starting the engine (it needs the teacher's tokenizer and the dataset); None otherwise."""
+    try:
+        mod = importlib.import_module("kdpipe.pipeline.generate")
+        fn = getattr(mod, "expected_cache_key", None)
+        if fn is None:
+            return None
+        return fn(gen_cfg)
+    except (KdpipeError, ImportError, OSError, ValueError):
+        return None
+
+
+def generate_argv(python: str, config: Path) -> list[str]:
+    # The task index is passed explicitly: a resubmitted array holds only the missing tasks
+    # (e.g. --array=1,3), so it cannot be derived from the array's bounds.
+    return [python, "-m", "kdpipe.pipeline.cli", "generate-logits", "--config", str(config), "--task-index", TASK_ID]
+
+
+def finalize_argv(python: str, store: Path, num_tasks: int) -> list[str]:
+    return [python, "-m", "kdpipe.pipeline.cli", "finalize", str(store), "--num-tasks", str(num_tasks)]
+
+
+# -- phase two -----------------------------------------------------------------------------------
+
+
+def train_list_fields() -> frozenset[str]:
+    return list_fields(phase_class("train"))
+
+
+def train_config(job: JobSpec, run: RunSpec, out_dir: Path) -> Any:
+    cls = phase_class("train")
+    w = f"{job.path} [[students]] #{run.student + 1}"
+    values = dict(run.values)
+    if isinstance(values.get("model"), str):
+        values["model"] = _path_or_hub_id(job, values["model"])
+    values = _collect("train", cls, [(w, values)], train_injected(cls, job, out_dir))
+    return _build("train", cls, values, w)
+
+
+def train_injected(cls: type, job: JobSpec, out_dir: Path) -> dict[str, Any]:
+    return {"stores": (str(job.generation.store),), "out": str(out_dir)}
+
+
+def train_argv(python: str, config: Path) -> list[str]:
+    return [python, "-m", "kdpipe.pipeline.cli", "train-student", "--config", str(config)]
+
+
+# -- evaluation ----------------------------------------------------------------------------------
+
+
+def eval_config(job: JobSpec, run: RunSpec, run_dir: Path) -> Any:
+    """The teacher and this run (its folder: the evaluator reads RUN/final and RUN/metrics.jsonl),
+    then any extra `models` the [evaluation] section lists (e.g. a CE-only baseline)."""
+    cls = phase_class("evaluate")
+    w = f"{job.path} [evaluation]"
+    section = dict(job.evaluation or {})
+    extra = section.pop("models", [])
+    if isinstance(extra, str) or not isinstance(extra, list):
+        raise ConfigError(f"{w}.models: expected a list of extra models to compare (the teacher and the run are added), got {extra!r}")
+    if isinstance(section.get("data"), str):
+        section["data"] = str(job.resolve_path(section["data"]))
+    models = (_path_or_hub_id(job, job.teacher.model), str(run_dir), *(_path_or_hub_id(job, str(m)) for m in extra))
+    injected = {"models": models, "out": str(run_dir / "eval"), "stores": (str(job.generation.store),)}
+    values = _collect("evaluate", cls, [(w, section)], injected)
+    return _build("evaluate", cls, values, w)
+
+
+def eval_argv(python: str, config: Path) -> list[str]:
+    return [python, "-m", "kdpipe.pipeline.cli", "evaluate", "--config", str(config)]
+
+
+__all__ = [
+    "generate_config", "expected_cache_key", "generate_argv", "finalize_argv",
+    "train_config", "train_argv", "train_list_fields", "eval_config", "eval_argv", "phase_class",
+]

@@ -1,0 +1,240 @@
+"""The resolved plan of a job: which phases run, with which configs, after what.
+
+    generate (array: the tasks still missing) -> finalize -> train <run> -> evaluate <run>
+
+Store reuse is decided here, from the store directory on disk:
+- no store yet                      -> every array task, then finalize;
+- some tasks complete (same key)    -> only the missing tasks, then finalize;
+- finalized with the same cache key -> neither generate nor finalize: students start at once;
+- a store with a DIFFERENT cache key -> ConfigError (it holds another teacher's/codec's targets).
+`make_plan` writes nothing; `write_configs` renders each phase's config into the run dir.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from kdpipe.jobs import phases
+from kdpipe.jobs.spec import JobSpec, RunSpec, expand_students
+from kdpipe.pipeline.config import atomic_write_text
+from kdpipe.storage.errors import ConfigError, StoreError
+
+
+@dataclasses.dataclass(frozen=True)
+class StoreState:
+    path: Path
+    status: str  # "new" | "partial" | "finalized"
+    cache_key: str | None  # the key of what is on disk (None: nothing yet)
+    expected_key: str | None  # the key this job's generation settings give (None: not computable here)
+    done_tasks: tuple[int, ...] = ()
+    num_sequences: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    kind: str  # generate | finalize | train | evaluate
+    name: str  # unique in the plan; names the script, the log and the Slurm job
+    argv: tuple[str, ...]  # the kdpipe command (render.TASK_ID marks the array task index)
+    after: tuple[str, ...] = ()  # steps that must succeed first
+    tasks: tuple[int, ...] | None = None  # array task indices (generate only)
+    nodes: int = 1
+    gpus: int = 0  # GPUs per node
+    config: Path | None = None  # the rendered phase config this step reads
+    config_text: str | None = None
+    run: RunSpec | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    job: JobSpec
+    store: StoreState
+    runs: tuple[RunSpec, ...]
+    steps: tuple[Step, ...]
+    python: str  # interpreter the commands run with
+
+    def step(self, name: str) -> Step:
+        for s in self.steps:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+    @property
+    def configs_dir(self) -> Path:
+        return self.job.run_dir / "configs"
+
+    def run_dir_of(self, run: RunSpec) -> Path:
+        return self.job.run_dir / "runs" / run.name
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise StoreError(f"{path}: unreadable ({e}); remove the store directory or fix the file") from None
+
+
+def inspect_store(path: Path, num_tasks: int, expected_key: str | None) -> StoreState:
+    """What is on disk at `path`, compared with the key this job would write."""
+    from kdpipe.storage.format import MANIFEST_FILE, META_FILE, TASKS_DIR
+
+    if not path.exists() or (path.is_dir() and not any(path.iterdir())):
+        return StoreState(path, "new", None, expected_key)
+    if not path.is_dir():
+        raise ConfigError(f"generation.store = {path} exists and is not a directory; choose another store path")
+    meta_file = path / META_FILE
+    if not meta_file.exists():
+        raise ConfigError(
+            f"generation.store = {path} is a non-empty directory without {META_FILE}, so it is not a kdpipe store; "
+            "point generation.store at a new or empty directory"
+        )
+    meta = _read_json(meta_file)
+    key = meta.get("cache_key")
+    if expected_key is not None and key != expected_key:
+        raise ConfigError(
+            f"generation.store = {path} holds a store with cache key {str(key)[:16]}… (teacher {meta.get('meta', meta).get('teacher')!r}), "
+            f"but this job's teacher/data/recipe/codec settings give {expected_key[:16]}…; it contains other targets. "
+            "Point generation.store at a new directory, or delete the old store if it is no longer needed"
+        )
+    if (path / MANIFEST_FILE).exists():
+        from kdpipe.storage import open_store
+
+        manifest = open_store(path)
+        return StoreState(path, "finalized", key, expected_key, tuple(range(num_tasks)), manifest.num_sequences)
+    done = []
+    for i in range(num_tasks):
+        tm = path / TASKS_DIR / f"task-{i:05d}.json"
+        if tm.exists() and _read_json(tm).get("complete"):
+            done.append(i)
+    extra = [
+        p.name for p in sorted((path / TASKS_DIR).glob("task-*.json"))
+        if int(p.stem.split("-")[1]) >= num_tasks
+    ] if (path / TASKS_DIR).is_dir() else []
+    if extra:
+        raise ConfigError(
+            f"generation.store = {path} has manifests of tasks beyond num_tasks = {num_tasks} ({', '.join(extra[:3])}); "
+            "the store was started with more array tasks: set generation.num_tasks back to that number"
+        )
+    return StoreState(path, "partial", key, expected_key, tuple(done))
+
+
+def _toml(cfg: Any) -> str:
+    import tomli_w
+
+    from kdpipe.pipeline.config import config_to_dict
+
+    return tomli_w.dumps(config_to_dict(cfg))
+
+
+def make_plan(job: JobSpec, python: str | None = None) -> Plan:
+    """Validate every phase's config (by building its dataclass) and order the steps."""
+    python = python or job.slurm.python or sys.executable
+    cfgdir = job.run_dir / "configs"
+
+    gen_cfg = phases.generate_config(job)
+    expected = phases.expected_cache_key(gen_cfg)
+    store = inspect_store(job.generation.store, job.generation.num_tasks, expected)
+
+    steps: list[Step] = []
+    after_store: tuple[str, ...] = ()
+    if store.status != "finalized":
+        missing = tuple(i for i in range(job.generation.num_tasks) if i not in store.done_tasks)
+        if missing:
+            steps.append(Step(
+                kind="generate", name="generate",
+                argv=tuple(phases.generate_argv(python, cfgdir / "generate.toml")),
+                tasks=missing, gpus=job.teacher.tensor_parallel_size if job.slurm.gpus_per_node else 0,
+                config=cfgdir / "generate.toml", config_text=_toml(gen_cfg),
+            ))
+        steps.append(Step(
+            kind="finalize", name="finalize",
+            argv=tuple(phases.finalize_argv(python, job.generation.store, job.generation.num_tasks)),
+            after=("generate",) if missing else (),
+        ))
+        after_store = ("finalize",)
+
+    runs = expand_students(job, phases.train_list_fields())
+    if not runs:
+        raise ConfigError(f"{job.path}: the [[students]] entries expand to zero runs; give at least one student")
+    for run in runs:
+        out = job.run_dir / "runs" / run.name
+        train_cfg = phases.train_config(job, run, out)
+        tpath = cfgdir / f"train-{run.name}.toml"
+        steps.append(Step(
+            kind="train", name=f"train-{run.name}",
+            argv=tuple(phases.train_argv(python, tpath)),
+            after=after_store, nodes=run.nodes, gpus=run.gpus,
+            config=tpath, config_text=_toml(train_cfg), run=run,
+        ))
+        if job.evaluation is not None:
+            eval_cfg = phases.eval_config(job, run, out)
+            epath = cfgdir / f"evaluate-{run.name}.toml"
+            steps.append(Step(
+                kind="evaluate", name=f"evaluate-{run.name}",
+                argv=tuple(phases.eval_argv(python, epath)),
+                after=(f"train-{run.name}",), gpus=min(run.gpus, 1) if job.slurm.gpus_per_node else 0,
+                config=epath, config_text=_toml(eval_cfg), run=run,
+            ))
+    return Plan(job=job, store=store, runs=tuple(runs), steps=tuple(steps), python=python)
+
+
+def write_configs(plan: Plan) -> None:
+    """Render each phase's config (TOML) into RUN_DIR/configs, plus the job file as resolved."""
+    plan.configs_dir.mkdir(parents=True, exist_ok=True)
+    for s in plan.steps:
+        if s.config is not None and s.config_text is not None:
+            atomic_write_text(s.config, s.config_text)
+
+
+def describe(plan: Plan) -> str:
+    """The plan as `kdpipe check` prints it."""
+    job, st = plan.job, plan.store
+    lines = [
+        f"job {job.name}  ({job.path})",
+        f"run dir   {job.run_dir}",
+        f"store     {st.path}",
+        f"          state: {st.status}"
+        + (f", {len(st.done_tasks)}/{job.generation.num_tasks} tasks complete" if st.status == "partial" else "")
+        + (f", {st.num_sequences} sequences" if st.num_sequences is not None else ""),
+        f"          cache key: {st.expected_key or 'not computable here (the teacher tokenizer/dataset are not available); generate tasks check it'}",
+        f"teacher   {job.teacher.model}  tensor_parallel_size={job.teacher.tensor_parallel_size}",
+        "phases:",
+    ]
+    if st.status == "finalized":
+        lines.append("  generate + finalize: skipped (finalized store with the same cache key is reused)")
+    for s in plan.steps:
+        what = f"  {s.name:<28} {s.kind}"
+        if s.tasks is not None:
+            what += f"  array {len(s.tasks)} task(s) [{_ranges(s.tasks)}] of {job.generation.num_tasks}"
+        if s.kind in ("train", "evaluate"):
+            what += f"  nodes={s.nodes} gpus/node={s.gpus}"
+        if s.after:
+            what += f"  after {', '.join(s.after)}"
+        lines.append(what)
+    lines.append(f"runs: {len(plan.runs)}")
+    for r in plan.runs:
+        swept = ", ".join(f"{k}={v}" for k, v in r.swept.items()) or "no sweep"
+        lines.append(f"  {r.name:<28} student #{r.student + 1}  ({swept})  -> {plan.run_dir_of(r)}")
+    return "\n".join(lines)
+
+
+def _ranges(ids: tuple[int, ...]) -> str:
+    """0,1,2,5,7,8 -> '0-2,5,7-8' (Slurm's --array syntax)."""
+    out, start, prev = [], None, None
+    for i in sorted(ids):
+        if start is None:
+            start = prev = i
+        elif i == prev + 1:
+            prev = i
+        else:
+            out.append(f"{start}-{prev}" if prev != start else f"{start}")
+            start = prev = i
+    if start is not None:
+        out.append(f"{start}-{prev}" if prev != start else f"{start}")
+    return ",".join(out)
+
+
+array_spec = _ranges

@@ -1,0 +1,156 @@
+"""`kdpipe status RUN_DIR`: where a submitted (or locally run) chain stands.
+
+Job states come from squeue while a job is queued or running, then from `scontrol show job`
+(until Slurm forgets it, MinJobAge), and from sacct when the cluster keeps accounting. The
+store's progress is read from its task manifests; each run's last metrics line from its
+metrics file.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from kdpipe.storage.errors import ConfigError
+
+METRICS_FILES = ("metrics.jsonl", "train_metrics.jsonl", "log.jsonl")
+
+
+def _run(argv: list[str]) -> str | None:
+    if shutil.which(argv[0]) is None:
+        return None
+    try:
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return r.stdout if r.returncode == 0 else None
+
+
+def slurm_states(job_ids: list[str]) -> dict[str, list[dict[str, str]]]:
+    """job id -> one record per job/array task: {id, state, reason, start, end, exit}."""
+    out: dict[str, list[dict[str, str]]] = {j: [] for j in job_ids}
+    if not job_ids:
+        return out
+    acct = _run(["sacct", "-n", "-P", "-X", "-j", ",".join(job_ids), "-o", "JobID,State,Start,End,ExitCode"])
+    for line in (acct or "").splitlines():
+        parts = line.split("|")
+        if len(parts) == 5:
+            jid, state, start, end, code = parts
+            base = jid.split("_")[0]
+            if base in out:
+                out[base].append({"id": jid, "state": state.split()[0], "reason": "", "start": start, "end": end, "exit": code})
+    for jid in job_ids:
+        if out[jid]:
+            continue
+        text = _run(["scontrol", "show", "job", "-o", jid])
+        for line in (text or "").splitlines():
+            rec = dict(p.split("=", 1) for p in line.split() if "=" in p)
+            task = rec.get("ArrayTaskId")
+            out[jid].append({
+                "id": f"{jid}_{task}" if task else rec.get("JobId", jid),
+                "state": rec.get("JobState", "?"),
+                "reason": rec.get("Reason", "None"),
+                "start": rec.get("StartTime", ""),
+                "end": rec.get("EndTime", ""),
+                "exit": rec.get("ExitCode", ""),
+            })
+        if not out[jid]:
+            sq = _run(["squeue", "-h", "-j", jid, "-o", "%i|%T|%r|%S"])
+            for line in (sq or "").splitlines():
+                i, state, reason, start = (line.split("|") + ["", "", "", ""])[:4]
+                out[jid].append({"id": i, "state": state, "reason": reason, "start": start, "end": "", "exit": ""})
+    return out
+
+
+def store_progress(store: Path, num_tasks: int) -> dict[str, Any]:
+    from kdpipe.storage.format import MANIFEST_FILE, SHARD_RE, TASKS_DIR
+
+    info: dict[str, Any] = {"path": str(store), "num_tasks": num_tasks, "finalized": (store / MANIFEST_FILE).exists()}
+    complete, started, shards = [], [], 0
+    if store.is_dir():
+        shards = sum(1 for p in store.iterdir() if SHARD_RE.match(p.name))
+        for i in range(num_tasks):
+            tm = store / TASKS_DIR / f"task-{i:05d}.json"
+            if tm.exists():
+                started.append(i)
+                try:
+                    if json.loads(tm.read_text()).get("complete"):
+                        complete.append(i)
+                except ValueError:
+                    pass
+    info.update(tasks_complete=complete, tasks_started=started, shards=shards)
+    return info
+
+
+def last_metrics(run_dir: Path) -> dict[str, Any] | None:
+    for name in METRICS_FILES:
+        p = run_dir / name
+        if p.exists():
+            lines = [ln for ln in p.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
+            for ln in reversed(lines):
+                try:
+                    return json.loads(ln)
+                except ValueError:
+                    continue
+    return None
+
+
+def collect_status(run_dir: str | Path) -> dict[str, Any]:
+    rd = Path(run_dir)
+    sub = rd / "submission.json"
+    local = rd / "run.json"
+    if sub.exists():
+        doc = json.loads(sub.read_text())
+        mode = "slurm"
+    elif local.exists():
+        doc = json.loads(local.read_text())
+        mode = "local"
+    else:
+        raise ConfigError(f"{rd}: no submission.json or run.json; pass the run directory of a submitted or run job")
+    status: dict[str, Any] = {"run_dir": str(rd), "mode": mode, "job": doc.get("job")}
+    if mode == "slurm":
+        ids = [j["job_id"] for j in doc.get("jobs", [])]
+        states = slurm_states(ids)
+        status["jobs"] = [dict(j, tasks=states.get(j["job_id"], [])) for j in doc.get("jobs", [])]
+        status["submission_complete"] = doc.get("complete")
+        status["submission_error"] = doc.get("error")
+        store = doc.get("store", {})
+        status["store"] = store_progress(Path(store["path"]), int(store.get("num_tasks", 1))) if store.get("path") else None
+        if status["store"] is not None:
+            status["store"]["reused"] = store.get("reused", False)
+    else:
+        status["steps"] = doc.get("steps", [])
+    status["runs"] = [
+        {"name": r["name"], "dir": r["dir"], "last_metrics": last_metrics(Path(r["dir"]))} for r in doc.get("runs", [])
+    ]
+    return status
+
+
+def format_status(st: dict[str, Any]) -> str:
+    lines = [f"job {st.get('job')}  ({st['mode']})  {st['run_dir']}"]
+    if st.get("submission_error"):
+        lines.append(f"submission stopped: {st['submission_error']}")
+    for j in st.get("jobs", []):
+        tasks = j.get("tasks") or []
+        if not tasks:
+            lines.append(f"  {j['step']:<28} job {j['job_id']:<10} (unknown to Slurm now)")
+            continue
+        counts: dict[str, int] = {}
+        for t in tasks:
+            counts[t["state"]] = counts.get(t["state"], 0) + 1
+        summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+        reason = next((t["reason"] for t in tasks if t["state"] == "PENDING" and t["reason"] not in ("", "None")), "")
+        lines.append(f"  {j['step']:<28} job {j['job_id']:<10} {summary}" + (f" ({reason})" if reason else ""))
+    for s in st.get("steps", []):
+        lines.append(f"  {s['step']:<28} " + (f"task {s['task']} " if "task" in s else "") + f"done in {s['seconds']} s")
+    store = st.get("store")
+    if store:
+        state = "finalized" if store["finalized"] else f"{len(store['tasks_complete'])}/{store['num_tasks']} tasks complete"
+        lines.append(f"store {store['path']}: {state}, {store['shards']} shard(s)" + (" (reused)" if store.get("reused") else ""))
+    for r in st.get("runs", []):
+        m = r["last_metrics"]
+        lines.append(f"run {r['name']}: " + (json.dumps(m, sort_keys=True) if m else "no metrics yet"))
+    return "\n".join(lines)
