@@ -1,0 +1,360 @@
+"""Teacher engines behind one interface: vLLM (default) and plain transformers (`--engine hf`).
+
+Both engines answer two kinds of request:
+  generate: prompt ids -> generated ids + the teacher's top-K raw log-probs at every generated
+            position (the distribution each generated token was drawn from);
+  score:    a full sequence + target positions -> the teacher's top-K log-probs of
+            p(. | seq[:t]) at each target position t (teacher forcing).
+Log-probs are always the raw model distribution over the full model vocabulary (before
+temperature/top-p), so targets do not depend on how the text was sampled.
+
+The interface is streaming (`submit` / `poll`) so the run loop can keep vLLM's continuous
+batching full while finished requests are post-processed; `generate()` and `score()` are
+batch conveniences on top.
+
+Teacher vocabularies padded beyond the tokenizer (Qwen2.5: 152,064 rows vs 151,936 tokens)
+are normal: ids >= len(tokenizer) are dropped from the top-K (their mass then lands in the
+store's tail, which is 1 - sum of the kept probabilities), so stored ids are always ids the
+tokenizer defines.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+import numpy as np
+
+from kdpipe.storage.errors import ConfigError, KdpipeError
+
+
+@dataclass
+class Request:
+    kind: Literal["generate", "score"]
+    token_ids: list[int]
+    positions: list[int] | None = None  # score: target positions t (1 <= t < len(token_ids))
+    max_new_tokens: int = 0  # generate
+    seed: int | None = None  # generate with temperature > 0: per-request RNG (reproducible reruns)
+
+
+@dataclass
+class TeacherOutput:
+    token_ids: list[int]  # generated ids (generate); [] for score
+    top_ids: np.ndarray  # [P, K] int32, sorted by log-prob desc, -1 padding
+    top_logprobs: np.ndarray  # [P, K] float32, full-vocabulary log-probs, -inf padding
+    finish_reason: str | None = None
+
+
+class Engine(Protocol):
+    teacher: str
+    max_model_len: int
+    max_logprobs: int
+    top_k: int
+
+    def submit(self, key: int, req: Request) -> None: ...
+
+    def poll(self) -> list[tuple[int, TeacherOutput]]: ...
+
+    def num_inflight(self) -> int: ...
+
+    def abort(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def drop_untokenizable(ids: np.ndarray, lps: np.ndarray, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Remove ids the tokenizer does not define (padded model rows); keep rows sorted, pad at the end.
+
+    ids [P, K] int, lps [P, K] float -> int32 [P, K], float32 [P, K].
+    """
+    ids = ids.astype(np.int32, copy=False)
+    lps = lps.astype(np.float32, copy=False)
+    bad = (ids < 0) | (ids >= vocab_size) | ~np.isfinite(lps)  # [P, K]
+    if not bad.any():
+        return ids, lps
+    ids = np.where(bad, -1, ids).astype(np.int32)
+    lps = np.where(bad, -np.inf, lps).astype(np.float32)
+    order = np.argsort(bad, axis=1, kind="stable")  # valid entries first, their order kept
+    return np.take_along_axis(ids, order, axis=1), np.take_along_axis(lps, order, axis=1)
+
+
+def flat_to_arrays(fl, positions: list[int] | None, k: int, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """vLLM FlatLogprobs -> top ids/log-probs [P, K] at `positions` (all positions if None).
+
+    Each position holds the sampled (or, for prompt log-probs, the actual) token first, then the
+    top-K by rank; the first entry is dropped so the rows are exactly the top-K.
+    """
+    starts = np.asarray(fl.start_indices, dtype=np.int64)
+    ends = np.asarray(fl.end_indices, dtype=np.int64)
+    if positions is not None:
+        sel = np.asarray(positions, dtype=np.int64)
+        starts, ends = starts[sel], ends[sel]
+    tok = np.asarray(fl.token_ids, dtype=np.int64)
+    lp = np.asarray(fl.logprobs, dtype=np.float32)
+    P = len(starts)
+    if P and np.all(ends - starts == k + 1):
+        idx = starts[:, None] + 1 + np.arange(k)[None, :]  # [P, K]
+        return drop_untokenizable(tok[idx], lp[idx], vocab_size)
+    # Irregular rows (a vocabulary smaller than K): pad each row.
+    ids = np.full((P, k), -1, dtype=np.int64)
+    lps = np.full((P, k), -np.inf, dtype=np.float32)
+    for j, (s, e) in enumerate(zip(starts, ends)):
+        n = min(k, max(0, int(e - s - 1)))
+        ids[j, :n] = tok[s + 1 : s + 1 + n]
+        lps[j, :n] = lp[s + 1 : s + 1 + n]
+    return drop_untokenizable(ids, lps, vocab_size)
+
+
+def torch_topk(logits, k: int, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """[P, V_model] logits -> top-K full-vocabulary log-probs (fp32), untokenizable ids dropped."""
+    import torch
+
+    lp = torch.log_softmax(logits.float(), dim=-1)  # [P, V]
+    top = lp.topk(min(k, lp.shape[-1]), dim=-1)  # [P, K], sorted desc
+    ids, vals = top.indices.cpu().numpy(), top.values.cpu().numpy()
+    if ids.shape[1] < k:
+        pad = k - ids.shape[1]
+        ids = np.pad(ids, ((0, 0), (0, pad)), constant_values=-1)
+        vals = np.pad(vals, ((0, 0), (0, pad)), constant_values=-np.inf)
+    return drop_untokenizable(ids, vals, vocab_size)
+
+
+@dataclass
+class _BatchHelpers:
+    """generate()/score() batch conveniences over submit/poll (tests, benchmarks, small jobs)."""
+
+    def _run_all(self, reqs: list[Request]) -> list[TeacherOutput]:
+        out: dict[int, TeacherOutput] = {}
+        for i, r in enumerate(reqs):
+            self.submit(i, r)  # type: ignore[attr-defined]
+        while len(out) < len(reqs):
+            got = self.poll()  # type: ignore[attr-defined]
+            if not got:
+                raise KdpipeError("engine stopped with requests unfinished")
+            out.update(got)
+        return [out[i] for i in range(len(reqs))]
+
+    def generate(self, prompts: list[list[int]], max_new_tokens: int) -> list[TeacherOutput]:
+        return self._run_all([Request("generate", list(p), max_new_tokens=max_new_tokens) for p in prompts])
+
+    def score(self, sequences: list[list[int]], positions: list[list[int]]) -> list[TeacherOutput]:
+        return self._run_all([Request("score", list(s), positions=list(p)) for s, p in zip(sequences, positions)])
+
+
+@dataclass
+class VllmEngine(_BatchHelpers):
+    """vLLM `LLM` with raw log-probs and the flat, undetokenized fast path."""
+
+    teacher: str
+    max_model_len: int
+    max_logprobs: int
+    top_k: int
+    vocab_size: int  # len(tokenizer): ids at or above it are dropped
+    temperature: float = 0.0
+    sampling_top_p: float = 1.0
+    llm: object = None
+    _inflight: dict = field(default_factory=dict)
+    _counter: itertools.count = field(default_factory=itertools.count)
+
+    @classmethod
+    def from_config(cls, cfg, max_model_len: int, vocab_size: int) -> "VllmEngine":
+        try:
+            from vllm import LLM
+        except ImportError as e:
+            raise ConfigError(
+                f"engine 'vllm' is not installed ({e}); install kdpipe[vllm] (GPU) or kdpipe[cpu], "
+                f"or use --engine hf (plain transformers, slow)"
+            ) from None
+        llm = LLM(
+            model=cfg.teacher,
+            revision=cfg.teacher_revision,
+            trust_remote_code=cfg.trust_remote_code,
+            tensor_parallel_size=cfg.tensor_parallel_size,
+            dtype=cfg.dtype,
+            max_model_len=max_model_len,
+            gpu_memory_utilization=cfg.gpu_memory_utilization,
+            max_logprobs=cfg.logprob_cap,
+            # Targets are the teacher's own distribution, not the temperature-scaled sampler's.
+            logprobs_mode="raw_logprobs",
+            seed=cfg.seed,
+            enforce_eager=cfg.enforce_eager,
+        )
+        return cls(
+            teacher=cfg.teacher,
+            max_model_len=max_model_len,
+            max_logprobs=cfg.logprob_cap,
+            top_k=cfg.top_k,
+            vocab_size=vocab_size,
+            temperature=cfg.temperature,
+            sampling_top_p=cfg.sampling_top_p,
+            llm=llm,
+        )
+
+    def _params(self, req: Request):
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        if req.kind == "generate":
+            sp = SamplingParams(
+                max_tokens=req.max_new_tokens,
+                temperature=self.temperature,
+                top_p=self.sampling_top_p,
+                seed=req.seed if self.temperature > 0 else None,
+                logprobs=self.top_k,
+                flat_logprobs=True,
+                detokenize=False,
+            )
+        else:
+            sp = SamplingParams(max_tokens=1, prompt_logprobs=self.top_k, flat_logprobs=True, detokenize=False)
+        sp.output_kind = RequestOutputKind.FINAL_ONLY  # one output per request, when it is done
+        return sp
+
+    def submit(self, key: int, req: Request) -> None:
+        from vllm.inputs import TokensPrompt
+
+        rid = f"kd{next(self._counter)}"
+        self._inflight[rid] = (key, req)
+        self.llm.llm_engine.add_request(rid, TokensPrompt(prompt_token_ids=req.token_ids), self._params(req))
+
+    def num_inflight(self) -> int:
+        return len(self._inflight)
+
+    def poll(self) -> list[tuple[int, TeacherOutput]]:
+        """Step the engine until at least one request finishes; [] when nothing is in flight."""
+        done: list[tuple[int, TeacherOutput]] = []
+        engine = self.llm.llm_engine
+        while not done and self._inflight and engine.has_unfinished_requests():
+            for o in engine.step():
+                if not o.finished or o.request_id not in self._inflight:
+                    continue
+                key, req = self._inflight.pop(o.request_id)
+                done.append((key, self._convert(o, req)))
+        return done
+
+    def _convert(self, o, req: Request) -> TeacherOutput:
+        if req.kind == "generate":
+            c = o.outputs[0]
+            ids, lps = flat_to_arrays(c.logprobs, None, self.top_k, self.vocab_size)
+            return TeacherOutput(list(c.token_ids), ids, lps, c.finish_reason)
+        ids, lps = flat_to_arrays(o.prompt_logprobs, req.positions, self.top_k, self.vocab_size)
+        return TeacherOutput([], ids, lps, "score")
+
+    def abort(self) -> None:
+        if self._inflight:
+            try:
+                self.llm.llm_engine.abort_request(list(self._inflight), internal=False)
+            except Exception:  # engine already dead (e.g. SIGTERM reached its processes first)
+                pass
+            self._inflight.clear()
+
+    def close(self) -> None:
+        self.abort()
+        llm, self.llm = self.llm, None
+        if llm is not None:
+            engine_core = getattr(llm.llm_engine, "engine_core", None)
+            if engine_core is not None and hasattr(engine_core, "shutdown"):
+                engine_core.shutdown()
+            del llm
+
+
+@dataclass
+class HfEngine(_BatchHelpers):
+    """Plain transformers, one request at a time: slow, simple, the ground truth in tests."""
+
+    teacher: str
+    max_model_len: int
+    max_logprobs: int
+    top_k: int
+    vocab_size: int
+    temperature: float = 0.0
+    sampling_top_p: float = 1.0
+    model: object = None
+    eos_ids: tuple[int, ...] = ()
+    pad_id: int | None = None
+    _pending: list = field(default_factory=list)
+
+    @classmethod
+    def from_config(cls, cfg, max_model_len: int, vocab_size: int, tokenizer) -> "HfEngine":
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        dtype = "auto" if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
+        model = AutoModelForCausalLM.from_pretrained(
+            cfg.teacher, revision=cfg.teacher_revision, trust_remote_code=cfg.trust_remote_code, dtype=dtype
+        )
+        model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+        eos = model.generation_config.eos_token_id
+        eos = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
+        if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
+            eos = eos + (tokenizer.eos_token_id,)  # vLLM also stops on the tokenizer's eos
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
+        return cls(
+            teacher=cfg.teacher,
+            max_model_len=max_model_len,
+            max_logprobs=cfg.logprob_cap,
+            top_k=cfg.top_k,
+            vocab_size=vocab_size,
+            temperature=cfg.temperature,
+            sampling_top_p=cfg.sampling_top_p,
+            model=model,
+            eos_ids=eos,
+            pad_id=pad,
+        )
+
+    def submit(self, key: int, req: Request) -> None:
+        self._pending.append((key, req))
+
+    def num_inflight(self) -> int:
+        return len(self._pending)
+
+    def poll(self) -> list[tuple[int, TeacherOutput]]:
+        if not self._pending:
+            return []
+        key, req = self._pending.pop(0)
+        return [(key, self._run(req))]
+
+    def _run(self, req: Request) -> TeacherOutput:
+        import torch
+
+        device = next(self.model.parameters()).device
+        ids = torch.tensor([req.token_ids], dtype=torch.long, device=device)  # [1, T]
+        with torch.inference_mode():
+            if req.kind == "score":
+                logits = self.model(input_ids=ids).logits[0]  # [T, V]
+                pos = torch.tensor(req.positions, dtype=torch.long, device=device)
+                top_ids, top_lps = torch_topk(logits[pos - 1], self.top_k, self.vocab_size)  # [P, K]
+                return TeacherOutput([], top_ids, top_lps, "score")
+            sample = self.temperature > 0
+            if sample and req.seed is not None:
+                torch.manual_seed(req.seed)
+            kw = dict(do_sample=True, temperature=self.temperature, top_p=self.sampling_top_p) if sample else dict(do_sample=False)
+            out = self.model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=req.max_new_tokens,
+                eos_token_id=list(self.eos_ids) or None,
+                pad_token_id=self.pad_id,
+                output_logits=True,  # raw logits, before any processor: the teacher's distribution
+                return_dict_in_generate=True,
+                top_k=None,
+                **kw,
+            )
+            new = out.sequences[0, ids.shape[1] :].tolist()
+            logits = torch.stack(out.logits, dim=1)[0][: len(new)]  # [P, V]
+            top_ids, top_lps = torch_topk(logits, self.top_k, self.vocab_size)
+            reason = "stop" if new and new[-1] in self.eos_ids else "length"
+            return TeacherOutput(new, top_ids, top_lps, reason)
+
+    def abort(self) -> None:
+        self._pending.clear()
+
+    def close(self) -> None:
+        self._pending.clear()
+        self.model = None
+
+
+def make_engine(cfg, max_model_len: int, tokenizer) -> Engine:
+    if cfg.engine == "hf":
+        return HfEngine.from_config(cfg, max_model_len, len(tokenizer), tokenizer)
+    return VllmEngine.from_config(cfg, max_model_len, len(tokenizer))

@@ -1,0 +1,334 @@
+"""generate_logits(cfg): phase one as a library call.
+
+Order of work, so every input error surfaces before the (slow) engine start:
+  1. task slice, tokenizer, context length, dataset (every row checked), recipe checks;
+  2. the store is opened (refused if written by another teacher/codec/recipe/dataset) and the
+     ids already in finished shards of this task are skipped (resume);
+  3. the engine starts; jobs stream through it with up to `max_inflight` requests queued, so
+     continuous batching stays full, while a writer thread encodes and writes shards behind a
+     bounded queue (the engine never waits on compression);
+  4. the task manifest is marked complete (`kdpipe finalize` merges the tasks).
+SIGTERM (SLURM preemption/time limit) stops submitting, finishes the open shard, leaves the task
+incomplete and returns; a rerun continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kdpipe.pipeline.config import write_resolved
+from kdpipe.pipeline.generate.config import GenerateConfig
+from kdpipe.pipeline.generate.data import load_task_data
+from kdpipe.pipeline.generate.engines import Engine, make_engine
+from kdpipe.pipeline.generate.recipes import Recipe, Result, make_recipe
+from kdpipe.storage import CodecConfig, ShardWriter, StoreMeta, tokenizer_fingerprint
+from kdpipe.storage.errors import ConfigError, KdpipeError
+
+CONFIG_FILE = "generate-config.toml"
+# Keys of a model config that give its context length, in the order vLLM consults them.
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "max_sequence_length", "n_ctx")
+
+
+@dataclass
+class GenerateSummary:
+    store: str
+    task_index: int
+    num_tasks: int
+    task_samples: int  # samples in this task's slice
+    already_done: int  # skipped because finished shards already hold them
+    written: int = 0
+    target_tokens: int = 0
+    seconds: float = 0.0
+    interrupted: bool = False
+    stats: dict = field(default_factory=dict)  # truncated, skipped_too_long, ...
+
+    @property
+    def skipped(self) -> int:
+        return sum(v for k, v in self.stats.items() if k.startswith("skipped"))
+
+    def line(self) -> str:
+        s = max(self.seconds, 1e-9)
+        extra = ", ".join(f"{k} {v}" for k, v in sorted(self.stats.items()) if k != "readings")
+        state = "INTERRUPTED (rerun the same command to continue)" if self.interrupted else "done"
+        return (
+            f"generate-logits task {self.task_index}/{self.num_tasks} {state}: wrote {self.written} samples, "
+            f"{self.target_tokens} target tokens in {self.seconds:.1f}s ({self.written / s:.2f} samples/s, "
+            f"{self.target_tokens / s:.0f} tok/s); {self.already_done} already in the store"
+            + (f"; {extra}" if extra else "")
+            + f"; store {self.store}"
+        )
+
+
+def load_tokenizer(cfg: GenerateConfig):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(cfg.teacher, revision=cfg.teacher_revision, trust_remote_code=cfg.trust_remote_code)
+    except Exception as e:  # OSError, ValueError (remote code refused), ...
+        raise ConfigError(
+            f"teacher: cannot load a tokenizer from {cfg.teacher!r} ({type(e).__name__}: {e}); "
+            "pass a local model directory or a hub id (and --trust-remote-code only if the model needs it)"
+        ) from None
+
+
+def resolve_max_model_len(cfg: GenerateConfig) -> int:
+    """The context length used for truncation: --max-model-len, checked against the teacher's."""
+    from transformers import AutoConfig
+
+    try:
+        mc = AutoConfig.from_pretrained(cfg.teacher, revision=cfg.teacher_revision, trust_remote_code=cfg.trust_remote_code)
+    except Exception as e:
+        raise ConfigError(f"teacher: cannot read the model config of {cfg.teacher!r} ({type(e).__name__}: {e})") from None
+    mc = getattr(mc, "text_config", None) or mc
+    native = next((int(v) for k in CONTEXT_KEYS if isinstance(v := getattr(mc, k, None), int) and v > 0), None)
+    if cfg.max_model_len is not None:
+        if native is not None and cfg.max_model_len > native:
+            raise ConfigError(
+                f"max_model_len={cfg.max_model_len} is above the teacher's context length {native}; lower --max-model-len"
+            )
+        return cfg.max_model_len
+    if native is None:
+        raise ConfigError(f"teacher: {cfg.teacher!r} does not state its context length; pass --max-model-len")
+    return native
+
+
+def build_meta(cfg: GenerateConfig, tokenizer, recipe: Recipe, dataset_fingerprint: str, max_model_len: int) -> StoreMeta:
+    teacher = str(Path(cfg.teacher).resolve()) if Path(cfg.teacher).is_dir() else cfg.teacher
+    return StoreMeta(
+        teacher=teacher,
+        teacher_revision=cfg.teacher_revision,
+        tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
+        vocab_size=len(tokenizer),
+        recipe=cfg.recipe,
+        recipe_params=recipe.params(),
+        codec=CodecConfig(name=cfg.codec, top_k=cfg.top_k, top_p=cfg.top_p, draws=cfg.draws, seed=cfg.seed),
+        dataset_fingerprint=dataset_fingerprint,
+        generation_params={
+            "engine": cfg.engine,
+            "dtype": cfg.dtype,
+            "max_model_len": max_model_len,
+            "max_new_tokens": cfg.max_new_tokens,
+            "temperature": cfg.temperature,
+            "sampling_top_p": cfg.sampling_top_p,
+            "seed": cfg.seed,
+            "too_long": cfg.too_long,
+            "logprobs_mode": "raw_logprobs",
+        },
+    )
+
+
+class WriterThread:
+    """Encodes and writes results off the engine loop; `put` blocks when `maxsize` are waiting."""
+
+    def __init__(self, writer: ShardWriter, maxsize: int) -> None:
+        self.writer = writer
+        self.q: queue.Queue = queue.Queue(maxsize)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._loop, name="kdpipe-writer", daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            r = self.q.get()
+            if r is None:
+                return
+            if self.error is not None:
+                continue  # keep draining so the producer never blocks on a dead writer
+            try:
+                self.writer.add(r.sample_id, r.input_ids, r.target_positions, r.top_ids, r.top_logprobs, r.text)
+            except BaseException as e:
+                self.error = e
+
+    def put(self, r: Result) -> None:
+        if self.error is not None:
+            raise self.error
+        self.q.put(r)
+
+    def join(self) -> None:
+        self.q.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+
+class _Stop:
+    """Turns SIGTERM into a flag the loop checks (only the main thread may install handlers)."""
+
+    def __init__(self) -> None:
+        self.flag = threading.Event()
+        self.old = None
+
+    def __enter__(self) -> "_Stop":
+        if threading.current_thread() is threading.main_thread():
+            self.old = signal.signal(signal.SIGTERM, lambda *_: self.flag.set())
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.old is not None:
+            signal.signal(signal.SIGTERM, self.old)
+
+
+def drive(engine: Engine, recipe: Recipe, todo, sink, max_inflight: int, stop: threading.Event, on_done) -> bool:
+    """Run every sample's job through the engine; results go to `sink`. -> True if stopped early."""
+    jobs: dict[int, list] = {}  # job no -> [generator, outputs, remaining]
+    keymap: dict[int, tuple[int, int]] = {}  # request key -> (job no, index in its yield)
+    counter = iter(range(1 << 62))
+    samples = iter(todo)
+
+    def advance(no: int, gen, sent) -> None:
+        try:
+            reqs = next(gen) if sent is None else gen.send(sent)
+        except StopIteration as e:
+            result = e.value
+            if result is not None:
+                sink(result)
+            on_done(result)
+            return
+        jobs[no] = [gen, [None] * len(reqs), len(reqs)]
+        for i, r in enumerate(reqs):
+            key = next(counter)
+            keymap[key] = (no, i)
+            engine.submit(key, r)
+
+    job_no = 0
+    exhausted = False
+    while True:
+        while not exhausted and not stop.is_set() and engine.num_inflight() < max_inflight:
+            s = next(samples, None)
+            if s is None:
+                exhausted = True
+                break
+            job_no += 1
+            advance(job_no, recipe.job(s), None)
+        if stop.is_set():
+            engine.abort()
+            return True
+        if not jobs:
+            return False
+        try:
+            finished = engine.poll()
+        except Exception:
+            if stop.is_set():  # SIGTERM also reached the engine's processes
+                return True
+            raise
+        if not finished:
+            raise KdpipeError(f"the teacher engine stopped with {len(jobs)} jobs unfinished; see its log above")
+        for key, out in finished:
+            no, i = keymap.pop(key)
+            job = jobs[no]
+            job[1][i] = out
+            job[2] -= 1
+            if job[2] == 0:
+                del jobs[no]
+                advance(no, job[0], job[1])
+
+
+def _finish_open_shard(writer: ShardWriter) -> None:
+    """Keep the rows written so far as a finished shard without marking the task complete.
+
+    The store API has no public call for this yet (close() marks the task complete, abort()
+    drops the open shard), so this uses the writer's own flush steps.
+    """
+    if hasattr(writer, "checkpoint"):
+        writer.checkpoint()
+    else:
+        writer._flush_batch()
+        if writer._ipc is not None:
+            writer._finish_shard()
+    writer.abort()
+
+
+def check_engine(cfg: GenerateConfig, engine: Engine, vocab_size: int) -> None:
+    """A caller-supplied engine (tests, benchmarks) must serve this config."""
+    if engine.max_logprobs < cfg.top_k:
+        raise ConfigError(
+            f"top_k={cfg.top_k} is above the engine's max_logprobs={engine.max_logprobs}; lower --top-k or restart the engine"
+        )
+    if getattr(engine, "vocab_size", vocab_size) != vocab_size:
+        raise ConfigError("the supplied engine was built for another tokenizer")
+    # Per-run sampling settings live on the engine object; align them with this config.
+    engine.top_k = cfg.top_k
+    engine.temperature = cfg.temperature
+    engine.sampling_top_p = cfg.sampling_top_p
+
+
+def generate_logits(cfg: GenerateConfig, engine: Engine | None = None) -> GenerateSummary:
+    """Phase one for one array task (see the module doc). `engine`: reuse a running engine."""
+    task_index, num_tasks = cfg.resolved_tasks()
+    tokenizer = load_tokenizer(cfg)
+    if cfg.top_k > len(tokenizer):
+        raise ConfigError(f"top_k={cfg.top_k} is above the teacher's vocabulary size {len(tokenizer)}")
+    max_model_len = engine.max_model_len if engine is not None else resolve_max_model_len(cfg)
+    if engine is not None:
+        check_engine(cfg, engine, len(tokenizer))
+    data = load_task_data(
+        cfg.data, cfg.split, cfg.text_field, cfg.target_field, cfg.id_field, cfg.limit, task_index, num_tasks
+    )
+    stats: Counter = Counter()
+    recipe = make_recipe(cfg, tokenizer, max_model_len, stats)
+    recipe.check(data.samples)
+    meta = build_meta(cfg, tokenizer, recipe, data.fingerprint, max_model_len)
+
+    writer = ShardWriter(cfg.out, meta, task_index=task_index, num_tasks=num_tasks, shard_bytes=cfg.shard_mb << 20)
+    own_engine = False
+    try:
+        done = writer.done_ids()
+        todo = [s for s in data.samples if s.id not in done]
+        summary = GenerateSummary(cfg.out, task_index, num_tasks, len(data.samples), len(data.samples) - len(todo))
+        write_resolved(dataclasses.replace(cfg, task_index=None, num_tasks=num_tasks), Path(cfg.out) / CONFIG_FILE)
+        if todo and engine is None:
+            engine = make_engine(cfg, max_model_len, tokenizer)
+            own_engine = True
+        t0 = time.perf_counter()
+        interrupted = _run(cfg, engine, recipe, todo, writer, summary) if todo else False
+        summary.seconds = time.perf_counter() - t0
+        summary.stats = dict(stats)
+        summary.interrupted = interrupted
+        if interrupted:
+            _finish_open_shard(writer)
+        else:
+            writer.close()
+        return summary
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        if own_engine:
+            engine.close()
+
+
+def _run(cfg: GenerateConfig, engine: Engine, recipe: Recipe, todo, writer: ShardWriter, summary: GenerateSummary) -> bool:
+    from tqdm import tqdm
+
+    sink = WriterThread(writer, cfg.writer_queue)
+    bar = tqdm(total=len(todo), unit="sample", dynamic_ncols=True, disable=not cfg.progress, file=sys.stderr,
+               desc=f"task {summary.task_index}/{summary.num_tasks}")
+    t0 = time.perf_counter()
+    last = [0.0]
+
+    def on_done(result: Result | None) -> None:
+        if result is not None:
+            summary.written += 1
+            summary.target_tokens += len(result.target_positions)
+        bar.update(1)
+        now = time.perf_counter()
+        if now - last[0] > 1.0:  # postfix formatting is not free; refresh about once a second
+            last[0] = now
+            bar.set_postfix_str(f"{summary.target_tokens / max(now - t0, 1e-9):.0f} tok/s", refresh=False)
+
+    try:
+        with _Stop() as stop:
+            interrupted = drive(engine, recipe, todo, sink.put, cfg.max_inflight, stop.flag, on_done)
+    finally:
+        bar.close()
+        sink.join()  # every queued result is written (or the writer's error is raised)
+    return interrupted
