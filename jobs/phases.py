@@ -131,17 +131,49 @@ def generate_config(job: JobSpec) -> Any:
     return _build("generate", cls, values, f"{w} [teacher]/[data]/[generation]")
 
 
-def expected_cache_key(gen_cfg: Any) -> str | None:
-    """The store cache key this generation config would write, when phase one can tell without
-    starting the engine (it needs the teacher's tokenizer and the dataset); None otherwise."""
+def expected_cache_key(gen_cfg: Any) -> tuple[str | None, str]:
+    """(the store cache key this generation config would write, or None; why it is None).
+
+    Computing it needs the teacher's tokenizer and config and the dataset (to fingerprint them),
+    not the engine: on a login node with the hub cache this works; elsewhere the generate tasks
+    still refuse a store written with another key.
+    """
     try:
-        mod = importlib.import_module("kdpipe.pipeline.generate")
-        fn = getattr(mod, "expected_cache_key", None)
-        if fn is None:
-            return None
-        return fn(gen_cfg)
-    except (KdpipeError, ImportError, OSError, ValueError):
-        return None
+        from collections import Counter
+
+        from kdpipe.pipeline.generate import run as g
+        from kdpipe.pipeline.generate.data import load_task_data
+        from kdpipe.pipeline.generate.recipes import make_recipe
+        from kdpipe.storage import cache_key
+
+        fn = getattr(g, "expected_cache_key", None)
+        if fn is not None:
+            return fn(gen_cfg), ""
+        tokenizer = g.load_tokenizer(gen_cfg)
+        max_model_len = g.resolve_max_model_len(gen_cfg)
+        c = gen_cfg
+        data = load_task_data(c.data, c.split, c.text_field, c.target_field, c.id_field, c.limit, 0, 1)
+        recipe = make_recipe(c, tokenizer, max_model_len, Counter())
+        return cache_key(g.build_meta(c, tokenizer, recipe, data.fingerprint, max_model_len)), ""
+    except (KdpipeError, ImportError, OSError, ValueError, AttributeError, TypeError) as e:
+        return None, f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+
+
+def comparable_meta(gen_cfg: Any) -> dict[str, Any]:
+    """StoreMeta fields a job can check without the tokenizer or data (when the key is not computable)."""
+    teacher = gen_cfg.teacher
+    if Path(teacher).is_dir():
+        teacher = str(Path(teacher).resolve())
+    return {
+        "teacher": teacher,
+        "teacher_revision": gen_cfg.teacher_revision,
+        "recipe": gen_cfg.recipe,
+        "codec.name": gen_cfg.codec,
+        "codec.top_k": gen_cfg.top_k,
+        "codec.top_p": gen_cfg.top_p,
+        "codec.draws": gen_cfg.draws,
+        "codec.seed": gen_cfg.seed,
+    }
 
 
 def generate_argv(python: str, config: Path) -> list[str]:

@@ -30,6 +30,7 @@ class StoreState:
     status: str  # "new" | "partial" | "finalized"
     cache_key: str | None  # the key of what is on disk (None: nothing yet)
     expected_key: str | None  # the key this job's generation settings give (None: not computable here)
+    key_note: str = ""  # why expected_key is None
     done_tasks: tuple[int, ...] = ()
     num_sequences: int | None = None
 
@@ -77,12 +78,17 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise StoreError(f"{path}: unreadable ({e}); remove the store directory or fix the file") from None
 
 
-def inspect_store(path: Path, num_tasks: int, expected_key: str | None) -> StoreState:
-    """What is on disk at `path`, compared with the key this job would write."""
+def inspect_store(path: Path, num_tasks: int, expected_key: str | None, comparable: dict[str, Any] | None = None,
+                  key_note: str = "") -> StoreState:
+    """What is on disk at `path`, compared with the key this job would write.
+
+    When the key cannot be computed here, the fields in `comparable` (teacher, recipe, codec)
+    are compared with the store's metadata instead, so a store of another teacher is never reused.
+    """
     from kdpipe.storage.format import MANIFEST_FILE, META_FILE, TASKS_DIR
 
     if not path.exists() or (path.is_dir() and not any(path.iterdir())):
-        return StoreState(path, "new", None, expected_key)
+        return StoreState(path, "new", None, expected_key, key_note)
     if not path.is_dir():
         raise ConfigError(f"generation.store = {path} exists and is not a directory; choose another store path")
     meta_file = path / META_FILE
@@ -91,19 +97,31 @@ def inspect_store(path: Path, num_tasks: int, expected_key: str | None) -> Store
             f"generation.store = {path} is a non-empty directory without {META_FILE}, so it is not a kdpipe store; "
             "point generation.store at a new or empty directory"
         )
-    meta = _read_json(meta_file)
-    key = meta.get("cache_key")
+    doc = _read_json(meta_file)
+    key = doc.get("cache_key")
+    meta = doc.get("meta", {})
+    fix = "Point generation.store at a new directory, or delete the old store if it is no longer needed"
     if expected_key is not None and key != expected_key:
         raise ConfigError(
-            f"generation.store = {path} holds a store with cache key {str(key)[:16]}… (teacher {meta.get('meta', meta).get('teacher')!r}), "
-            f"but this job's teacher/data/recipe/codec settings give {expected_key[:16]}…; it contains other targets. "
-            "Point generation.store at a new directory, or delete the old store if it is no longer needed"
+            f"generation.store = {path} holds a store with cache key {str(key)[:16]}… (teacher {meta.get('teacher')!r}, "
+            f"recipe {meta.get('recipe')!r}, codec {meta.get('codec')}), but this job's teacher/data/recipe/codec settings "
+            f"give cache key {expected_key[:16]}…, so it contains other targets. {fix}"
         )
+    if expected_key is None and comparable:
+        diff = []
+        for k, want in comparable.items():
+            have = meta
+            for part in k.split("."):
+                have = have.get(part) if isinstance(have, dict) else None
+            if have != want:
+                diff.append(f"{k}: store {have!r} != job {want!r}")
+        if diff:
+            raise ConfigError(f"generation.store = {path} was written with other settings ({'; '.join(diff)}), so its cache key differs. {fix}")
     if (path / MANIFEST_FILE).exists():
         from kdpipe.storage import open_store
 
         manifest = open_store(path)
-        return StoreState(path, "finalized", key, expected_key, tuple(range(num_tasks)), manifest.num_sequences)
+        return StoreState(path, "finalized", key, expected_key, key_note, tuple(range(num_tasks)), manifest.num_sequences)
     done = []
     for i in range(num_tasks):
         tm = path / TASKS_DIR / f"task-{i:05d}.json"
@@ -118,7 +136,7 @@ def inspect_store(path: Path, num_tasks: int, expected_key: str | None) -> Store
             f"generation.store = {path} has manifests of tasks beyond num_tasks = {num_tasks} ({', '.join(extra[:3])}); "
             "the store was started with more array tasks: set generation.num_tasks back to that number"
         )
-    return StoreState(path, "partial", key, expected_key, tuple(done))
+    return StoreState(path, "partial", key, expected_key, key_note, tuple(done))
 
 
 def _toml(cfg: Any) -> str:
@@ -135,8 +153,13 @@ def make_plan(job: JobSpec, python: str | None = None) -> Plan:
     cfgdir = job.run_dir / "configs"
 
     gen_cfg = phases.generate_config(job)
-    expected = phases.expected_cache_key(gen_cfg)
-    store = inspect_store(job.generation.store, job.generation.num_tasks, expected)
+    # The key needs the teacher's tokenizer and the dataset: compute it only when a store exists
+    # to compare with (a new store gets its key from the generate tasks).
+    if (job.generation.store / "meta.json").exists():
+        expected, note = phases.expected_cache_key(gen_cfg)
+    else:
+        expected, note = None, "no store yet"
+    store = inspect_store(job.generation.store, job.generation.num_tasks, expected, phases.comparable_meta(gen_cfg), note)
 
     steps: list[Step] = []
     after_store: tuple[str, ...] = ()
@@ -175,10 +198,23 @@ def make_plan(job: JobSpec, python: str | None = None) -> Plan:
             steps.append(Step(
                 kind="evaluate", name=f"evaluate-{run.name}",
                 argv=tuple(phases.eval_argv(python, epath)),
-                after=(f"train-{run.name}",), gpus=min(run.gpus, 1) if job.slurm.gpus_per_node else 0,
+                after=(f"train-{run.name}",), gpus=_eval_gpus(job, eval_cfg),
                 config=epath, config_text=_toml(eval_cfg), run=run,
             ))
     return Plan(job=job, store=store, runs=tuple(runs), steps=tuple(steps), python=python)
+
+
+def _eval_gpus(job: JobSpec, eval_cfg: Any) -> int:
+    """The evaluation runs every model (the teacher too) with its tensor_parallel_size on one node."""
+    tp = int(getattr(eval_cfg, "tensor_parallel_size", 1) or 1)
+    if not job.slurm.gpus_per_node:
+        return 0
+    if tp > job.slurm.gpus_per_node:
+        raise ConfigError(
+            f"{job.path} [evaluation].tensor_parallel_size = {tp} is larger than slurm.gpus_per_node = "
+            f"{job.slurm.gpus_per_node}; lower it to at most {job.slurm.gpus_per_node}"
+        )
+    return tp
 
 
 def write_configs(plan: Plan) -> None:
@@ -199,7 +235,11 @@ def describe(plan: Plan) -> str:
         f"          state: {st.status}"
         + (f", {len(st.done_tasks)}/{job.generation.num_tasks} tasks complete" if st.status == "partial" else "")
         + (f", {st.num_sequences} sequences" if st.num_sequences is not None else ""),
-        f"          cache key: {st.expected_key or 'not computable here (the teacher tokenizer/dataset are not available); generate tasks check it'}",
+        "          cache key: " + (
+            st.expected_key if st.expected_key
+            else "set by the generate tasks" if st.status == "new"
+            else f"not computable here ({st.key_note[:160]}); teacher/recipe/codec compared instead, and each generate task checks the key"
+        ),
         f"teacher   {job.teacher.model}  tensor_parallel_size={job.teacher.tensor_parallel_size}",
         "phases:",
     ]

@@ -371,7 +371,7 @@ def expand_students(job: JobSpec, list_fields: frozenset[str] = frozenset()) -> 
     return runs
 
 
-_ABBREV = {"alpha": "a", "temperature": "T", "divergence": "", "learning_rate": "lr", "lr": "lr", "steps": "s", "nodes": "n", "gpus": "g"}
+_ABBREV = {"alpha": "a", "temperature": "T", "divergence": "", "tail_mode": "", "model": "", "learning_rate": "lr", "lr": "lr", "steps": "s", "nodes": "n", "gpus": "g"}
 
 
 def _key_abbrev(key: str) -> str:
