@@ -1,0 +1,115 @@
+"""TrainConfig: every setting of `kdpipe train-student`, with its only default.
+
+Filled by `load_config(TrainConfig, --config TOML, CLI flags)`; the resolved config is written to
+RUN/train_config.toml and into every checkpoint, so a run can be reproduced or resumed from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Literal
+
+from kdpipe.pipeline.train.losses import DIVERGENCES
+from kdpipe.storage.errors import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    # ---- what to train on what
+    student: str  # AutoModelForCausalLM hub id or local path
+    stores: tuple[str, ...]  # one or more finalized store directories
+    out: str  # the run directory RUN
+    store_weights: tuple[float, ...] = ()  # mixing weight per store (empty = equal weights)
+
+    # ---- the loss: α·CE + (1−α)·T²·D(teacher_T ‖ student_T), see losses.py
+    alpha: float = 0.5  # weight of the CE on the target tokens; 1.0 = no logit distillation
+    temperature: float = 1.0  # T, applied to the student's logits and to the stored teacher distribution
+    divergence: Literal["forward_kl", "reverse_kl", "generalized_jsd", "total_variation"] = "forward_kl"
+    jsd_beta: float = 0.5  # β of generalized_jsd, 0 < β < 1
+    tail_mode: Literal["bucket", "renormalize"] = "bucket"
+    loss_chunk_size: int = 1024  # target tokens per chunk of [chunk, V] logits
+
+    # ---- optimization (AdamW, linear warmup then cosine decay to lr·min_lr_ratio)
+    lr: float = 5e-5
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 0
+    schedule: Literal["cosine", "constant"] = "cosine"
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    max_grad_norm: float = 1.0  # 0 = no clipping (the norm is still logged)
+    steps: int = 1000  # optimizer steps
+    tokens_per_batch: int = 8192  # padded tokens (rows × longest row) per micro-batch per rank
+    grad_accum: int = 1  # micro-batches per optimizer step per rank
+
+    # ---- data
+    shuffle: bool = True
+    shuffle_buffer: int = 1024
+    max_seq_len: int | None = None  # None = the student's context (max_position_embeddings)
+    truncate: bool = False  # longer sequences: cut (and count) instead of refusing the store
+    prefetch: int = 2  # batches prepared ahead by a background thread
+
+    # ---- model
+    grad_checkpointing: bool = False
+    lora: bool = False  # train LoRA adapters (peft) instead of every weight
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    lora_target_modules: tuple[str, ...] = ()  # empty = every linear layer ("all-linear")
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    trust_remote_code: bool = False
+
+    # ---- distributed (torchrun sets RANK/WORLD_SIZE; a plain run is world size 1)
+    backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: nccl on CUDA, gloo on CPU
+    fsdp: bool = False  # FSDP2 (fully_shard per decoder layer + root) instead of DDP
+
+    # ---- run bookkeeping
+    seed: int = 0
+    save_every: int = 500  # optimizer steps between checkpoints (0 = only RUN/final)
+    keep_checkpoints: int = 0  # keep the newest N checkpoints (0 = keep all)
+    log_every: int = 1  # steps between tqdm postfix updates (metrics.jsonl gets every step)
+    resume: bool = False  # continue from the newest RUN/checkpoint-STEP
+
+    def __post_init__(self) -> None:
+        def bad(key: str, msg: str) -> ConfigError:
+            return ConfigError(f"{key}: {msg}")
+
+        if not self.stores:
+            raise bad("stores", "give at least one store directory (--store)")
+        if self.store_weights:
+            if len(self.store_weights) != len(self.stores):
+                raise bad("store_weights", f"{len(self.store_weights)} weights for {len(self.stores)} stores; give one per store")
+            if any(not (w > 0 and math.isfinite(w)) for w in self.store_weights):
+                raise bad("store_weights", f"{list(self.store_weights)}: every weight must be > 0")
+        if not (0.0 <= self.alpha <= 1.0):
+            raise bad("alpha", f"{self.alpha} is outside [0, 1]; 1.0 = CE only, 0.0 = KD only")
+        if not (self.temperature > 0 and math.isfinite(self.temperature)):
+            raise bad("temperature", f"{self.temperature} must be > 0")
+        if self.divergence not in DIVERGENCES:
+            raise bad("divergence", f"{self.divergence!r} is not one of {', '.join(DIVERGENCES)}")
+        if not (0.0 < self.jsd_beta < 1.0):
+            raise bad("jsd_beta", f"{self.jsd_beta} must be strictly between 0 and 1")
+        for key in ("loss_chunk_size", "steps", "tokens_per_batch", "grad_accum", "shuffle_buffer", "lora_r", "prefetch"):
+            if getattr(self, key) < 1:
+                raise bad(key, f"{getattr(self, key)} must be >= 1")
+        for key in ("warmup_steps", "save_every", "keep_checkpoints", "log_every"):
+            if getattr(self, key) < 0:
+                raise bad(key, f"{getattr(self, key)} must be >= 0")
+        if not (self.lr > 0):
+            raise bad("lr", f"{self.lr} must be > 0")
+        if not (0.0 <= self.min_lr_ratio <= 1.0):
+            raise bad("min_lr_ratio", f"{self.min_lr_ratio} must be in [0, 1]")
+        if self.max_grad_norm < 0:
+            raise bad("max_grad_norm", f"{self.max_grad_norm} must be >= 0 (0 = no clipping)")
+        if self.max_seq_len is not None and self.max_seq_len < 2:
+            raise bad("max_seq_len", f"{self.max_seq_len} must be >= 2")
+        if self.device == "cpu" and self.backend == "nccl":
+            raise bad("backend", "'nccl' needs CUDA but device = 'cpu'; use backend = 'gloo' or 'auto'")
+
+    @property
+    def weights(self) -> tuple[float, ...]:
+        """Normalized mixing weights, one per store."""
+        w = self.store_weights or (1.0,) * len(self.stores)
+        return tuple(x / sum(w) for x in w)

@@ -1,0 +1,364 @@
+"""The student: loading, the inputs check, the loss module, and DDP / FSDP2 wrapping.
+
+`check_inputs` runs every refusal of bad input before any training step: stores finalized and
+non-empty, one codec, tokenizer fingerprints, the divergence the codec can support, sequence
+lengths against the student's context, the student's vocabulary against the store's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from kdpipe.pipeline.train.chunked import LossSpec, chunked_loss_parts, logit_transform_of
+from kdpipe.pipeline.train.config import TrainConfig
+from kdpipe.pipeline.train.data import store_max_sequence_length
+from kdpipe.pipeline.train.losses import check_supported
+from kdpipe.storage.manifest import open_store, tokenizer_fingerprint
+from kdpipe.storage.reader import Record
+from kdpipe.storage.errors import ConfigError, DataError, StoreError
+
+
+# ------------------------------------------------------------------------------- distributed
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str | None  # None = not initialized (one process)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self.backend is not None:
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+        return t
+
+    def barrier(self) -> None:
+        if self.backend is not None:
+            torch.distributed.barrier()
+
+
+def setup_distributed(cfg: TrainConfig) -> Dist:
+    """One process, or the torchrun environment (RANK / WORLD_SIZE / LOCAL_RANK)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available() if cfg.device == "auto" else cfg.device == "cuda"
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device: 'cuda' was asked for but torch sees no CUDA device; use device = 'cpu' or 'auto'")
+    device = torch.device("cuda", local) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    backend = None
+    if world > 1 or cfg.fsdp:  # fully_shard needs a process group, even of one
+        backend = cfg.backend if cfg.backend != "auto" else ("nccl" if cuda else "gloo")
+        if not torch.distributed.is_initialized():
+            kwargs: dict[str, Any] = {}
+            if "MASTER_ADDR" not in os.environ:  # a plain one-process run: a private file rendezvous
+                kwargs = {"init_method": f"file://{_tmp_rendezvous()}", "rank": 0, "world_size": 1}
+            torch.distributed.init_process_group(backend=backend, device_id=device if cuda else None, **kwargs)
+    return Dist(rank, world, local, device, backend)
+
+
+def autocast_context(cfg: TrainConfig, device: torch.device):
+    """bf16 autocast on CUDA (dtype auto or bfloat16), fp32 on CPU unless bfloat16 is asked for."""
+    if cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+# ------------------------------------------------------------------------------- loading
+
+
+def load_tokenizer(cfg: TrainConfig, path: str | None = None):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path or cfg.student, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"student: cannot load a tokenizer from {path or cfg.student!r} ({e})") from None
+
+
+def load_student(cfg: TrainConfig, weights_from: str | None = None) -> nn.Module:
+    """The student in fp32 (master weights; autocast gives bf16 compute), LoRA-wrapped if asked.
+
+    weights_from: a checkpoint directory to resume from (full weights, or a LoRA adapter).
+    """
+    from transformers import AutoModelForCausalLM
+
+    lora_ckpt = weights_from is not None and os.path.exists(os.path.join(weights_from, "adapter_config.json"))
+    src = cfg.student if (weights_from is None or lora_ckpt) else weights_from
+    try:
+        model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"student: cannot load {src!r} as AutoModelForCausalLM ({e})") from None
+    model.config.use_cache = False
+    if cfg.grad_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.lora:
+        from peft import LoraConfig, PeftModel, get_peft_model
+
+        if "lm_head" in cfg.lora_target_modules:
+            raise ConfigError("lora_target_modules: 'lm_head' is not supported (the chunked loss reads the lm_head weight directly)")
+        if lora_ckpt:
+            model = PeftModel.from_pretrained(model, weights_from, is_trainable=True)
+        else:
+            lcfg = LoraConfig(
+                r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, task_type="CAUSAL_LM",
+                target_modules=list(cfg.lora_target_modules) or "all-linear",
+            )
+            model = get_peft_model(model, lcfg)
+        if cfg.grad_checkpointing:
+            model.enable_input_require_grads()
+    return model
+
+
+def hf_model(model: nn.Module) -> nn.Module:
+    """The transformers CausalLM under a peft wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def student_context(model: nn.Module) -> int | None:
+    c = hf_model(model).config
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        v = getattr(c, key, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
+# ------------------------------------------------------------------------------- inputs check
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What check_inputs resolved: the loss to compute and how to read the stores."""
+
+    codec: str
+    vocab_size: int  # the store's (= the tokenizer's) vocabulary; the student's logits are sliced to it
+    max_len: int
+    sequence_level: bool  # tokenizers differ: CE on the teacher text retokenized (alpha must be 1)
+    longest: int  # longest stored sequence
+    num_sequences: int
+
+
+def check_inputs(cfg: TrainConfig, tokenizer, model: nn.Module) -> Plan:
+    """Every refusal of bad input, before training starts (see module doc)."""
+    metas = []
+    longest, total = 0, 0
+    for d in cfg.stores:
+        m = open_store(d)  # refuses a missing / unfinalized / empty store, naming the file
+        metas.append(m)
+        n_long, n_seq = store_max_sequence_length(d)
+        longest, total = max(longest, n_long), total + n_seq
+    codecs = {m.meta.codec.name for m in metas}
+    if len(codecs) > 1:
+        raise StoreError(
+            "stores: " + ", ".join(f"{m.store_dir} ({m.meta.codec.name})" for m in metas)
+            + " use different codecs; mix only stores of one codec"
+        )
+    fps = {m.meta.tokenizer_fingerprint for m in metas}
+    if len(fps) > 1:
+        raise StoreError("stores: " + ", ".join(str(m.store_dir) for m in metas) + " come from different tokenizers; mix only stores of one teacher tokenizer")
+    codec = codecs.pop()
+    store_vocab = metas[0].meta.vocab_size
+    student_fp = tokenizer_fingerprint(tokenizer)
+    sequence_level = student_fp != metas[0].meta.tokenizer_fingerprint
+    if sequence_level and cfg.alpha < 1.0:
+        raise ConfigError(
+            f"student {cfg.student!r}: its tokenizer differs from the teacher's that wrote {metas[0].store_dir} "
+            f"(fingerprint {student_fp[:12]}… vs {metas[0].meta.tokenizer_fingerprint[:12]}…), so the stored "
+            "token-level teacher distributions do not apply to it and logit distillation is refused. Pass "
+            "--alpha 1.0 for sequence-level distillation on the stored teacher text, retokenized for the student, "
+            "or use a student that shares the teacher's tokenizer"
+        )
+    if cfg.alpha < 1.0:
+        check_supported(codec, cfg.divergence, cfg.temperature)
+    n_model_vocab = hf_model(model).get_output_embeddings().weight.shape[0]
+    vocab = len(tokenizer) if sequence_level else store_vocab
+    if n_model_vocab < vocab:
+        raise ConfigError(
+            f"student {cfg.student!r}: its lm_head has {n_model_vocab} rows but the vocabulary has {vocab} tokens; "
+            "the student cannot predict every token id"
+        )
+    ctx = student_context(model)
+    max_len = cfg.max_seq_len or ctx or longest
+    if ctx is not None and max_len > ctx:
+        raise ConfigError(f"max_seq_len: {max_len} exceeds the student's context of {ctx}")
+    if longest > max_len and not cfg.truncate and not sequence_level:
+        raise ConfigError(
+            f"stores: the longest stored sequence has {longest} tokens, more than the student's context of "
+            f"{max_len}; pass --truncate to cut longer sequences (the number cut is logged), or use a student "
+            "with a longer context / a larger max_seq_len"
+        )
+    if cfg.tokens_per_batch < 2:
+        raise ConfigError("tokens_per_batch: must hold at least one sequence of two tokens")
+    return Plan(codec, vocab, max_len, sequence_level, longest, total)
+
+
+class Retokenize:
+    """Sequence-level distillation across tokenizers: the teacher's text, retokenized for the student.
+
+    The prompt (tokens before the first target) is decoded with the teacher's tokenizer; the
+    completion is Record.text when stored, else the decoded target tokens. The student's CE runs
+    on the completion tokens only.
+    """
+
+    def __init__(self, student_tok, teacher_tok) -> None:
+        self.student, self.teacher = student_tok, teacher_tok
+
+    def __call__(self, rec: Record) -> Record:
+        ids = rec.input_ids
+        t0 = int(rec.target_positions[0]) if len(rec.target_positions) else len(ids)
+        prompt = self.teacher.decode(ids[:t0].tolist(), skip_special_tokens=True)
+        completion = rec.text if rec.text is not None else self.teacher.decode(ids[t0:].tolist(), skip_special_tokens=True)
+        p = self.student(prompt, add_special_tokens=True)["input_ids"] if prompt else []
+        c = self.student(completion, add_special_tokens=False)["input_ids"]
+        if self.teacher.eos_token_id is not None and len(ids) and int(ids[-1]) == self.teacher.eos_token_id and self.student.eos_token_id is not None:
+            c = c + [self.student.eos_token_id]
+        if not p and self.student.bos_token_id is not None:
+            p = [self.student.bos_token_id]
+        if not p:
+            p, c = c[:1], c[1:]
+        new = np.asarray(p + c, dtype=np.int32)
+        pos = np.arange(len(p), len(new), dtype=np.int32)
+        P = len(pos)
+        return Record(sample_id=rec.sample_id, input_ids=new, target_positions=pos,
+                      ids=np.zeros((P, 0), np.int32), logprobs=np.zeros((P, 0), np.float32),
+                      tail=np.zeros(P, np.float32), text=rec.text)
+
+
+def teacher_tokenizer(cfg: TrainConfig):
+    m = open_store(cfg.stores[0])
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(m.meta.teacher, revision=m.meta.teacher_revision,
+                                             trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ConfigError(
+            f"sequence-level distillation decodes the stored prompts with the teacher's tokenizer, but "
+            f"{m.meta.teacher!r} (from {m.store_dir}) cannot be loaded ({e}); make it available locally"
+        ) from None
+
+
+# ------------------------------------------------------------------------------- the loss module
+
+
+class StudentLoss(nn.Module):
+    """forward(batch tensors) -> summed loss parts; the module DDP / FSDP wrap.
+
+    Runs the decoder (not the CausalLM head), gathers the hidden states that predict targets,
+    and hands them with the lm_head weight to the chunked loss: no [B, T, V] logits exist.
+    """
+
+    def __init__(self, model: nn.Module, vocab_size: int, spec: LossSpec) -> None:
+        super().__init__()
+        self.model = model
+        self.vocab_size = vocab_size
+        self.spec = spec
+
+    def forward(self, input_ids, attention_mask, pred_index, target_ids, teacher_ids=None, teacher_logprobs=None,
+                teacher_tail=None) -> dict[str, torch.Tensor]:
+        hf = hf_model(self.model)
+        out = hf.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        hidden = out[0]  # [B, T, H]
+        h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, pred_index)  # [N, H]
+        head = hf.get_output_embeddings()
+        return chunked_loss_parts(
+            h, head.weight, self.vocab_size, target_ids, teacher_ids, teacher_logprobs, teacher_tail,
+            self.spec, bias=getattr(head, "bias", None),
+        )
+
+
+def loss_spec(cfg: TrainConfig, plan: Plan, model: nn.Module) -> LossSpec:
+    return LossSpec(
+        alpha=cfg.alpha, temperature=cfg.temperature, divergence=cfg.divergence, tail_mode=cfg.tail_mode,
+        jsd_beta=cfg.jsd_beta, codec=plan.codec, chunk_size=cfg.loss_chunk_size,
+        **logit_transform_of(hf_model(model).config),
+    )
+
+
+def wrap_distributed(module: StudentLoss, cfg: TrainConfig, dist: Dist) -> nn.Module:
+    """DDP, or FSDP2 `fully_shard` on each decoder layer then the root; unchanged on one process."""
+    if cfg.fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        layer_classes = set(getattr(hf_model(module.model), "_no_split_modules", None) or [])
+        for m in module.modules():
+            if type(m).__name__ in layer_classes:
+                fully_shard(m)
+        fully_shard(module)
+        return module
+    if dist.backend is not None:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        return DDP(module, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
+    return module
+
+
+def _tmp_rendezvous() -> str:
+    import tempfile
+
+    fd, path = tempfile.mkstemp(prefix="kdpipe-fsdp-")
+    os.close(fd)
+    os.unlink(path)
+    return path
+
+
+def no_sync(wrapped: nn.Module, last: bool) -> Any:
+    """Skip the gradient all-reduce on every micro-batch but the last of a step."""
+    if last:
+        return contextlib.nullcontext()
+    if hasattr(wrapped, "no_sync"):
+        return wrapped.no_sync()  # DDP
+    if hasattr(wrapped, "set_requires_gradient_sync"):  # FSDP2
+        wrapped.set_requires_gradient_sync(False)
+        return _restore_sync(wrapped)
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _restore_sync(wrapped):
+    try:
+        yield
+    finally:
+        wrapped.set_requires_gradient_sync(True)
+
+
+def batch_inputs(batch, device: torch.device, with_teacher: bool) -> dict[str, Any]:
+    b = batch.to(device, non_blocking=True)
+    out = {"input_ids": b.input_ids, "attention_mask": b.attention_mask, "pred_index": b.pred_index,
+           "target_ids": b.target_ids}
+    if with_teacher:
+        out.update(teacher_ids=b.teacher_ids, teacher_logprobs=b.teacher_logprobs, teacher_tail=b.teacher_tail)
+    return out
+
+
+def unwrap(wrapped: nn.Module) -> StudentLoss:
+    return wrapped.module if hasattr(wrapped, "module") and isinstance(wrapped.module, StudentLoss) else wrapped
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: no decay on biases and norms (1-D parameters)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+Transform = Callable[[Record], Record]
+__all__ = ["Dist", "Plan", "StudentLoss", "check_inputs", "load_student", "setup_distributed", "DataError"]

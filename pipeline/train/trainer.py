@@ -1,0 +1,238 @@
+"""train-student: the training loop, read top to bottom.
+
+setup (ranks, student, inputs check, data, optimizer, resume) → for each optimizer step:
+batch → student forward → loss parts by name → backward (per micro-batch) → clip → step → log
+→ checkpoint → stop. One code path for 1 process, torchrun DDP and FSDP2, on CPU (gloo) or CUDA.
+
+Per-token normalization. The loss of a step is Σ over every target token of the step, on every
+rank and micro-batch, divided by that global count. The count is all-reduced *before* the
+first backward, and each micro-batch's summed loss is scaled by world_size / global_count (DDP
+and FSDP average gradients over ranks), so the gradient is the same for any split of the same
+global batch into ranks × micro-batches — no mean-of-means.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kdpipe.pipeline.config import config_to_dict, read_toml, write_resolved
+from kdpipe.pipeline.train.checkpoint import latest_checkpoint, load_training_state, save_checkpoint, save_final
+from kdpipe.pipeline.train.config import TrainConfig
+from kdpipe.pipeline.train.data import DataSpec, StepData
+from kdpipe.pipeline.train.student import (
+    Retokenize, StudentLoss, autocast_context, batch_inputs, check_inputs, load_student, load_tokenizer, loss_spec,
+    no_sync, param_groups, setup_distributed, teacher_tokenizer, wrap_distributed,
+)
+from kdpipe.storage.errors import ConfigError
+
+# Settings that may change between a run and its resumption (they do not change what is computed).
+RESUMABLE_CHANGES = {"steps", "save_every", "log_every", "keep_checkpoints", "resume", "prefetch"}
+
+
+@dataclass
+class TrainResult:
+    run: Path
+    final: Path | None  # RUN/final, None when interrupted
+    steps: int  # optimizer steps completed
+    last: dict[str, Any] | None  # the last metrics line
+    interrupted: bool
+
+
+def lr_factor(cfg: TrainConfig, step: int) -> float:
+    """Linear warmup over warmup_steps, then cosine from 1 to min_lr_ratio at `steps` (or constant)."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+    return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class _Sigterm:
+    """SIGTERM (Slurm preemption, `kill`) sets a flag; the loop checkpoints and stops after the step."""
+
+    def __init__(self) -> None:
+        self.flag = False
+        self._old = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.flag = True
+
+    def restore(self) -> None:
+        signal.signal(signal.SIGTERM, self._old)
+
+
+class MetricsLog:
+    """RUN/metrics.jsonl, one line per optimizer step (rank 0); a resumed run drops lines past its step."""
+
+    def __init__(self, path: Path, resume_step: int | None, enabled: bool) -> None:
+        self.f = None
+        if not enabled:
+            return
+        keep: list[str] = []
+        if resume_step is not None and path.exists():
+            keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= resume_step]
+        path.write_text("".join(ln + "\n" for ln in keep))
+        self.f = open(path, "a", encoding="utf-8")
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.f is not None:
+            self.f.write(json.dumps(record) + "\n")
+            self.f.flush()
+
+    def close(self) -> None:
+        if self.f is not None:
+            self.f.close()
+
+
+def _resume_point(cfg: TrainConfig, run: Path) -> Path | None:
+    ckpt = latest_checkpoint(run)
+    if ckpt is None:
+        return None
+    if not cfg.resume:
+        raise ConfigError(f"out: {run} already holds {ckpt.name}; pass --resume to continue that run, or choose a new --out")
+    saved = read_toml(ckpt / "train_config.toml")
+    now = config_to_dict(cfg)
+    diff = sorted(k for k in set(saved) | set(now) if k not in RESUMABLE_CHANGES and saved.get(k) != now.get(k))
+    if diff:
+        raise ConfigError(
+            f"--resume: {ckpt} was written with other settings ("
+            + ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in diff)
+            + f"); resume with the saved settings (see {ckpt / 'train_config.toml'}) or start a new --out"
+        )
+    return ckpt
+
+
+def forward_backward(wrapped, micro_batches, dist, cfg: TrainConfig, with_teacher: bool) -> tuple[torch.Tensor, float]:
+    """Forward and backward over this rank's micro-batches of one step, gradients per global target token.
+
+    -> (this rank's [Σce, Σkd, Σloss, input tokens] as float64, the global target-token count).
+    """
+    # The global number of target tokens of the step, before any backward (see module doc).
+    n_local = sum(mb.num_targets for mb in micro_batches)
+    n_global = dist.all_reduce_sum(torch.tensor([float(n_local)], dtype=torch.float64, device=dist.device)).item()
+    scale = dist.world_size / max(n_global, 1.0)
+
+    sums = torch.zeros(4, dtype=torch.float64, device=dist.device)
+    for i, mb in enumerate(micro_batches):
+        with no_sync(wrapped, last=i == len(micro_batches) - 1):
+            with autocast_context(cfg, dist.device):
+                parts = wrapped(**batch_inputs(mb, dist.device, with_teacher))  # summed "ce", "kd", "loss"
+            (parts["loss"] * scale).backward()
+        sums += torch.stack([parts["ce"].detach(), parts["kd"].detach(), parts["loss"].detach(),
+                             mb.attention_mask.sum().to(dist.device)]).double()
+    return sums, n_global
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Run (or resume) a training run; see the module doc. Rank 0 writes RUN."""
+    dist = setup_distributed(cfg)
+    try:
+        return _train(cfg, dist)
+    finally:
+        if dist.backend is not None and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _train(cfg: TrainConfig, dist) -> TrainResult:
+    from tqdm.auto import tqdm
+
+    run = Path(cfg.out)
+    resume_from = _resume_point(cfg, run)
+    if dist.is_main:
+        run.mkdir(parents=True, exist_ok=True)
+
+    # ---- the student, checked against the stores before anything trains
+    torch.manual_seed(cfg.seed)  # same initialization (e.g. LoRA) on every rank
+    tokenizer = load_tokenizer(cfg)
+    model = load_student(cfg, weights_from=str(resume_from) if resume_from else None)
+    plan = check_inputs(cfg, tokenizer, model)
+    transform = Retokenize(tokenizer, teacher_tokenizer(cfg)) if plan.sequence_level else None
+    with_teacher = cfg.alpha < 1.0 and not plan.sequence_level
+    module = StudentLoss(model.to(dist.device), plan.vocab_size, loss_spec(cfg, plan, model))
+    wrapped = wrap_distributed(module, cfg, dist)
+    optimizer = torch.optim.AdamW(param_groups(wrapped, cfg.weight_decay), lr=cfg.lr,
+                                  betas=(cfg.adam_beta1, cfg.adam_beta2))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(cfg, s))
+
+    step, cursor = 0, None
+    if resume_from is not None:
+        state, cursor = load_training_state(resume_from, wrapped, optimizer, scheduler, cfg, dist)
+        step = int(state["step"])
+    else:
+        torch.manual_seed(cfg.seed + dist.rank)  # dropout etc. differ per rank
+    spec = DataSpec(
+        stores=cfg.stores, weights=cfg.weights, tokens_per_batch=cfg.tokens_per_batch, max_len=plan.max_len,
+        truncate=cfg.truncate, pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
+        shuffle=cfg.shuffle, shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed, transform=transform,
+    )
+    data = StepData(spec, dist.rank, dist.world_size, cfg.grad_accum, cfg.prefetch, cursor)
+    if dist.is_main:
+        write_resolved(cfg, run / "train_config.toml")
+    metrics = MetricsLog(run / "metrics.jsonl", step if resume_from else None, dist.is_main)
+    sigterm = _Sigterm()
+    bar = tqdm(total=cfg.steps, initial=step, disable=not dist.is_main, desc="train-student", unit="step")
+    params = [p for p in wrapped.parameters() if p.requires_grad]
+    last: dict[str, Any] | None = None
+    interrupted = False
+    saved_at = step
+
+    try:
+        while step < cfg.steps:
+            t0 = time.perf_counter()
+            batch = next(data)  # this rank's micro-batches of the step, and the data cursor after them
+
+            sums, n_global = forward_backward(wrapped, batch.micro_batches, dist, cfg, with_teacher)
+
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
+            if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
+                grad_norm = grad_norm.full_tensor()
+            lr = optimizer.param_groups[0]["lr"]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+
+            # ---- log: parts by name, per target token of the global batch
+            stats = dist.all_reduce_sum(torch.cat([sums, sums.new_tensor([float(batch.truncated), float(sigterm.flag)])]))
+            ce, kd, loss, tokens, truncated, stop = stats.tolist()
+            n = max(n_global, 1.0)
+            last = {
+                "step": step, "loss": loss / n, "loss_ce": ce / n, "loss_kd": kd / n,
+                "tokens_per_s": tokens / (time.perf_counter() - t0), "lr": lr, "grad_norm": float(grad_norm),
+                "target_tokens": int(n_global), "truncated": int(truncated),
+            }
+            metrics.write(last)
+            bar.update(1)
+            if cfg.log_every and step % cfg.log_every == 0:
+                bar.set_postfix(loss=f"{last['loss']:.4f}", ce=f"{last['loss_ce']:.4f}", kd=f"{last['loss_kd']:.4f}")
+
+            # ---- checkpoint, stop
+            if stop > 0 or (cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps):
+                save_checkpoint(run, step, wrapped, model, tokenizer, optimizer, scheduler, batch.cursor,
+                                {"truncated": batch.truncated}, cfg, dist, keep=cfg.keep_checkpoints)
+                saved_at = step
+            if stop > 0:
+                interrupted = True
+                break
+    finally:
+        bar.close()
+        data.close()
+        metrics.close()
+        sigterm.restore()
+
+    final = None
+    if not interrupted:
+        if cfg.save_every and saved_at != step:
+            save_checkpoint(run, step, wrapped, model, tokenizer, optimizer, scheduler, batch.cursor,
+                            {"truncated": batch.truncated}, cfg, dist, keep=cfg.keep_checkpoints)
+        final = save_final(run, model, tokenizer, cfg, dist)
+    return TrainResult(run=run, final=final, steps=step, last=last, interrupted=interrupted)
