@@ -33,12 +33,16 @@ class CodecConfig:
     draws: sampled: N, the number of draws per position (<= 255, counts are one byte).
     seed: sampled: base seed; the RNG of a sequence derives from (seed, sample id), so reruns
       and resumed runs store identical draws.
-    logprob_step: topk: quantization step of -log p in nats. Stored log-probs are
-      round(log p / step) * step, so |log p̂ - log p| <= step / 2 and
-      |p̂ - p| <= p * (exp(step / 2) - 1) (relative error <= 0.098% at the default 1/512);
-      the L1 error added to a position's distribution is <= (kept mass) * (exp(step/2) - 1)
-      and ~ (kept mass) * step / 4 on average. Log-probs below -CODE_MAX * step are clamped.
-      The tail mass is computed from the unquantized log-probs and stored exactly (float32).
+    sqrt_step, log_step: topk log-prob quantization (codes -> log p̂ via codec_table()).
+      sqrt(p) is quantized uniformly with step h = sqrt_step: code c = round((1 - sqrt p) / h),
+      so for p >= p_switch = (2h / log_step)^2 (2.4e-7 at the defaults):
+          |sqrt p̂ - sqrt p| <= h/2,  hence  |p̂ - p| <= h*sqrt(p) + h^2/4,
+      and below p_switch the steps are uniform in log p: |log p̂ - log p| <= log_step/2.
+      Steps grow as p shrinks because the error that matters is the error in p, not in log p;
+      L1 error added to one position's distribution <= h * sum(sqrt p_i) + k h^2/4 <= h*sqrt(k) + k h^2/4
+      (0.00098 at k=64 and the default h=1/8192; about a quarter of that on average).
+      Per-entry bound on |log p̂ - log p|: logprob_error_bound(). The tail mass is computed from
+      the unquantized log-probs and stored exactly (float32).
     """
 
     name: Literal["topk", "sampled"] = "topk"
@@ -46,7 +50,8 @@ class CodecConfig:
     top_p: float | None = None
     draws: int = 50
     seed: int = 0
-    logprob_step: float = 1.0 / 512
+    sqrt_step: float = 1.0 / 8192
+    log_step: float = 0.5
 
     def __post_init__(self) -> None:
         if self.name not in ("topk", "sampled"):
@@ -60,13 +65,77 @@ class CodecConfig:
                 raise ConfigError(f"codec.top_p: {self.top_p} must be in (0, 1]")
         if not 1 <= self.draws <= 255:
             raise ConfigError(f"codec.draws: {self.draws} must be between 1 and 255 (counts are stored as one byte)")
-        if not 0.0 < self.logprob_step <= 1.0:
-            raise ConfigError(f"codec.logprob_step: {self.logprob_step} must be in (0, 1] nats")
+        if not 1.0 / 32768 <= self.sqrt_step <= 1.0 / 16:
+            raise ConfigError(f"codec.sqrt_step: {self.sqrt_step} must be in [1/32768, 1/16]")
+        if not 0.0 < self.log_step <= 1.0:
+            raise ConfigError(f"codec.log_step: {self.log_step} must be in (0, 1] nats")
 
     @property
     def max_entries(self) -> int:
         """Upper bound on entries stored per position."""
         return self.top_k if self.name == "topk" else min(self.top_k, self.draws)
+
+    @property
+    def logprob_step(self) -> float:
+        """The coarsest log-domain step (twice the worst |log p̂ - log p|, reached only at p < p_switch).
+
+        Use logprob_error_bound() for the much tighter per-entry bound.
+        """
+        return self.log_step
+
+    def logprob_error_bound(self, logprobs: np.ndarray) -> np.ndarray:
+        """Upper bound on |log p̂ - log p| of stored topk entries with true log-probs `logprobs`."""
+        h, ls = self.sqrt_step, self.log_step
+        s = np.exp(np.asarray(logprobs, dtype=np.float64) / 2)  # sqrt p
+        with np.errstate(divide="ignore", invalid="ignore"):
+            # |sqrt p̂ - sqrt p| <= h/2  ->  |log p̂ - log p| <= -2 log(1 - h / (2 sqrt p))
+            sq = -2.0 * np.log1p(-np.minimum(h / (2 * s), 0.999999))
+        # below p_switch: log steps (<= log_step/2), or the sqrt region's last code just above it
+        return np.where(s * s >= switch_prob(self), sq, np.maximum(np.nan_to_num(sq, nan=0.0), ls / 2)) + 1e-6
+
+
+def switch_code(cfg: CodecConfig) -> int:
+    """Last code of the sqrt(p) region: local log step 2h / (1 - c h) <= log_step up to here."""
+    h = cfg.sqrt_step
+    return int(np.floor((1.0 - 2.0 * h / cfg.log_step) / h))
+
+
+def switch_prob(cfg: CodecConfig) -> float:
+    return float((1.0 - switch_code(cfg) * cfg.sqrt_step) ** 2)
+
+
+_TABLES: dict[tuple[float, float], np.ndarray] = {}
+
+
+def codec_table(cfg: CodecConfig) -> np.ndarray:
+    """code -> log p̂ (float32 [65536]): the decoding table of topk's logprob_q codes.
+
+        c <= cA:  log p̂ = 2 log(1 - c h)
+        c >  cA:  log p̂ = 2 log(1 - cA h) - (c - cA) log_step
+    with h = sqrt_step and cA = switch_code(cfg) = floor((1 - 2h/log_step) / h).
+    """
+    key = (cfg.sqrt_step, cfg.log_step)
+    t = _TABLES.get(key)
+    if t is None:
+        h, cA = cfg.sqrt_step, switch_code(cfg)
+        c = np.arange(CODE_MAX + 1, dtype=np.float64)
+        top = 2.0 * np.log1p(-np.minimum(c, cA) * h)
+        t = (top - np.maximum(c - cA, 0) * cfg.log_step).astype(np.float32)
+        t.setflags(write=False)
+        _TABLES[key] = t
+    return t
+
+
+def quantize_logprobs(cfg: CodecConfig, lp: np.ndarray) -> np.ndarray:
+    """log p (<= 0, float64) -> codes (int64), non-decreasing as log p decreases."""
+    h, ls, cA = cfg.sqrt_step, cfg.log_step, switch_code(cfg)
+    s = np.exp(lp / 2)
+    c_sqrt = np.rint((1.0 - s) / h)
+    lpA = 2.0 * np.log1p(-cA * h)
+    with np.errstate(invalid="ignore"):
+        c_log = cA + np.maximum(0.0, np.rint((lpA - lp) / ls))
+    c = np.where(c_sqrt <= cA, c_sqrt, c_log)
+    return np.clip(np.nan_to_num(c, nan=CODE_MAX, posinf=CODE_MAX), 0, CODE_MAX).astype(np.int64)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -104,7 +173,7 @@ def encode_topk(cfg: CodecConfig, top_ids: np.ndarray, top_logprobs: np.ndarray)
         p = np.where(keep, p, 0.0)
     tail = np.clip(1.0 - p.sum(axis=1), 0.0, 1.0).astype(np.float32)  # [P]
     counts = keep.sum(axis=1)  # [P]; keep is a prefix of each (sorted) row
-    codes = np.clip(np.rint(-lp / cfg.logprob_step), 0, CODE_MAX).astype(np.int64)  # [P, K]
+    codes = quantize_logprobs(cfg, np.where(keep, lp, 0.0))  # [P, K]
     delta = np.diff(codes, axis=1, prepend=0)
     delta[:, 0] = codes[:, 0]
     lo, hi = _split_ids(ids[keep])
@@ -151,11 +220,13 @@ def encode_sampled(cfg: CodecConfig, top_ids: np.ndarray, top_logprobs: np.ndarr
     ids_sorted = np.take_along_axis(ids, order, axis=1)
     c_sorted = np.take_along_axis(draws, order, axis=1)
     keep = c_sorted > 0
-    lo, hi = _split_ids(ids_sorted[keep])
+    delta = np.diff(ids_sorted, axis=1, prepend=0)  # ascending ids -> gaps; first = the id itself
+    delta[:, 0] = ids_sorted[:, 0]
+    lo, hi = _split_ids(delta[keep])
     return {
         "num_entries": keep.sum(axis=1),
-        "ids_lo": lo,
-        "ids_hi": hi,
+        "id_delta_lo": lo,
+        "id_delta_hi": hi,
         "counts": c_sorted[keep].astype(np.uint8),
         "tail_count": tail_count.astype(np.uint8),
     }
@@ -187,26 +258,35 @@ def _pad(values: np.ndarray, counts: np.ndarray, fill, dtype) -> np.ndarray:
     return out
 
 
+def _segment_cumsum(counts: np.ndarray, delta: np.ndarray) -> np.ndarray:
+    """Running sums of flat `delta` [E] restarting at every position -> [E] int64."""
+    counts = counts.astype(np.int64)  # uint8 cumsums would wrap
+    c = np.concatenate([[0], np.cumsum(delta, dtype=np.int64)])  # c[e] = sum of delta[:e]
+    starts = np.cumsum(counts) - counts
+    return c[1:] - np.repeat(c[starts], counts)
+
+
 def decode_ids(counts: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """topk: ids = hi << 16 | lo -> [P, K] int32, -1 padding."""
     ids = (hi.astype(np.int32) << 16) | lo.astype(np.int32)
     return _pad(ids, counts, -1, np.int32)
 
 
-def decode_topk(cfg: CodecConfig, counts: np.ndarray, delta: np.ndarray, tail: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def decode_delta_ids(counts: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """sampled: per-position cumsum of (hi << 16 | lo) -> [P, K] int32, -1 padding."""
+    delta = (hi.astype(np.int64) << 16) | lo.astype(np.int64)
+    return _pad(_segment_cumsum(counts, delta).astype(np.int32), counts, -1, np.int32)
+
+
+def decode_topk(cfg: CodecConfig, counts: np.ndarray, delta: np.ndarray, tail: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """-> logprobs [P, K] float32 (-inf padding), tail [P] float32."""
     P = counts.shape[0]
     if P and (counts == counts[0]).all():
         K = int(counts[0])
         codes = np.cumsum(delta.reshape(P, K), axis=1, dtype=np.int64)
-        lp = (codes * -cfg.logprob_step).astype(np.float32)
-        return lp, tail
-    counts = counts.astype(np.int64)  # uint8 cumsums would wrap
-    c = np.concatenate([[0], np.cumsum(delta, dtype=np.int64)])  # c[e] = sum of delta[:e]
-    starts = np.cumsum(counts) - counts
-    pos = np.repeat(np.arange(P), counts)
-    base = c[starts]  # [P] running sum before each position's first entry
-    codes = c[1:] - base[pos]
-    return _pad((codes * -cfg.logprob_step).astype(np.float32), counts, -np.inf, np.float32), tail
+        return codec_table(cfg)[codes], tail
+    codes = _segment_cumsum(counts, delta)
+    return _pad(codec_table(cfg)[codes], counts, -np.inf, np.float32), tail
 
 
 def decode_sampled(cfg: CodecConfig, counts: np.ndarray, draw_counts: np.ndarray, tail_count: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -30,7 +30,7 @@ def _check_consistency(batch: pa.RecordBatch, codec: codecs.CodecConfig) -> str 
     off = ne.offsets.to_numpy()
     E = np.add.reduceat(counts, off[:-1]) if counts.size else np.zeros(len(P), np.int64)
     E = np.where(np.diff(off) > 0, E, 0)
-    entry_cols = ["ids_lo", "ids_hi", "logprob_q"] if codec.name == "topk" else ["ids_lo", "ids_hi", "counts"]
+    entry_cols = ["ids_lo", "ids_hi", "logprob_q"] if codec.name == "topk" else ["id_delta_lo", "id_delta_hi", "counts"]
     for name in entry_cols:
         if not np.array_equal(lengths(name), E):
             return f"column {name} does not hold sum(num_entries) values per row"

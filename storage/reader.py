@@ -156,11 +156,12 @@ class _DecodedBatch:
 
     def record(self, j: int) -> Record:
         counts = self._get("num_entries", j)
-        ids = codecs.decode_ids(counts, self._get("ids_lo", j), self._get("ids_hi", j))
         if self.codec.name == "topk":
+            ids = codecs.decode_ids(counts, self._get("ids_lo", j), self._get("ids_hi", j))
             lp, tail = codecs.decode_topk(self.codec, counts, self._get("logprob_q", j), self._get("tail", j))
             tail = tail.copy()
         else:
+            ids = codecs.decode_delta_ids(counts, self._get("id_delta_lo", j), self._get("id_delta_hi", j))
             lp, tail = codecs.decode_sampled(self.codec, counts, self._get("counts", j), self._get("tail_count", j))
         text = self.text_col[j].as_py()
         return Record(
