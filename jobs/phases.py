@@ -76,13 +76,13 @@ def _collect(
     fields = set(field_names(cls))
     aliases = ALIASES[phase]
     reserved = RESERVED[phase]
-    allowed = sorted((fields - set(reserved) - set(aliases.values())) | set(aliases))
+    allowed = sorted((fields - set(reserved) - set(aliases.values())) | {a for a, f in aliases.items() if f not in reserved})
     values: dict[str, Any] = {}
     origin: dict[str, str] = {}
     for where, table in sections:
         for key, value in table.items():
             k = aliases.get(key, key.replace("-", "_"))
-            if k in reserved and key not in aliases:
+            if k in reserved:
                 raise ConfigError(f"{where}.{key}: set by the job, not here (it comes from {reserved[k]}); remove it")
             if k not in fields:
                 raise unknown_key_error(where, key, allowed)
