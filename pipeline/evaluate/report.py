@@ -1,0 +1,205 @@
+"""report.json (every number), report.md (tables) and PNG plots from one report dict."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from kdpipe.pipeline.config import atomic_write_text
+
+HEADLINE = ("rouge1", "rouge2", "rougeL", "rougeLsum", "similarity_reference", "nli_entailment")
+LABELS = {
+    "rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L", "rougeLsum": "ROUGE-Lsum",
+    "similarity_reference": "Sim(out, ref)", "similarity_source": "Sim(out, src)", "nli_entailment": "NLI entail.",
+}
+
+
+def _clean(x: Any) -> Any:
+    """JSON has no NaN: a metric that could not be computed is null."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    return x
+
+
+def _f(x: Any, digits: int = 3) -> str:
+    return "–" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.{digits}f}"
+
+
+def quality_keys(report: dict) -> list[str]:
+    keys = []
+    for m in report["models"]:
+        keys += [k for k in m["quality"] if k not in keys]
+    return keys
+
+
+def headline_table(report: dict) -> str:
+    """The table `kdpipe demo` prints: main metrics, retention and speed per model."""
+    keys = [k for k in HEADLINE if k in quality_keys(report)]
+    head = ["model", "role"] + [LABELS[k] for k in keys] + ["ROUGE-L ret. %", "p50 s", "tok/s", "speed-up"]
+    rows = []
+    for m in report["models"]:
+        ret = m.get("retention_vs_teacher_pct", {}).get("rougeL")
+        sp = m.get("speedup_vs_teacher", {}).get("p50")
+        rows.append(
+            [m["name"], m["role"]] + [_f(m["quality"][k]["mean"]) if k in m["quality"] else "–" for k in keys]
+            + [_f(ret, 1) if ret is not None else "100.0" if m["role"] == "teacher" else "–",
+               _f(m["latency"]["p50_s"], 4), _f(m["latency"]["tokens_per_s"], 1),
+               (_f(sp, 2) + "×") if sp is not None else ("1.00×" if m["role"] == "teacher" else "–")]
+        )
+    return _md_table(head, rows)
+
+
+def _md_table(head: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def markdown(report: dict, plots: list[str]) -> str:
+    keys = quality_keys(report)
+    conf = int(round(100 * report["scorers"]["bootstrap"]["confidence"]))
+    parts = [
+        "# kdpipe evaluation report",
+        "",
+        f"Data: `{report['data']['path']}` (split {report['data']['split']!r}, {report['data']['num_examples']} examples). "
+        f"Teacher: **{report['teacher']}**" + (f"; CE-only baseline: **{report['baseline']}**." if report["baseline"] else "."),
+        "",
+        "## Headline",
+        "",
+        headline_table(report),
+        "",
+        f"## Quality (mean [{conf}% bootstrap CI])",
+        "",
+        _md_table(["model"] + [LABELS.get(k, k) for k in keys], [
+            [m["name"]] + [
+                f"{_f(q['mean'])} [{_f(q['ci_low'])}, {_f(q['ci_high'])}]" if (q := m["quality"].get(k)) else "–"
+                for k in keys
+            ] for m in report["models"]
+        ]),
+        "",
+    ]
+    if report["scorers"]["nli"] is None:
+        parts += ["NLI consistency: not computed (no `--nli-model` given).", ""]
+    if report["scorers"]["similarity"] is None:
+        parts += ["Semantic similarity: not computed (`--similarity-model none`).", ""]
+    parts += [
+        "## Latency (per request, one request at a time, same engine settings)",
+        "",
+        _md_table(["model", "requests", "p50 s", "p95 s", "mean s", "output tok/s", "mean output tokens", "speed-up p50", "speed-up tok/s"], [
+            [m["name"], str(m["latency"]["requests"]), _f(m["latency"]["p50_s"], 4), _f(m["latency"]["p95_s"], 4),
+             _f(m["latency"]["mean_s"], 4), _f(m["latency"]["tokens_per_s"], 1), _f(m["latency"]["mean_output_tokens"], 1),
+             _f(m.get("speedup_vs_teacher", {}).get("p50"), 2), _f(m.get("speedup_vs_teacher", {}).get("tokens_per_s"), 2)]
+            for m in report["models"]
+        ]),
+        "",
+        "## Retention (% of the teacher)",
+        "",
+        _md_table(["model"] + [LABELS.get(k, k) for k in keys], [
+            [m["name"]] + [_f(m["retention_vs_teacher_pct"].get(k), 1) for k in keys]
+            for m in report["models"] if "retention_vs_teacher_pct" in m
+        ]),
+        "",
+    ]
+    vs = [m for m in report["models"] if "vs_baseline" in m]
+    parts += ["## Against the CE-only baseline", ""]
+    if vs:
+        parts += [
+            _md_table(["model", "metric", "student − baseline", f"{conf}% CI (paired)", "% of baseline"], [
+                [m["name"], LABELS.get(k, k), _f(d, 4),
+                 f"[{_f(m['vs_baseline']['difference_ci'][k]['ci_low'], 4)}, {_f(m['vs_baseline']['difference_ci'][k]['ci_high'], 4)}]",
+                 _f(m["vs_baseline"]["pct_of_baseline"].get(k), 1)]
+                for m in vs for k, d in m["vs_baseline"]["difference"].items()
+            ]),
+            "",
+        ]
+    else:
+        parts += ["No baseline given (`--baseline NAME`).", ""]
+    parts += ["## Stores and runs", ""]
+    if report["stores"]:
+        parts += [_md_table(["store", "cache key", "sequences", "target tokens"], [
+            [f"`{s['path']}`", f"`{s.get('cache_key')}`", str(s.get("num_sequences", "–")), str(s.get("num_target_tokens", "–"))]
+            for s in report["stores"]
+        ]), ""]
+    else:
+        parts += ["No stores recorded (pass `--store` or evaluate training runs).", ""]
+    for name, r in report["runs"].items():
+        cfg = r.get("config") or {}
+        brief = ", ".join(f"{k}={cfg[k]}" for k in ("alpha", "temperature", "divergence", "steps", "lr", "seed") if k in cfg)
+        parts.append(f"- run **{name}**: `{r['path']}`" + (f" ({brief})" if brief else ""))
+    if report["runs"]:
+        parts.append("")
+    if plots:
+        parts += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
+    return "\n".join(parts)
+
+
+def plot_all(report: dict, out: Path) -> list[str]:
+    """metrics.png (means with CIs), latency.png (per-request distribution), loss.png (training curves)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    written = []
+    models = report["models"]
+    keys = [k for k in quality_keys(report) if all(k in m["quality"] for m in models)]
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(keys) * max(1, len(models)) / 2), 4))
+    width = 0.8 / max(len(models), 1)
+    x = np.arange(len(keys))
+    for i, m in enumerate(models):
+        mean = np.array([m["quality"][k]["mean"] for k in keys], dtype=float)
+        lo = np.array([m["quality"][k]["ci_low"] for k in keys], dtype=float)
+        hi = np.array([m["quality"][k]["ci_high"] for k in keys], dtype=float)
+        ax.bar(x + i * width, mean, width, yerr=[mean - lo, hi - mean], capsize=3, label=f"{m['name']} ({m['role']})")
+    ax.set_xticks(x + width * (len(models) - 1) / 2, [LABELS.get(k, k) for k in keys], rotation=20)
+    ax.set_ylim(0, 1.05)
+    ax.set_title("Quality by model (mean, bootstrap CI)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "metrics.png", dpi=100)
+    plt.close(fig)
+    written.append("metrics.png")
+
+    lat = [(m["name"], [1000 * v for v in m["latency"].get("per_request_s", [])]) for m in models]
+    if any(v for _, v in lat):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.boxplot([v for _, v in lat], showfliers=True)
+        ax.set_xticks(range(1, len(lat) + 1), [n for n, _ in lat])
+        ax.set_ylabel("latency per request (ms)")
+        ax.set_title("Per-request latency")
+        fig.tight_layout()
+        fig.savefig(out / "latency.png", dpi=100)
+        plt.close(fig)
+        written.append("latency.png")
+
+    curves = {name: r["curve"] for name, r in report["runs"].items() if r.get("curve")}
+    if curves:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for name, curve in curves.items():
+            for k, pts in curve.items():
+                arr = np.asarray(pts, dtype=float)
+                ax.plot(arr[:, 0], arr[:, 1], label=f"{name}: {k}", linewidth=1)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("loss")
+        ax.set_title("Training loss")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "loss.png", dpi=100)
+        plt.close(fig)
+        written.append("loss.png")
+    return written
+
+
+def write_report(report: dict, out: Path, plots: bool = True) -> None:
+    out = Path(out)
+    names = plot_all(report, out) if plots else []
+    report["plots"] = names
+    atomic_write_text(out / "report.json", json.dumps(_clean(report), indent=2, ensure_ascii=False) + "\n")
+    atomic_write_text(out / "report.md", markdown(report, names))
