@@ -7,6 +7,8 @@ from the dataclass so the two never drift apart; `--store` may be repeated.
 from __future__ import annotations
 
 import dataclasses
+import os
+import types
 import typing
 
 import click
@@ -49,7 +51,7 @@ def _options(f):
             decl, kw["multiple"], kw["default"] = [flag, "stores"], True, ()
         else:
             inner = [a for a in args if a is not type(None)]
-            base = inner[0] if origin in (typing.Union, getattr(__import__("types"), "UnionType")) else tp
+            base = inner[0] if origin in (typing.Union, types.UnionType) else tp
             decl = [flag]
             kw["type"] = {int: int, float: float}.get(base, str)
         f = click.option(*decl, **kw)(f)
@@ -74,6 +76,8 @@ def train_student(config_path, **flags):
     overrides = {k: v for k, v in flags.items() if v is not None and v != ()}
     cfg = run_command(load_config, TrainConfig, config_path, overrides)
     result = run_command(train, cfg)
+    if os.environ.get("RANK", "0") != "0":
+        return  # under torchrun, rank 0 reports
     if result.interrupted:
         click.echo(f"interrupted at step {result.steps}: checkpoint written in {result.run}; continue with --resume")
     else:
