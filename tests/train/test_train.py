@@ -16,7 +16,7 @@ import torch
 from kdpipe.pipeline.train.config import TrainConfig
 from kdpipe.storage.errors import ConfigError, KdpipeError, StoreError
 
-from train_stores import build_store
+from train_stores import build_store, sampled_store, topk_store  # noqa: F401 (fixtures)
 
 VENV_BIN = Path(sys.executable).parent
 

@@ -1,10 +1,13 @@
-"""Build small stores with ShardWriter from a transformers forward of the tiny teacher (no vLLM)."""
+"""Small stores for the train tests, written with ShardWriter from a transformers forward of the tiny
+teacher (no vLLM). Test modules import the fixtures from here (not a conftest.py, so that
+`from conftest import require` keeps meaning tests/conftest.py)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 
 def build_store(teacher_dir, out, codec_name="topk", top_k=8, n_seqs=24, min_len=12, max_len=40, seed=0,
@@ -42,3 +45,13 @@ def build_store(teacher_dir, out, codec_name="topk", top_k=8, n_seqs=24, min_len
     if finalize:
         finalize_store(out)
     return Path(out)
+
+
+@pytest.fixture(scope="session")
+def topk_store(tmp_path_factory, tiny_teacher) -> Path:
+    return build_store(tiny_teacher, tmp_path_factory.mktemp("store") / "topk", top_k=8)
+
+
+@pytest.fixture(scope="session")
+def sampled_store(tmp_path_factory, tiny_teacher) -> Path:
+    return build_store(tiny_teacher, tmp_path_factory.mktemp("store") / "sampled", codec_name="sampled", top_k=8, n_seqs=8)
