@@ -220,6 +220,7 @@ def eval_config(job: JobSpec, run: RunSpec, run_dir: Path) -> Any:
     cls = phase_class("evaluate")
     w = f"{job.path} [evaluation]"
     section = dict(job.evaluation or {})
+    section.pop("runs", None)  # the job layer's selector of evaluated runs (plan.py)
     extra = section.pop("models", [])
     if isinstance(extra, str) or not isinstance(extra, list):
         raise ConfigError(f"{w}.models: expected a list of extra models to compare (the teacher and the run are added), got {extra!r}")

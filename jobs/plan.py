@@ -182,6 +182,7 @@ def make_plan(job: JobSpec, python: str | None = None) -> Plan:
     runs = expand_students(job, phases.train_list_fields())
     if not runs:
         raise ConfigError(f"{job.path}: the [[students]] entries expand to zero runs; give at least one student")
+    evaluated = _evaluated_runs(job, runs)
     for run in runs:
         out = job.run_dir / "runs" / run.name
         train_cfg = phases.train_config(job, run, out)
@@ -192,7 +193,7 @@ def make_plan(job: JobSpec, python: str | None = None) -> Plan:
             after=after_store, nodes=run.nodes, gpus=run.gpus,
             config=tpath, config_text=_toml(train_cfg), run=run,
         ))
-        if job.evaluation is not None:
+        if run.name in evaluated:
             eval_cfg = phases.eval_config(job, run, out)
             epath = cfgdir / f"evaluate-{run.name}.toml"
             steps.append(Step(
@@ -202,6 +203,33 @@ def make_plan(job: JobSpec, python: str | None = None) -> Plan:
                 config=epath, config_text=_toml(eval_cfg), run=run,
             ))
     return Plan(job=job, store=store, runs=tuple(runs), steps=tuple(steps), python=python)
+
+
+def _evaluated_runs(job: JobSpec, runs: list[RunSpec]) -> set[str]:
+    """Runs that get an evaluation: all, or those [evaluation].runs names (run or student names)."""
+    if job.evaluation is None:
+        return set()
+    chosen = job.evaluation.get("runs")
+    if chosen is None:
+        return {r.name for r in runs}
+    where = f"{job.path} [evaluation].runs"
+    if not isinstance(chosen, list) or not all(isinstance(c, str) for c in chosen):
+        raise ConfigError(f"{where}: expected a list of run names, got {chosen!r}")
+    names = {r.name for r in runs}
+    students = {job.students[r.student].name: r.student for r in runs if job.students[r.student].name}
+    out = set()
+    for c in chosen:
+        if c in names:
+            out.add(c)
+        elif c in students:  # a student name selects all of its sweep's runs
+            out.update(r.name for r in runs if r.student == students[c])
+        else:
+            from kdpipe.jobs.spec import suggest
+
+            raise ConfigError(f"{where}: no run named {c!r}{suggest(c, names | set(students))}; runs are {', '.join(sorted(names))}")
+    if not out:
+        raise ConfigError(f"{where}: the list is empty, so nothing is evaluated; remove [evaluation] or name a run")
+    return out
 
 
 def _eval_gpus(job: JobSpec, eval_cfg: Any) -> int:

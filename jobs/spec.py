@@ -8,7 +8,8 @@
     [generation]   recipe, codec, k, draws, num_tasks (= array size), store (+ phase-one keys)
     [[students]]   model, alpha, temperature, divergence, tail_mode, optimizer, steps, nodes,
                    gpus (+ phase-two keys); a list value is a sweep: one run per combination
-    [evaluation]   optional; one evaluation per student run (evaluation config keys)
+    [evaluation]   optional; one evaluation per student run (evaluation config keys), or only
+                   for the runs listed in `runs` (run or student names)
     [slurm]        partition, account, qos, time.<phase>, gpus_per_node, cpus_per_task, mem,
                    extra_sbatch, setup, python
 

@@ -48,6 +48,7 @@ def tiny_demo_job(base: Path, teacher: Path, student: Path, data: Path, evaluati
         job["evaluation"] = {
             "data": str(data), "max_samples": 2, "max_new_tokens": 6, "max_model_len": 256,
             "similarity_model": "none", "bootstrap_samples": 100, "plots": False, "warmup_requests": 0,
+            "runs": ["kd"],  # one evaluation keeps the budget small (each starts two vLLM engines)
         }
     else:
         job.pop("evaluation", None)
@@ -86,7 +87,7 @@ def chain(slurm_cluster, tmp_path_factory, tiny_teacher, vllm_student, tiny_data
 def test_every_job_completed(chain):
     root, base, job_file, run_dir, sub, ids, infos = chain
     assert sub["complete"] is True
-    assert list(ids) == ["generate", "finalize", "train-kd", "evaluate-kd", "train-ce", "evaluate-ce"]
+    assert list(ids) == ["generate", "finalize", "train-kd", "evaluate-kd", "train-ce"]
     logs = run_dir / "logs"
     for step, recs in infos.items():
         bad = [r for r in recs if r["JobState"] != "COMPLETED"]
@@ -113,16 +114,15 @@ def test_dependencies_held(chain):
     assert fin_start >= gen_end, "finalize started before every array task ended"
     for run in ("kd", "ce"):
         (t_start,) = times(ev, "start", "train", run)
-        (t_end,) = times(ev, "exit", "train", run)
-        (e_start,) = times(ev, "start", "evaluate", run)
         assert t_start >= fin_end, f"student {run} started before finalize ended"
-        assert e_start >= t_end, f"evaluation of {run} started before its run ended"
+    (e_start,) = times(ev, "start", "evaluate", "kd")
+    assert e_start >= max(times(ev, "exit", "train", "kd")), "the evaluation started before its run ended"
     # The same order from Slurm's own records (1 s resolution).
     end = {s: max(r["EndTime"] for r in infos[i]) for s, i in ids.items()}
     start = {s: min(r["StartTime"] for r in infos[i]) for s, i in ids.items()}
     assert start["finalize"] >= end["generate"]
     assert start["train-kd"] >= end["finalize"] and start["train-ce"] >= end["finalize"]
-    assert start["evaluate-kd"] >= end["train-kd"] and start["evaluate-ce"] >= end["train-ce"]
+    assert start["evaluate-kd"] >= end["train-kd"]
     # ... and from the scripts themselves.
     fin_script = (run_dir / "scripts" / "finalize.sbatch").read_text()
     assert f"#SBATCH --dependency=afterok:{ids['generate']}" in fin_script
@@ -136,8 +136,8 @@ def test_store_and_reports_exist(chain):
         rd = run_dir / "runs" / run
         assert (rd / "final").is_dir()
         assert (rd / "metrics.jsonl").read_text().strip()
-        report = json.loads((rd / "eval" / "report.json").read_text())
-        assert report
+    report = json.loads((run_dir / "runs" / "kd" / "eval" / "report.json").read_text())
+    assert report and (run_dir / "runs" / "kd" / "eval" / "report.md").exists()
 
 
 def test_status_reports_the_chain(chain):

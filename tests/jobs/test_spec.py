@@ -210,3 +210,16 @@ def test_paths_resolve_against_the_job_file(tmp_path, monkeypatch):
     assert job.generation.store == tmp_path / "store"
     assert job.run_dir == tmp_path / "runs" / "bad"
     assert f'out = "{tmp_path / "store"}"' in make_plan(job).step("generate").config_text
+
+
+def test_evaluation_runs_selector(tmp_path):
+    text = BASE.replace("alpha = 0.5", "alpha = [0.5, 1.0]") + "\n[evaluation]\ndata = \"held.jsonl\"\nruns = [\"student-a1.0\"]\n"
+    plan = make_plan(load_job(write(tmp_path, text)))
+    assert [s.name for s in plan.steps if s.kind == "evaluate"] == ["evaluate-student-a1.0"]
+    cfg = plan.step("evaluate-student-a1.0").config_text
+    import tomllib
+
+    doc = tomllib.loads(cfg)
+    assert "runs" not in doc and doc["models"][1] == str(tmp_path / "runs" / "bad" / "runs" / "student-a1.0")
+    msg = plan_error(tmp_path, text.replace('runs = ["student-a1.0"]', 'runs = ["student-a1.O"]'))
+    assert "did you mean 'student-a1.0'" in msg
