@@ -99,7 +99,7 @@ class GenerateConfig:
     # --- throughput
     max_inflight: int = 512  # requests kept queued in the engine (continuous batching stays full)
     writer_queue: int = 256  # records buffered between the engine loop and the writer thread
-    shard_mb: int = 256  # shard size before rolling to the next one
+    shard_mb: float = 256.0  # shard size (MiB) before rolling to the next one
     store_text: bool = True  # keep generated text (summaries, assembled paragraphs) in the store
     progress: bool = True  # tqdm bar
 
@@ -154,8 +154,10 @@ class GenerateConfig:
             raise ConfigError(f"task_index: {self.task_index} must be >= 0")
         if self.task_index is not None and self.num_tasks is not None and self.task_index >= self.num_tasks:
             raise ConfigError(f"task_index={self.task_index} must be below num_tasks={self.num_tasks}")
-        if self.max_inflight < 1 or self.writer_queue < 1 or self.shard_mb < 1:
-            raise ConfigError("max_inflight, writer_queue and shard_mb must be >= 1")
+        if self.max_inflight < 1 or self.writer_queue < 1:
+            raise ConfigError("max_inflight and writer_queue must be >= 1")
+        if self.shard_mb <= 0:
+            raise ConfigError(f"shard_mb: {self.shard_mb} must be > 0")
 
     # --- derived values (not options)
 

@@ -138,9 +138,10 @@ def load_task_data(
     if n == 0:
         raise DataError(f"{data}: split {split!r} has no rows")
 
-    texts = ds[text_field]
-    targets = ds[target_field] if target_field else [None] * n
-    raw_ids = ds[id_field] if id_field else None
+    cols = ds.select_columns(sorted({f for f in (text_field, target_field, id_field) if f}))[:]  # dict of lists
+    texts = cols[text_field]
+    targets = list(cols[target_field]) if target_field else [None] * n
+    raw_ids = cols[id_field] if id_field else None
 
     ids: list[str] = []
     seen: dict[str, int] = {}

@@ -278,7 +278,7 @@ def generate_logits(cfg: GenerateConfig, engine: Engine | None = None) -> Genera
     recipe.check(data.samples)
     meta = build_meta(cfg, tokenizer, recipe, data.fingerprint, max_model_len)
 
-    writer = ShardWriter(cfg.out, meta, task_index=task_index, num_tasks=num_tasks, shard_bytes=cfg.shard_mb << 20)
+    writer = ShardWriter(cfg.out, meta, task_index=task_index, num_tasks=num_tasks, shard_bytes=max(1, int(cfg.shard_mb * (1 << 20))))
     own_engine = False
     try:
         done = writer.done_ids()

@@ -1,0 +1,300 @@
+"""Phase one without vLLM: config, data checks, bad inputs (all refused before an engine starts),
+truncation, padded vocabularies, recipes and the CLI on the transformers reference engine."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from gen_helpers import Reference, check_against_reference, make_docs, read_records, write_jsonl
+
+from kdpipe.pipeline.generate import run as run_mod
+from kdpipe.pipeline.generate.command import generate_logits as cli_command
+from kdpipe.pipeline.generate.command import load_generate_config
+from kdpipe.pipeline.generate.config import GenerateConfig
+from kdpipe.pipeline.generate.data import load_task_data, task_bounds
+from kdpipe.pipeline.generate.engines import drop_untokenizable, flat_to_arrays
+from kdpipe.pipeline.generate.run import generate_logits
+from kdpipe.storage import CodecConfig
+from kdpipe.storage.errors import ConfigError, DataError, StoreError
+
+# Stored log-probs are quantized to the codec's step (error <= step/2) on top of engine numerics.
+LP_TOL = CodecConfig().logprob_step / 2 + 1e-4
+
+
+@pytest.fixture
+def no_engine(monkeypatch):
+    """Any attempt to start an engine fails the test: bad input must be refused before that."""
+
+    def boom(*a, **k):
+        raise AssertionError("the engine was started; the error should have come before")
+
+    monkeypatch.setattr(run_mod, "make_engine", boom)
+
+
+@pytest.fixture(scope="module")
+def docs_file(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("docs")
+    return write_jsonl(d / "docs.jsonl", [{"id": f"d{i}", "text": t, "summary": "The council approved a budget."}
+                                          for i, t in enumerate(make_docs(6))])
+
+
+def cfg_for(teacher, data, out, **kw) -> GenerateConfig:
+    base = dict(teacher=str(teacher), data=str(data), out=str(out), engine="hf", top_k=8, max_new_tokens=6,
+                max_model_len=128, dtype="float32", progress=False, id_field="id")
+    base.update(kw)
+    return GenerateConfig(**base)
+
+
+# ---------------------------------------------------------------------------------------------
+# pure units
+
+
+def test_flat_to_arrays_drops_the_sampled_entry_and_padded_ids():
+    # Two positions, K=3: sampled token first, then the top-3 (the sampled one may repeat).
+    fl = SimpleNamespace(
+        start_indices=[0, 4], end_indices=[4, 8],
+        token_ids=[7, 7, 600, 3, 9, 2, 9, 5],
+        logprobs=[-0.5, -0.5, -1.0, -2.0, -3.0, -0.1, -3.0, -4.0],
+    )
+    ids, lps = flat_to_arrays(fl, None, 3, vocab_size=500)
+    # id 600 is a padded model row (>= len(tokenizer)): dropped, the rest moves up, -1 padding last
+    assert ids.tolist() == [[7, 3, -1], [2, 9, 5]]
+    assert lps[0, 2] == -np.inf and np.allclose(lps[1], [-0.1, -3.0, -4.0])
+    ids2, _ = flat_to_arrays(fl, [1], 3, vocab_size=500)
+    assert ids2.tolist() == [[2, 9, 5]]
+
+
+def test_drop_untokenizable_keeps_order():
+    ids = np.array([[5, 900, 4, 901]])
+    lps = np.array([[-1.0, -1.5, -2.0, -2.5]], dtype=np.float32)
+    out_ids, out_lps = drop_untokenizable(ids, lps, 512)
+    assert out_ids.tolist() == [[5, 4, -1, -1]] and out_lps[0, :2].tolist() == [-1.0, -2.0]
+
+
+@pytest.mark.parametrize("n,t", [(1, 1), (7, 3), (10, 4), (3, 5), (100, 7)])
+def test_task_slices_cover_every_row_once(n, t):
+    rows = [r for i in range(t) for r in range(*task_bounds(n, i, t))]
+    assert rows == list(range(n))
+
+
+def test_slurm_defaults(monkeypatch, tmp_path):
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "4")
+    monkeypatch.delenv("SLURM_ARRAY_TASK_MIN", raising=False)
+    c = GenerateConfig(teacher="t", data="d.jsonl", out=str(tmp_path))
+    assert c.resolved_tasks() == (3, 4)
+    assert dataclasses.replace(c, task_index=1, num_tasks=2).resolved_tasks() == (1, 2)
+    monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "1")  # --array=1-4
+    assert c.resolved_tasks() == (2, 4)
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "9")
+    with pytest.raises(ConfigError, match="not in"):
+        c.resolved_tasks()
+
+
+def test_toml_then_flags(tmp_path):
+    toml = tmp_path / "job.toml"
+    toml.write_text('[generate]\nteacher = "T"\ndata = "d.jsonl"\nout = "s"\ntop_k = 16\nrecipe = "summarize"\n')
+    c = load_generate_config(str(toml), {"top_k": 4, "seed": None})
+    assert (c.teacher, c.top_k, c.seed) == ("T", 4, 0)
+    toml.write_text('teacher = "T"\ndata = "d.jsonl"\nout = "s"\ntop_kk = 16\n')
+    with pytest.raises(ConfigError, match="did you mean 'top_k'"):
+        load_generate_config(str(toml), {})
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input: each refused with a clear message, before the engine starts
+
+
+def test_k_above_max_logprobs():
+    with pytest.raises(ConfigError, match="top_k=32 is above max_logprobs=20"):
+        GenerateConfig(teacher="t", data="d", out="o", top_k=32, max_logprobs=20)
+
+
+def test_score_without_target_field():
+    with pytest.raises(ConfigError, match="target_field is not set"):
+        GenerateConfig(teacher="t", data="d", out="o", recipe="score")
+
+
+def test_missing_text_column(tiny_teacher, tmp_path, no_engine):
+    data = write_jsonl(tmp_path / "d.jsonl", [{"id": "a", "body": "x"}])
+    with pytest.raises(DataError, match="no column 'text'.*columns are id, body"):
+        generate_logits(cfg_for(tiny_teacher, data, tmp_path / "s"))
+
+
+@pytest.mark.parametrize("value,what", [("", "empty"), ("   ", "empty"), (None, "missing")])
+def test_empty_or_missing_text_names_the_row(tiny_teacher, tmp_path, no_engine, value, what):
+    data = write_jsonl(tmp_path / "d.jsonl", [{"id": "a", "text": "ok"}, {"id": "b", "text": "ok"}, {"id": "c", "text": value}])
+    with pytest.raises(DataError, match=f"row 2: text field 'text' is {what}"):
+        generate_logits(cfg_for(tiny_teacher, data, tmp_path / "s"))
+
+
+def test_repeated_ids(tiny_teacher, tmp_path, no_engine):
+    data = write_jsonl(tmp_path / "d.jsonl", [{"id": "a", "text": "x"}, {"id": "b", "text": "y"}, {"id": "a", "text": "z"}])
+    with pytest.raises(DataError, match=r"id 'a' repeats \(rows 0 and 2\)"):
+        generate_logits(cfg_for(tiny_teacher, data, tmp_path / "s"))
+
+
+def test_non_utf8_file(tiny_teacher, tmp_path, no_engine):
+    p = tmp_path / "d.jsonl"
+    p.write_bytes(b'{"id": "a", "text": "fine"}\n{"id": "b", "text": "caf\xe9"}\n')
+    with pytest.raises(DataError, match=r"not valid UTF-8 at byte \d+ \(line 2\)"):
+        generate_logits(cfg_for(tiny_teacher, p, tmp_path / "s"))
+
+
+def test_score_needs_a_nonempty_target(tiny_teacher, tmp_path, no_engine):
+    data = write_jsonl(tmp_path / "d.jsonl", [{"id": "a", "text": "x", "ref": "y"}, {"id": "b", "text": "x", "ref": ""}])
+    with pytest.raises(DataError, match="row 1: target field 'ref' is empty"):
+        generate_logits(cfg_for(tiny_teacher, data, tmp_path / "s", recipe="score", target_field="ref"))
+    with pytest.raises(DataError, match="no column 'summary'"):
+        generate_logits(cfg_for(tiny_teacher, data, tmp_path / "s", recipe="score", target_field="summary"))
+
+
+def test_missing_file_and_unknown_type(tiny_teacher, tmp_path, no_engine):
+    with pytest.raises(DataError, match="file not found"):
+        generate_logits(cfg_for(tiny_teacher, tmp_path / "nope.jsonl", tmp_path / "s"))
+    (tmp_path / "d.txt").write_text("hello")
+    with pytest.raises(DataError, match="unknown file type '.txt'"):
+        generate_logits(cfg_for(tiny_teacher, tmp_path / "d.txt", tmp_path / "s"))
+
+
+def test_max_model_len_above_teacher(tiny_teacher, docs_file, tmp_path, no_engine):
+    with pytest.raises(ConfigError, match="above the teacher's context length 1024"):
+        generate_logits(cfg_for(tiny_teacher, docs_file, tmp_path / "s", max_model_len=4096))
+
+
+def test_store_of_another_codec_or_teacher_is_refused(tiny_teacher, docs_file, tmp_path, monkeypatch):
+    out = tmp_path / "s"
+    generate_logits(cfg_for(tiny_teacher, docs_file, out, limit=2))
+    monkeypatch.setattr(run_mod, "make_engine", lambda *a, **k: pytest.fail("engine started"))
+    with pytest.raises(StoreError, match="written by another teacher/codec.*codec"):
+        generate_logits(cfg_for(tiny_teacher, docs_file, out, limit=2, codec="sampled", draws=20))
+    with pytest.raises(StoreError, match="written by another teacher/codec"):
+        generate_logits(cfg_for(tiny_teacher, docs_file, out, limit=2, top_k=4))
+
+
+# ---------------------------------------------------------------------------------------------
+# behaviour on the transformers engine
+
+
+def test_too_long_truncate_or_skip(tiny_teacher, tmp_path):
+    long_doc = " ".join(make_docs(40, seed=3))
+    data = write_jsonl(tmp_path / "d.jsonl", [{"id": "short", "text": "The fox."}, {"id": "long", "text": long_doc}])
+    s = generate_logits(cfg_for(tiny_teacher, data, tmp_path / "t", too_long="truncate", max_model_len=64))
+    assert s.written == 2 and s.stats.get("truncated") == 1
+    recs = read_records(tmp_path / "t")
+    assert len(recs["long"].input_ids) <= 64
+    s = generate_logits(cfg_for(tiny_teacher, data, tmp_path / "k", too_long="skip", max_model_len=64))
+    assert s.written == 1 and s.stats.get("skipped_too_long") == 1
+    assert "skipped_too_long 1" in s.line()
+    assert set(read_records(tmp_path / "k")) == {"short"}
+
+
+@pytest.fixture(scope="module")
+def padded_teacher(tmp_path_factory, tiny_corpus):
+    """The tiny tokenizer with a model vocabulary padded beyond it (as Qwen2.5: 152,064 vs 151,936)."""
+    from kdpipe.pipeline.tiny import TinyModelConfig, build_tiny
+
+    return build_tiny(tmp_path_factory.mktemp("padded"), tiny_corpus, TinyModelConfig(seed=0, model_vocab_size=520))
+
+
+def test_padded_vocabulary_stores_tokenizer_ids_and_tail_holds_the_rest(padded_teacher, docs_file, tmp_path):
+    from transformers import AutoTokenizer
+
+    V = len(AutoTokenizer.from_pretrained(padded_teacher))
+    assert V < 520
+    cfg = cfg_for(padded_teacher, docs_file, tmp_path / "s", recipe="score", target_field="summary", top_k=16)
+    generate_logits(cfg)
+    ref = Reference(padded_teacher)
+    saw_padded = False
+    for rec in read_records(tmp_path / "s").values():
+        lp = ref.logprobs(rec.input_ids, rec.target_positions)  # [P, 520]
+        assert rec.ids.max() < V
+        top = np.argsort(-lp, axis=1)[:, :16]
+        saw_padded |= bool((top >= V).any())
+        # kept = the top-16 minus padded rows; the tail is 1 - their mass, so it includes the padded rows' mass
+        for p in range(len(rec.tail)):
+            kept = [int(i) for i in top[p] if i < V]
+            assert sorted(rec.ids[p][rec.ids[p] >= 0].tolist()) == sorted(kept)
+            assert abs(float(rec.tail[p]) - (1 - np.exp(lp[p, kept]).sum())) < 1e-4
+    assert saw_padded, "the test should exercise padded ids in the teacher's top-k"
+
+
+def test_basic_reading_targets_are_the_reading_spans(tiny_teacher, tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_teacher)
+    data = write_jsonl(tmp_path / "d.jsonl", [{"id": "a", "text": "Dr. Smith went to Paris. He saw the river. It was high."}])
+    s = generate_logits(cfg_for(tiny_teacher, data, tmp_path / "s", recipe="basic-reading", max_new_tokens=5, max_model_len=512))
+    rec = read_records(tmp_path / "s")["a"]
+    assert s.stats["readings"] == 3  # pysbd keeps "Dr. Smith" in one sentence
+    ids = rec.input_ids.tolist()
+    sep = tok.convert_tokens_to_ids("<sep>")
+    seps = [i for i, t in enumerate(ids) if t == sep]
+    assert len(seps) == 6  # s1 <sep> r1 <sep> s2 <sep> r2 <sep> s3 <sep> r3 <sep>
+    expected = [t for a, b in zip(seps[0::2], seps[1::2]) for t in range(a + 1, b + 1)]  # each reading + its closing <sep>
+    assert rec.target_positions.tolist() == expected
+    assert "Dr. Smith went to Paris. <sep>" in rec.text
+    check_against_reference(rec, Reference(tiny_teacher).logprobs(rec.input_ids, rec.target_positions), LP_TOL)
+
+
+def test_cli_with_toml_and_override_writes_resolved_config(tiny_teacher, docs_file, tmp_path):
+    import tomllib
+
+    toml = tmp_path / "job.toml"
+    toml.write_text(
+        f'teacher = "{tiny_teacher}"\ndata = "{docs_file}"\nout = "{tmp_path / "s"}"\nengine = "hf"\n'
+        f'top_k = 16\nmax_new_tokens = 4\nmax_model_len = 128\nlimit = 3\nid_field = "id"\nprogress = false\n'
+    )
+    r = CliRunner().invoke(cli_command, ["--config", str(toml), "--top-k", "8", "--codec", "sampled", "--draws", "10"])
+    assert r.exit_code == 0, r.output
+    assert "wrote 3 samples" in r.output
+    resolved = tomllib.loads((tmp_path / "s" / "generate-config.toml").read_text())
+    assert resolved["top_k"] == 8 and resolved["codec"] == "sampled" and resolved["limit"] == 3
+    recs = read_records(tmp_path / "s")
+    # sampled codec: counts / draws over the kept ids + tail bucket sum to one
+    for rec in recs.values():
+        mass = np.where(rec.ids >= 0, np.exp(rec.logprobs), 0).sum(1) + rec.tail
+        assert np.allclose(mass, 1.0, atol=1e-5)
+    # a bad flag is one clear line, no traceback
+    r = CliRunner().invoke(cli_command, ["--config", str(toml), "--top-k", "8", "--max-logprobs", "4"])
+    assert r.exit_code != 0 and "top_k=8 is above max_logprobs=4" in r.output and "Traceback" not in r.output
+
+
+def test_sigterm_finishes_the_open_shard_and_rerun_completes(tiny_teacher, tmp_path):
+    """SIGTERM mid-run: exit 143, finished work kept as shards, task incomplete; a rerun completes it."""
+    n = 1000
+    rows = [{"id": f"d{i}", "text": t, "ref": "The council approved it."} for i, t in enumerate(make_docs(n, seed=5))]
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    out = tmp_path / "s"
+    opts = dict(recipe="score", target_field="ref", shard_mb=0.05)
+    args = [sys.executable, "-m", "kdpipe.pipeline.cli", "generate-logits", "--teacher", str(tiny_teacher),
+            "--data", str(data), "--out", str(out), "--engine", "hf", "--top-k", "8", "--recipe", "score",
+            "--target-field", "ref", "--max-model-len", "128", "--max-new-tokens", "6", "--dtype", "float32",
+            "--id-field", "id", "--no-progress", "--shard-mb", "0.05"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while not list(out.glob("shard-*.arrow")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 143, output
+    assert "INTERRUPTED" in output
+    task = json.loads((out / "tasks" / "task-00000.json").read_text())
+    assert task["complete"] is False
+    kept = sum(s["rows"] for s in task["shards"])
+    assert 0 < kept < n
+    s = generate_logits(cfg_for(tiny_teacher, data, out, **opts))
+    assert s.already_done == kept and s.written == n - kept
+    assert sorted(read_records(out), key=lambda x: int(x[1:])) == [r["id"] for r in rows]
