@@ -35,12 +35,12 @@ class CodecConfig:
       and resumed runs store identical draws.
     sqrt_step, log_step: topk log-prob quantization (codes -> log p̂ via codec_table()).
       sqrt(p) is quantized uniformly with step h = sqrt_step: code c = round((1 - sqrt p) / h),
-      so for p >= p_switch = (2h / log_step)^2 (2.4e-7 at the defaults):
+      so for p >= p_switch = (2h / log_step)^2 (4.2e-7 at the defaults):
           |sqrt p̂ - sqrt p| <= h/2,  hence  |p̂ - p| <= h*sqrt(p) + h^2/4,
       and below p_switch the steps are uniform in log p: |log p̂ - log p| <= log_step/2.
       Steps grow as p shrinks because the error that matters is the error in p, not in log p;
       L1 error added to one position's distribution <= h * sum(sqrt p_i) + k h^2/4 <= h*sqrt(k) + k h^2/4
-      (0.00098 at k=64 and the default h=1/8192; about a quarter of that on average).
+      (0.0013 at k=64 and the default h=1/6144; on average about a quarter of that).
       Per-entry bound on |log p̂ - log p|: logprob_error_bound(). The tail mass is computed from
       the unquantized log-probs and stored exactly (float32).
     """
@@ -50,7 +50,7 @@ class CodecConfig:
     top_p: float | None = None
     draws: int = 50
     seed: int = 0
-    sqrt_step: float = 1.0 / 8192
+    sqrt_step: float = 1.0 / 6144
     log_step: float = 0.5
 
     def __post_init__(self) -> None:
@@ -108,7 +108,7 @@ _TABLES: dict[tuple[float, float], np.ndarray] = {}
 
 
 def codec_table(cfg: CodecConfig) -> np.ndarray:
-    """code -> log p̂ (float32 [65536]): the decoding table of topk's logprob_q codes.
+    """code -> log p̂ (float32 [65536]): the decoding table of topk's log-prob codes.
 
         c <= cA:  log p̂ = 2 log(1 - c h)
         c >  cA:  log p̂ = 2 log(1 - cA h) - (c - cA) log_step
@@ -181,7 +181,8 @@ def encode_topk(cfg: CodecConfig, top_ids: np.ndarray, top_logprobs: np.ndarray)
         "num_entries": counts,
         "ids_lo": lo,
         "ids_hi": hi,
-        "logprob_q": delta[keep].astype(np.uint16),
+        "logprob_q_lo": (delta[keep] & 0xFF).astype(np.uint8),
+        "logprob_q_hi": (delta[keep] >> 8).astype(np.uint8),
         "tail": tail,
     }
 
@@ -278,8 +279,9 @@ def decode_delta_ids(counts: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.n
     return _pad(_segment_cumsum(counts, delta).astype(np.int32), counts, -1, np.int32)
 
 
-def decode_topk(cfg: CodecConfig, counts: np.ndarray, delta: np.ndarray, tail: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def decode_topk(cfg: CodecConfig, counts: np.ndarray, q_lo: np.ndarray, q_hi: np.ndarray, tail: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """-> logprobs [P, K] float32 (-inf padding), tail [P] float32."""
+    delta = (q_hi.astype(np.int32) << 8) | q_lo
     P = counts.shape[0]
     if P and (counts == counts[0]).all():
         K = int(counts[0])

@@ -30,7 +30,7 @@ def _check_consistency(batch: pa.RecordBatch, codec: codecs.CodecConfig) -> str 
     off = ne.offsets.to_numpy()
     E = np.add.reduceat(counts, off[:-1]) if counts.size else np.zeros(len(P), np.int64)
     E = np.where(np.diff(off) > 0, E, 0)
-    entry_cols = ["ids_lo", "ids_hi", "logprob_q"] if codec.name == "topk" else ["id_delta_lo", "id_delta_hi", "counts"]
+    entry_cols = ["ids_lo", "ids_hi", "logprob_q_lo", "logprob_q_hi"] if codec.name == "topk" else ["id_delta_lo", "id_delta_hi", "counts"]
     for name in entry_cols:
         if not np.array_equal(lengths(name), E):
             return f"column {name} does not hold sum(num_entries) values per row"
@@ -86,7 +86,7 @@ def inspect_store(store_dir: str | os.PathLike, verify: bool = False, sample_row
         try:
             with pa.OSFile(str(path), "rb") as f:
                 reader = pa.ipc.open_file(f)
-                check_schema(reader.schema, codec, path)
+                check_schema(reader.schema, codec, m.meta.vocab_size, path)
                 if reader.num_record_batches != len(s.batch_rows):
                     raise StoreError(f"{reader.num_record_batches} record batches, the manifest says {len(s.batch_rows)}")
                 rows = tokens = 0

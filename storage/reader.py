@@ -26,7 +26,7 @@ import torch
 from kdpipe.storage import codecs
 from kdpipe.storage.errors import StoreError
 from kdpipe.storage.format import FORMAT_VERSION, MD_FORMAT, shard_schema
-from kdpipe.storage.manifest import ShardInfo, StoreManifest, file_sha256, open_store
+from kdpipe.storage.manifest import ShardInfo, StoreManifest, StoreMeta, file_sha256, open_store
 
 CURSOR_VERSION = 1
 
@@ -72,9 +72,9 @@ def partition(shard_rows: Sequence[int], order: Sequence[int], parts: int, part:
 class _OpenShard:
     """A shard file opened for reading (no mmap: pages of a finished shard must not linger in RSS)."""
 
-    def __init__(self, info: ShardInfo, codec: codecs.CodecConfig, verify: bool) -> None:
+    def __init__(self, info: ShardInfo, meta: StoreMeta, verify: bool) -> None:
         self.info = info
-        self.codec = codec
+        self.codec = codec = meta.codec
         path = info.path
         try:
             size = path.stat().st_size
@@ -91,7 +91,7 @@ class _OpenShard:
             self.reader = pa.ipc.open_file(self.file)
         except (pa.ArrowInvalid, OSError) as e:
             raise StoreError(f"{path}: not a readable Arrow IPC file ({e})") from None
-        check_schema(self.reader.schema, codec, path)
+        check_schema(self.reader.schema, codec, meta.vocab_size, path)
         if self.reader.num_record_batches != len(info.batch_rows):
             raise StoreError(f"{path}: {self.reader.num_record_batches} record batches, the manifest says {len(info.batch_rows)}")
         self.starts = np.concatenate([[0], np.cumsum(info.batch_rows)])
@@ -124,8 +124,8 @@ class _OpenShard:
         self.file.close()
 
 
-def check_schema(schema: pa.Schema, codec: codecs.CodecConfig, path: Path) -> None:
-    expected = shard_schema(codec.name, codec.max_entries)
+def check_schema(schema: pa.Schema, codec: codecs.CodecConfig, vocab_size: int, path: Path) -> None:
+    expected = shard_schema(codec.name, codec.max_entries, vocab_size)
     md = schema.metadata or {}
     if md.get(MD_FORMAT) != str(FORMAT_VERSION).encode():
         raise StoreError(f"{path}: shard format version {md.get(MD_FORMAT)!r}, this kdpipe reads {FORMAT_VERSION}")
@@ -158,7 +158,7 @@ class _DecodedBatch:
         counts = self._get("num_entries", j)
         if self.codec.name == "topk":
             ids = codecs.decode_ids(counts, self._get("ids_lo", j), self._get("ids_hi", j))
-            lp, tail = codecs.decode_topk(self.codec, counts, self._get("logprob_q", j), self._get("tail", j))
+            lp, tail = codecs.decode_topk(self.codec, counts, self._get("logprob_q_lo", j), self._get("logprob_q_hi", j), self._get("tail", j))
             tail = tail.copy()
         else:
             ids = codecs.decode_delta_ids(counts, self._get("id_delta_lo", j), self._get("id_delta_hi", j))
@@ -200,7 +200,7 @@ class StoreReader(torch.utils.data.IterableDataset):
         for m in self.stores[1:]:
             if m.meta.tokenizer_fingerprint != fp:
                 raise StoreError(f"{m.store_dir}: tokenizer fingerprint differs from {self.stores[0].store_dir}; stores read together must share a tokenizer")
-        self.shards: list[tuple[ShardInfo, codecs.CodecConfig]] = [(s, m.meta.codec) for m in self.stores for s in m.shards]
+        self.shards: list[tuple[ShardInfo, StoreMeta]] = [(s, m.meta) for m in self.stores for s in m.shards]
         self.shard_rows = [s.rows for s, _ in self.shards]
         self.rank, self.world_size = rank, world_size
         self.worker_id, self.num_workers = worker_id, num_workers
@@ -274,8 +274,8 @@ class StoreReader(torch.utils.data.IterableDataset):
     # -- reading -------------------------------------------------------------------------------
 
     def _open(self, g: int) -> _OpenShard:
-        info, codec = self.shards[g]
-        sh = _OpenShard(info, codec, verify=self.verify and g not in self._verified)
+        info, meta = self.shards[g]
+        sh = _OpenShard(info, meta, verify=self.verify and g not in self._verified)
         self._verified.add(g)
         return sh
 

@@ -29,6 +29,10 @@ from kdpipe.storage.manifest import (
 )
 
 
+# Arrow value type -> numpy dtype of the flat column (pa's to_pandas_dtype would import pandas).
+_NP_DTYPE = {pa.int32(): np.int32, pa.uint8(): np.uint8, pa.uint16(): np.uint16, pa.float32(): np.float32, pa.bool_(): np.bool_}
+
+
 def _ensure_meta(store_dir: Path, meta: StoreMeta) -> str:
     """Write meta.json if absent (atomically, first writer wins); else refuse a different meta."""
     key = cache_key(meta)
@@ -91,7 +95,7 @@ class ShardWriter:
     """
 
     def __init__(self, store_dir: str | os.PathLike, meta: StoreMeta, task_index: int = 0, num_tasks: int = 1,
-                 shard_bytes: int = 256 << 20) -> None:
+                 shard_bytes: int = 256 << 20, zstd_level: int = ZSTD_LEVEL) -> None:
         if not 0 <= task_index < num_tasks:
             raise StoreError(f"task_index {task_index} must be in [0, num_tasks={num_tasks})")
         if shard_bytes <= 0:
@@ -102,7 +106,8 @@ class ShardWriter:
         self.task_index = task_index
         self.num_tasks = num_tasks
         self.shard_bytes = shard_bytes
-        self.schema = shard_schema(self.codec.name, self.codec.max_entries).with_metadata(
+        self.zstd_level = zstd_level
+        self.schema = shard_schema(self.codec.name, self.codec.max_entries, meta.vocab_size).with_metadata(
             {MD_FORMAT: str(FORMAT_VERSION).encode(), MD_CODEC: json.dumps(meta.to_dict()["codec"], sort_keys=True).encode()}
         )
         self.store_dir.mkdir(parents=True, exist_ok=True)
@@ -234,7 +239,7 @@ class ShardWriter:
                 parts = [np.asarray(r[f.name]) for r in rows]
                 lengths = np.fromiter((len(p) for p in parts), dtype=np.int64, count=len(parts))
                 offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
-                values = pa.array(np.concatenate(parts).astype(vt.to_pandas_dtype()) if parts else np.zeros(0), type=vt)
+                values = pa.array(np.concatenate(parts).astype(_NP_DTYPE[vt]) if parts else np.zeros(0), type=vt)
                 arrays.append(pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), values))
         batch = pa.RecordBatch.from_arrays(arrays, schema=self.schema)
         if self._ipc is None:
@@ -253,7 +258,7 @@ class ShardWriter:
         self._next_seq += 1
         tmp = self.store_dir / (name + ".tmp")
         self._sink = pa.OSFile(str(tmp), "wb")
-        opts = pa.ipc.IpcWriteOptions(compression=pa.Codec("zstd", compression_level=ZSTD_LEVEL))
+        opts = pa.ipc.IpcWriteOptions(compression=pa.Codec("zstd", compression_level=self.zstd_level))
         self._ipc = pa.ipc.new_file(self._sink, self.schema, options=opts)
         self._cur = {"file": name, "tmp": tmp, "rows": 0, "target_tokens": 0, "batch_rows": []}
 

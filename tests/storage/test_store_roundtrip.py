@@ -65,3 +65,61 @@ def test_sampled_round_trip_is_deterministic(tmp_path):
             assert set(rec.ids[j][valid[j]]) <= set(top[j])
         counts = np.where(valid, np.exp(rec.logprobs) * 50, 0).round().sum(1) + rec.tail * 50
         np.testing.assert_allclose(counts, 50, atol=1e-3)
+
+
+def test_sampled_average_converges_to_the_teacher_distribution(tmp_path):
+    """Mean of count/N over many encodings -> the distribution drawn from (top-K + tail bucket)."""
+    from kdpipe.storage import ShardWriter
+    from kdpipe.storage.codecs import sampling_distribution
+    from kdstore_testutil import make_meta
+
+    rng = np.random.default_rng(0)
+    P, K, V = 4, 12, 1000
+    logits = rng.normal(size=(P, V)) * 2.0
+    lp_full = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+    top = np.argsort(-lp_full, axis=1)[:, :K]
+    top_lp = np.take_along_axis(lp_full, top, axis=1).astype(np.float32)
+    codec = CodecConfig(name="sampled", top_k=8, draws=50)  # draws from the top-8 + tail bucket
+    ids8, probs = sampling_distribution(codec, top, top_lp)  # [P, 8], [P, 9]
+    M = 800
+    with ShardWriter(tmp_path, make_meta(codec)) as w:
+        for i in range(M):  # same teacher targets, different sample ids -> independent draws
+            w.add(f"r{i}", np.zeros(P + 1, dtype=np.int64), np.arange(1, P + 1), top, top_lp)
+    from kdpipe.storage import finalize_store
+
+    finalize_store(tmp_path)
+    mean = np.zeros((P, 9))
+    for rec in StoreReader(tmp_path, shuffle=False):
+        for j in range(P):
+            valid = rec.ids[j] >= 0
+            col = {int(t): c for c, t in enumerate(ids8[j])}
+            for t, l in zip(rec.ids[j][valid], rec.logprobs[j][valid]):
+                mean[j, col[int(t)]] += np.exp(l) / M
+            mean[j, 8] += rec.tail[j] / M
+    sigma = np.sqrt(probs * (1 - probs) / (M * codec.draws))
+    assert (np.abs(mean - probs) <= 5 * sigma + 1e-6).all(), np.abs(mean - probs).max()
+    assert probs[:, 8].min() > 0.01  # the tail bucket is really exercised
+
+
+def test_large_vocabulary_ids_round_trip(tmp_path):
+    """Vocabularies beyond 17 bits store ids_hi as uint8 instead of a bit."""
+    from kdpipe.storage import ShardWriter, finalize_store
+    from kdstore_testutil import make_meta
+
+    V = 262_144
+    rng = np.random.default_rng(0)
+    top = np.stack([rng.choice(V, 6, replace=False) for _ in range(5)])
+    top[0, 0] = V - 1
+    lp = np.log(np.full((5, 6), 0.1, dtype=np.float32)) - np.arange(6, dtype=np.float32)[None]
+    for codec in (CodecConfig(top_k=6), CodecConfig(name="sampled", top_k=6, draws=30)):
+        d = tmp_path / codec.name
+        with ShardWriter(d, make_meta(codec, vocab=V)) as w:
+            w.add("a", rng.integers(0, V, 6), np.arange(1, 6), top, lp)
+        finalize_store(d)
+        rec = next(iter(StoreReader(d)))
+        for j in range(5):
+            got = rec.ids[j][rec.ids[j] >= 0]
+            if codec.name == "topk":
+                np.testing.assert_array_equal(got, top[j])
+            else:
+                assert set(got) <= set(top[j])

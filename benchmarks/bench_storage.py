@@ -1,0 +1,261 @@
+"""Bytes per target token and gradient error of the store's codecs on synthetic teachers.
+
+Teacher: at each position a Zipf distribution over a random permutation of a 128,256-token
+vocabulary (Llama-3's), its exponent solved for an entropy; the entropies of the positions are
+spread uniformly over [0.5 H, 1.5 H] around the profile's mean H in {0.5, 2, 4} nats (with one
+fixed exponent every position's sorted log-probs would be identical and zstd would store them
+for free). Each codec's output is written with the real ShardWriter and read back with the real
+StoreReader; bytes are the shard files on disk.
+
+Gradient error (forward KL w.r.t. student logits s is q - p): s = log p + N(0, 1), q = softmax(s);
+with stored targets the gradient is q - p̂, where p̂ is the stored probability on each kept id
+and the stored tail mass spread over all other ids in proportion to q (the tail-bucket loss).
+    grad_l1      = mean over positions of ||p - p̂||_1 for one encoding
+    grad_bias_l1 = mean ||p - E[p̂]||_1, E over the codec's randomness, computed exactly:
+                   topk/topp/baseline are deterministic (= grad_l1); for `sampled`, E[count/N] is
+                   the distribution drawn from, i.e. the teacher's top-256 probabilities and its
+                   tail mass beyond them spread over the other ids in proportion to q.
+The baseline ("int32 ids + fp16 log-probs, zstd") stores no tail; its p̂ spreads 1 - sum(p̂ kept).
+Topk rows also give grad_l1_unquantized: the same k with exact log-probs and exact tail.
+
+Last line: {"rows": [{"codec", "entropy_nats", "k", "bytes_per_token", "bytes_per_entry",
+"grad_l1", "grad_bias_l1", ...}, ...]}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from kdpipe.storage import CodecConfig, ShardWriter, StoreMeta, StoreReader, finalize_store
+from kdpipe.storage.format import ZSTD_LEVEL
+
+VOCAB = 128_256
+SEQ = 500  # target positions per stored sequence
+SAMPLED_FROM = 256
+
+
+# ----------------------------------------------------------------------------------------------
+# teachers in rank space: p_r for ranks r = 0..V-1; ids[i, r] = the token at rank r (top ranks only)
+
+
+class Zipf:
+    def __init__(self, vocab: int = VOCAB) -> None:
+        self.lr = np.log(np.arange(1, vocab + 1, dtype=np.float64))
+        grid = np.linspace(0.4, 8.0, 800)
+        self.grid = grid
+        self.ent = np.array([self._entropy(a) for a in grid])  # decreasing in a
+
+    def logp(self, a: np.ndarray) -> np.ndarray:
+        """[n] exponents -> [n, V] log-probs sorted descending."""
+        lw = -np.asarray(a)[:, None] * self.lr[None, :]
+        return lw - np.log(np.exp(lw).sum(axis=1, keepdims=True))
+
+    def _entropy(self, a: float) -> float:
+        lp = self.logp(np.array([a]))[0]
+        return float(-(np.exp(lp) * lp).sum())
+
+    def exponent(self, h: np.ndarray) -> np.ndarray:
+        return np.interp(h, self.ent[::-1], self.grid[::-1])
+
+
+def profile(zipf: Zipf, mean_h: float, n: int, rng: np.random.Generator):
+    """-> exponents [n], top ids [n, 256] (distinct random ids per position), input ids [n]."""
+    h = mean_h * rng.uniform(0.5, 1.5, n)
+    a = zipf.exponent(h)
+    ids = np.stack([rng.choice(VOCAB, SAMPLED_FROM, replace=False) for _ in range(n)])
+    return a, ids
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def meta_for(codec: CodecConfig) -> StoreMeta:
+    return StoreMeta(teacher="zipf", teacher_revision=None, tokenizer_fingerprint="bench", vocab_size=VOCAB,
+                     recipe="bench", recipe_params={}, codec=codec, dataset_fingerprint="bench", generation_params={})
+
+
+def write_store(path: Path, codec: CodecConfig, lp_top: np.ndarray, ids: np.ndarray, tokens: np.ndarray, k_in: int) -> int:
+    """Write the positions as sequences of SEQ targets; -> shard bytes on disk."""
+    n = lp_top.shape[0]
+    with ShardWriter(path, meta_for(codec)) as w:
+        for s, start in enumerate(range(0, n, SEQ)):
+            sl = slice(start, min(n, start + SEQ))
+            P = sl.stop - sl.start
+            input_ids = np.concatenate([[tokens[sl.start]], tokens[sl]])  # a BOS-like first token
+            w.add(f"seq{s:05d}", input_ids, np.arange(1, P + 1), ids[sl, :k_in], lp_top[sl, :k_in].astype(np.float32))
+    m = finalize_store(path)
+    return sum(s["bytes"] for s in m["shards"])
+
+
+def read_estimates(path: Path, ids: np.ndarray, width: int):
+    """-> p̂ on the top-`width` ranks [n, width] (0 where not kept), kept mask, tail [n], entries."""
+    n = ids.shape[0]
+    phat = np.zeros((n, width))
+    kept = np.zeros((n, width), dtype=bool)
+    tail = np.zeros(n)
+    entries = 0
+    order = np.argsort(ids[:, :width], axis=1)
+    sorted_ids = np.take_along_axis(ids[:, :width], order, axis=1)
+    for rec in StoreReader(path, shuffle=False):
+        s = int(rec.sample_id[3:])
+        for j in range(len(rec.target_positions)):
+            i = s * SEQ + j
+            valid = rec.ids[j] >= 0
+            got = rec.ids[j][valid]
+            r = order[i][np.searchsorted(sorted_ids[i], got)]
+            assert (ids[i, r] == got).all(), "stored id outside the teacher's top ranks"
+            phat[i, r] = np.exp(rec.logprobs[j][valid].astype(np.float64))
+            kept[i, r] = True
+            tail[i] = rec.tail[j]
+            entries += int(valid.sum())
+    return phat, kept, tail, entries
+
+
+def baseline_bytes(lp_top: np.ndarray, ids: np.ndarray, tokens: np.ndarray, k: int) -> tuple[int, np.ndarray]:
+    """int32 ids + fp16 log-probs (+ the same input_ids/positions), zstd Arrow IPC."""
+    n = lp_top.shape[0]
+    rows = {"input_ids": [], "target_positions": [], "ids": [], "logprobs": []}
+    for start in range(0, n, SEQ):
+        sl = slice(start, min(n, start + SEQ))
+        P = sl.stop - sl.start
+        rows["input_ids"].append(np.concatenate([[tokens[sl.start]], tokens[sl]]).astype(np.int32))
+        rows["target_positions"].append(np.arange(1, P + 1, dtype=np.int32))
+        rows["ids"].append(ids[sl, :k].astype(np.int32).ravel())
+        rows["logprobs"].append(lp_top[sl, :k].astype(np.float16).ravel())
+    batch = pa.RecordBatch.from_pydict({
+        "input_ids": pa.array(rows["input_ids"], pa.list_(pa.int32())),
+        "target_positions": pa.array(rows["target_positions"], pa.list_(pa.int32())),
+        "ids": pa.array(rows["ids"], pa.list_(pa.int32())),
+        "logprobs": pa.array(rows["logprobs"], pa.list_(pa.float16())),
+    })
+    sink = pa.BufferOutputStream()
+    opts = pa.ipc.IpcWriteOptions(compression=pa.Codec("zstd", compression_level=ZSTD_LEVEL))
+    with pa.ipc.new_file(sink, batch.schema, options=opts) as w:
+        w.write_batch(batch)
+    return sink.getvalue().size, np.exp(lp_top[:, :k].astype(np.float16).astype(np.float64))
+
+
+def l1_with_tail(lp: np.ndarray, q: np.ndarray, phat_top: np.ndarray, kept: np.ndarray, tail: np.ndarray) -> np.ndarray:
+    """||p - p̂||_1 per position, p̂ = phat on kept top ranks, tail spread ∝ q over all other ranks.
+
+    lp, q: [c, V] rank space; phat_top, kept: [c, w] for the top w ranks; tail [c].
+    """
+    c, V = lp.shape
+    w = phat_top.shape[1]
+    p = np.exp(lp)
+    not_kept = np.ones((c, V), dtype=bool)
+    not_kept[:, :w] = ~kept
+    q_out = np.where(not_kept, q, 0.0)
+    spread = q_out * (tail / np.maximum(q_out.sum(axis=1), 1e-300))[:, None]
+    phat = spread
+    phat[:, :w] += np.where(kept, phat_top, 0.0)
+    return np.abs(p - phat).sum(axis=1)
+
+
+def run(positions: int, seed: int, out: Path) -> list[dict]:
+    zipf = Zipf()
+    rows: list[dict] = []
+    for H in (0.5, 2.0, 4.0):
+        rng = np.random.default_rng([seed, int(H * 10)])
+        a, ids = profile(zipf, H, positions, rng)
+        n = positions
+        # Chunked rank-space teacher and student (V floats per position do not fit all at once).
+        lp_top = np.zeros((n, SAMPLED_FROM))
+        noise_seed = rng.integers(1 << 62)
+        for c0 in range(0, n, 100):
+            lp_top[c0:c0 + 100] = zipf.logp(a[c0:c0 + 100])[:, :SAMPLED_FROM]
+        # tokens of the sequences: drawn from the teacher (rank 0..255 ≈ where the mass is)
+        probs = np.exp(lp_top)
+        ranks = (probs.cumsum(1) > rng.uniform(0, probs.sum(1))[:, None]).argmax(1)
+        tokens = ids[np.arange(n), ranks]
+        true_entropy = float(np.mean([-(np.exp(l) * l).sum() for l in zipf.logp(a[:200])]))
+
+        codecs = [("topk", CodecConfig(top_k=k), k, k) for k in (16, 64, 128)]
+        codecs.append(("topp", CodecConfig(top_k=128, top_p=0.95), 128, 128))
+        codecs.append(("sampled", CodecConfig(name="sampled", top_k=SAMPLED_FROM, draws=50, seed=seed), SAMPLED_FROM, SAMPLED_FROM))
+        results = {}
+        for name, codec, k_in, width in codecs:
+            path = out / f"H{H}-{name}-{k_in}"
+            t0 = time.perf_counter()
+            nbytes = write_store(path, codec, lp_top, ids, tokens, k_in)
+            write_s = time.perf_counter() - t0
+            phat, kept, tail, entries = read_estimates(path, ids, width)
+            results[(name, k_in)] = (codec, nbytes, phat, kept, tail, entries, write_s)
+
+        base = {k: baseline_bytes(lp_top, ids, tokens, k) for k in (16, 64, 128)}
+
+        # error sums, chunked over positions
+        err = {key: np.zeros(n) for key in results}
+        err_unq = {k: np.zeros(n) for k in (16, 64, 128)}
+        err_base = {k: np.zeros(n) for k in (16, 64, 128)}
+        bias_sampled = np.zeros(n)
+        noise_rng = np.random.default_rng(noise_seed)
+        for c0 in range(0, n, 100):
+            sl = slice(c0, min(n, c0 + 100))
+            lp = zipf.logp(a[sl])  # [c, V]
+            s = lp + noise_rng.standard_normal(lp.shape)
+            q = np.exp(s - s.max(axis=1, keepdims=True))
+            q /= q.sum(axis=1, keepdims=True)
+            for key, (codec, nbytes, phat, kept, tail, entries, _) in results.items():
+                err[key][sl] = l1_with_tail(lp, q, phat[sl], kept[sl], tail[sl])
+            for k in (16, 64, 128):
+                p_top = np.exp(lp[:, :k])
+                all_kept = np.ones_like(p_top, dtype=bool)
+                err_unq[k][sl] = l1_with_tail(lp, q, p_top, all_kept, 1.0 - p_top.sum(1))
+                pb = base[k][1][sl]
+                err_base[k][sl] = l1_with_tail(lp, q, pb, all_kept, np.clip(1.0 - pb.sum(1), 0, 1))
+            p256 = np.exp(lp[:, :SAMPLED_FROM])
+            bias_sampled[sl] = l1_with_tail(lp, q, p256, np.ones_like(p256, dtype=bool), 1.0 - p256.sum(1))
+
+        tokens_total = n
+        for (name, k_in), (codec, nbytes, phat, kept, tail, entries, write_s) in results.items():
+            row = {
+                "codec": name, "entropy_nats": H, "k": codec.top_k if name != "sampled" else codec.top_k,
+                "bytes_per_token": nbytes / tokens_total, "bytes_per_entry": nbytes / max(1, entries),
+                "grad_l1": float(err[(name, k_in)].mean()),
+                "grad_bias_l1": float(bias_sampled.mean()) if name == "sampled" else float(err[(name, k_in)].mean()),
+                "mean_entries": entries / tokens_total, "mean_kept_mass": float((phat * kept).sum(1).mean()),
+                "true_entropy_nats": true_entropy, "write_s": write_s,
+            }
+            if name == "topk":
+                row["grad_l1_unquantized"] = float(err_unq[k_in].mean())
+                row["quantization_cost"] = row["grad_l1"] / row["grad_l1_unquantized"] - 1
+            if name == "topp":
+                row["top_p"] = codec.top_p
+            if name == "sampled":
+                row["draws"] = codec.draws
+            rows.append(row)
+        for k in (16, 64, 128):
+            nbytes = base[k][0]
+            rows.append({"codec": "baseline", "entropy_nats": H, "k": k, "bytes_per_token": nbytes / tokens_total,
+                         "bytes_per_entry": nbytes / (tokens_total * k), "grad_l1": float(err_base[k].mean()),
+                         "grad_bias_l1": float(err_base[k].mean()), "layout": "int32 ids + fp16 log-probs, zstd"})
+        for r in rows[-8:]:
+            print(f"H={r['entropy_nats']:<4} {r['codec']:<8} k={r['k']:<4} {r['bytes_per_token']:8.2f} B/token "
+                  f"{r['bytes_per_entry']:6.3f} B/entry  grad_l1={r['grad_l1']:.5f} bias={r['grad_bias_l1']:.5f}"
+                  + (f"  (unquantized {r['grad_l1_unquantized']:.5f}, +{100 * r['quantization_cost']:.2f}%)" if "grad_l1_unquantized" in r else "")
+                  + (f"  entries={r['mean_entries']:.2f}" if r["codec"] in ("sampled", "topp") else ""),
+                  file=sys.stderr, flush=True)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--positions", type=int, default=2000, help="target positions per entropy profile")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="kdpipe-bench-storage-") as d:
+        rows = run(args.positions, args.seed, Path(d))
+    print(json.dumps({"rows": rows}))
+
+
+if __name__ == "__main__":
+    main()
