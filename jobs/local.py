@@ -32,7 +32,7 @@ def _event(plan: Plan, *words: object) -> None:
 
 
 def _train_argv(step: Step) -> list[str]:
-    procs = max(step.gpus, 1)
+    procs = step.procs
     if step.nodes > 1:
         raise ConfigError(
             f"run {step.run.name if step.run else step.name}: nodes = {step.nodes}; a local run has one node. "

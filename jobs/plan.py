@@ -44,6 +44,7 @@ class Step:
     tasks: tuple[int, ...] | None = None  # array task indices (generate only)
     nodes: int = 1
     gpus: int = 0  # GPUs per node
+    procs: int = 1  # processes per node (train: torchrun workers)
     config: Path | None = None  # the rendered phase config this step reads
     config_text: str | None = None
     run: RunSpec | None = None
@@ -190,7 +191,7 @@ def make_plan(job: JobSpec, python: str | None = None) -> Plan:
         steps.append(Step(
             kind="train", name=f"train-{run.name}",
             argv=tuple(phases.train_argv(python, tpath)),
-            after=after_store, nodes=run.nodes, gpus=run.gpus,
+            after=after_store, nodes=run.nodes, gpus=run.gpus, procs=run.procs_per_node,
             config=tpath, config_text=_toml(train_cfg), run=run,
         ))
         if run.name in evaluated:
@@ -278,7 +279,7 @@ def describe(plan: Plan) -> str:
         if s.tasks is not None:
             what += f"  array {len(s.tasks)} task(s) [{_ranges(s.tasks)}] of {job.generation.num_tasks}"
         if s.kind in ("train", "evaluate"):
-            what += f"  nodes={s.nodes} gpus/node={s.gpus}"
+            what += f"  nodes={s.nodes} gpus/node={s.gpus}" + (f" procs/node={s.procs}" if s.kind == "train" else "")
         if s.after:
             what += f"  after {', '.join(s.after)}"
         lines.append(what)

@@ -112,8 +112,9 @@ class StudentSpec:
     nodes: Any  # int or list of ints (sweep)
     gpus: Any  # GPUs per node; int or list of ints
     values: Mapping[str, Any]  # phase-two keys (model, alpha, ...), lists = sweeps
+    procs_per_node: Any = None  # training processes per node; None = gpus (or 1 without GPUs)
 
-    OWN = ("name", "nodes", "gpus")
+    OWN = ("name", "nodes", "gpus", "procs_per_node")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -230,6 +231,7 @@ def _parse_student(entry: Any, index: int, where: str) -> StudentSpec:
 
     nodes = counts("nodes", 1)
     gpus = counts("gpus", 0)
+    procs = counts("procs_per_node", 1) if "procs_per_node" in entry else None
     values = {k: v for k, v in entry.items() if k not in StudentSpec.OWN and k != "optimizer"}
     # optimizer: "adamw" or a table of its settings ({ lr = 1e-5, warmup_steps = 100 }), which
     # are phase-two keys written in one place; sweeps work inside it too.
@@ -248,7 +250,7 @@ def _parse_student(entry: Any, index: int, where: str) -> StudentSpec:
             if k in values:
                 raise ConfigError(f"{w}.optimizer.{k}: also set as {k} in the entry; give it once")
             values[k] = v
-    return StudentSpec(index=index, name=name, nodes=nodes, gpus=gpus, values=values)
+    return StudentSpec(index=index, name=name, nodes=nodes, gpus=gpus, values=values, procs_per_node=procs)
 
 
 def parse_job(data: Mapping[str, Any], path: Path, run_dir: str | os.PathLike | None = None) -> JobSpec:
@@ -318,6 +320,7 @@ class RunSpec:
     student: int  # index of its [[students]] entry
     nodes: int
     gpus: int  # per node
+    procs_per_node: int  # torchrun processes per node (= gpus, or 1 on CPU unless set)
     values: Mapping[str, Any]  # phase-two keys with single values
     swept: Mapping[str, Any]  # the swept keys and this run's values (for names and reports)
 
@@ -338,7 +341,7 @@ def expand_students(job: JobSpec, list_fields: frozenset[str] = frozenset()) -> 
     runs: list[RunSpec] = []
     for st in job.students:
         w = f"{job.path} [[students]] #{st.index + 1}"
-        entries = dict(st.values, nodes=st.nodes, gpus=st.gpus)
+        entries = dict(st.values, nodes=st.nodes, gpus=st.gpus, procs_per_node=st.procs_per_node)
         axes: dict[str, list[Any]] = {}
         for key, value in entries.items():
             is_sweep = isinstance(value, list) and (key not in list_fields or all(isinstance(v, list) for v in value))
@@ -353,8 +356,12 @@ def expand_students(job: JobSpec, list_fields: frozenset[str] = frozenset()) -> 
             values = {k: (chosen[k] if k in chosen else v) for k, v in entries.items()}
             suffix = "-".join(f"{_key_abbrev(k)}{_short(v)}" for k, v in chosen.items() if len(axes[k]) > 1)
             name = f"{base_name}-{suffix}" if suffix else base_name
-            nodes, gpus = values.pop("nodes"), values.pop("gpus")
-            runs.append(RunSpec(name=name, student=st.index, nodes=nodes, gpus=gpus, values=values, swept=chosen))
+            nodes, gpus, procs = values.pop("nodes"), values.pop("gpus"), values.pop("procs_per_node")
+            if procs is None:
+                procs = max(gpus, 1)
+            elif gpus and procs != gpus:
+                raise ConfigError(f"{w}: procs_per_node = {procs} but gpus = {gpus}; with GPUs there is one process per GPU, so drop procs_per_node")
+            runs.append(RunSpec(name=name, student=st.index, nodes=nodes, gpus=gpus, procs_per_node=procs, values=values, swept=chosen))
     seen: dict[str, RunSpec] = {}
     for r in runs:
         if r.name in seen:

@@ -67,7 +67,7 @@ def _sbatch_lines(plan: Plan, step: Step, dependency: list[str]) -> str:
 
 def _train_launch(plan: Plan, step: Step) -> str:
     """One process for a single-process run; else srun -> one torchrun per node, rendezvous on the first node."""
-    procs = max(step.gpus, 1)
+    procs = step.procs
     if step.nodes == 1 and procs == 1:
         return shell_command(step.argv)
     python, rest = step.argv[0], list(step.argv[3:])  # argv = python -m kdpipe.pipeline.cli <command> ...
@@ -78,9 +78,11 @@ def _train_launch(plan: Plan, step: Step) -> str:
     ]
     return "\n".join([
         'head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
+        # Offset by the job id: runs of a sweep sharing a node must not share a rendezvous port.
+        f"rdzv_port=$(( {int(plan.job.slurm.rdzv_port)} + SLURM_JOB_ID % 1000 ))",
         "srun --nodes=" + str(step.nodes) + " --ntasks-per-node=1 --kill-on-bad-exit=1 "
         + shell_command(torchrun)
-        + f' --rdzv-endpoint="$head_node:{int(plan.job.slurm.rdzv_port)}" --rdzv-id="$SLURM_JOB_ID" '
+        + ' --rdzv-endpoint="$head_node:$rdzv_port" --rdzv-id="$SLURM_JOB_ID" '
         + shell_command(["-m", "kdpipe.pipeline.cli", *rest]),
     ])
 
@@ -106,7 +108,7 @@ def render_step(plan: Plan, step: Step, dependency: list[str]) -> str:
     elif step.kind == "train":
         assert step.run is not None
         words["nodes"] = str(step.nodes)
-        words["procs_per_node"] = str(max(step.gpus, 1))
+        words["procs_per_node"] = str(step.procs)
         words["run_name"] = step.run.name
         blocks["launch"] = _train_launch(plan, step)
     elif step.kind == "evaluate":
@@ -147,6 +149,25 @@ def _write_submission(plan: Plan, jobs: list[dict], complete: bool, error: str |
     return path
 
 
+def _refuse_if_queued(previous: Path) -> None:
+    """A second chain into the same run dir while the first is queued would race on its files."""
+    try:
+        ids = [j["job_id"] for j in json.loads(previous.read_text()).get("jobs", [])]
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    squeue = shutil.which("squeue")
+    if not ids or squeue is None:
+        return
+    r = subprocess.run([squeue, "-h", "-j", ",".join(ids), "-o", "%i %T"], capture_output=True, text=True, timeout=60)
+    active = [ln.split()[0] for ln in r.stdout.splitlines() if ln.strip()]
+    if r.returncode == 0 and active:
+        raise SubmitError(
+            f"{previous}: jobs of the previous submission are still queued or running ({', '.join(active[:8])}); "
+            f"wait for them (`kdpipe status {previous.parent}`), cancel them (`scancel {' '.join(ids)}`), "
+            "or submit with another --run-dir. Nothing was submitted."
+        )
+
+
 def _sbatch_error_text(r: subprocess.CompletedProcess) -> str:
     return (r.stderr or r.stdout or "").strip() or f"exit status {r.returncode}"
 
@@ -176,6 +197,7 @@ def submit_plan(
         d.mkdir(parents=True, exist_ok=True)
     previous = job.run_dir / SUBMISSION_FILE
     if previous.exists():
+        _refuse_if_queued(previous)
         stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
         os.replace(previous, job.run_dir / f"submission.{stamp}.json")
     write_configs(plan)

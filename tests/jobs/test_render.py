@@ -52,8 +52,12 @@ def test_rendered_scripts_match_the_plan(path, tmp_path):
 
     gen_step, gen = scripts["generate"]
     opts = sbatch_lines(gen)
-    assert opts["array"] == [f"0-{job.generation.num_tasks - 1}"]
-    assert opts["gpus-per-node"] == [str(job.teacher.tensor_parallel_size)]
+    n = job.generation.num_tasks
+    assert opts["array"] == [f"0-{n - 1}" if n > 1 else "0"]
+    if job.slurm.gpus_per_node:
+        assert opts["gpus-per-node"] == [str(job.teacher.tensor_parallel_size)]
+    else:  # CPU-only nodes: no GPU request at all
+        assert "gpus-per-node" not in opts
     assert opts["nodes"] == ["1"]
     assert '--task-index "$SLURM_ARRAY_TASK_ID"' in gen
     assert sbatch_lines(scripts["finalize"][1])["dependency"] == ["afterok:<generate>"]
@@ -64,13 +68,16 @@ def test_rendered_scripts_match_the_plan(path, tmp_path):
         opts = sbatch_lines(text)
         assert opts["dependency"] == ["afterok:<finalize>"]
         assert opts["nodes"] == [str(run.nodes)]
-        assert opts["gpus-per-node"] == [str(run.gpus)]
-        assert opts["ntasks-per-node"] == ["1"]
-        # one torchrun per node via srun, rendezvous on the first node of the allocation
-        assert f"srun --nodes={run.nodes} --ntasks-per-node=1" in text
-        assert f"--nnodes={run.nodes} --nproc-per-node={run.gpus}" in text
-        assert 'head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)' in text
-        assert f'--rdzv-endpoint="$head_node:{job.slurm.rdzv_port}"' in text
+        assert opts.get("gpus-per-node") == ([str(run.gpus)] if run.gpus else None)
+        if run.nodes * run.procs_per_node > 1:
+            # one torchrun per node via srun, rendezvous on the first node of the allocation
+            assert f"srun --nodes={run.nodes} --ntasks-per-node=1" in text
+            assert f"--nnodes={run.nodes} --nproc-per-node={run.procs_per_node}" in text
+            assert 'head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)' in text
+            assert f"rdzv_port=$(( {job.slurm.rdzv_port} + SLURM_JOB_ID % 1000 ))" in text
+            assert '--rdzv-endpoint="$head_node:$rdzv_port" --rdzv-id="$SLURM_JOB_ID"' in text
+        else:
+            assert "srun --" not in text and "torch.distributed.run" not in text
         assert "train-student --config" in text
         if job.evaluation is not None:
             _, etext = scripts[f"evaluate-{run.name}"]

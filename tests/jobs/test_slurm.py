@@ -80,6 +80,9 @@ def chain(slurm_cluster, tmp_path_factory, tiny_teacher, vllm_student, tiny_data
     run_dir = base / "run"
     sub = json.loads((run_dir / "submission.json").read_text())
     ids = {j["step"]: j["job_id"] for j in sub["jobs"]}
+    # Submitting the same run dir again while the chain is queued is refused, naming the jobs.
+    again = subprocess.run([kdpipe, "submit", str(job_file)], capture_output=True, text=True, cwd=root, timeout=300)
+    assert again.returncode != 0 and "still queued or running" in again.stderr and ids["generate"] in again.stderr
     infos = slurm_cluster.wait(list(ids.values()), timeout=1500)
     return root, base, job_file, run_dir, sub, ids, infos
 
@@ -157,6 +160,9 @@ def test_second_submission_reuses_the_store(chain, slurm_cluster, tiny_teacher, 
     job2 = base / "again.toml"
     doc = tiny_demo_job(base, tiny_teacher, vllm_student, tiny_data, evaluation=False)
     doc["run_dir"] = "run-again"
+    # kd trains with 2 processes: srun starts torchrun, which meets at the rendezvous on the
+    # first node of the allocation (the multi-node path, on one node).
+    doc["students"][0]["procs_per_node"] = 2
     job2.write_text(tomli_w.dumps(doc))
     plan = make_plan(load_job(job2))
     assert plan.store.status == "finalized"
@@ -167,9 +173,13 @@ def test_second_submission_reuses_the_store(chain, slurm_cluster, tiny_teacher, 
     assert sub2["store"]["reused"] is True and sub2["store"]["tasks_submitted"] == []
     script = (base / "run-again" / "scripts" / "train-kd.sbatch").read_text()
     assert "--dependency" not in script  # nothing to wait for: the store is final
+    assert "srun --nodes=1 --ntasks-per-node=1" in script and "--nproc-per-node=2" in script
     done = slurm_cluster.wait(list(new_ids.values()), timeout=600)
     assert all(r["JobState"] == "COMPLETED" for recs in done.values() for r in recs)
-    assert (base / "run-again" / "runs" / "kd" / "final").is_dir()
+    kd = base / "run-again" / "runs" / "kd"
+    assert (kd / "final").is_dir()
+    last = json.loads((kd / "metrics.jsonl").read_text().strip().splitlines()[-1])
+    assert last["step"] == 2
 
 
 def test_sbatch_refusal_shows_its_message(chain, tiny_teacher, vllm_student, tiny_data, tmp_path):
