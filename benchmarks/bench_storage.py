@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -67,10 +68,14 @@ class Zipf:
 
 
 def profile(zipf: Zipf, mean_h: float, n: int, rng: np.random.Generator):
-    """-> exponents [n], top ids [n, 256] (distinct random ids per position), input ids [n]."""
+    """-> exponents [n], top ids [n, 256] (distinct random ids per position)."""
     h = mean_h * rng.uniform(0.5, 1.5, n)
     a = zipf.exponent(h)
-    ids = np.stack([rng.choice(VOCAB, SAMPLED_FROM, replace=False) for _ in range(n)])
+    ids = np.empty((n, SAMPLED_FROM), dtype=np.int64)
+    draws = rng.integers(0, VOCAB, (n, SAMPLED_FROM + 64))
+    for i in range(n):  # first 256 distinct draws, in draw order (a random injection of ranks)
+        _, first = np.unique(draws[i], return_index=True)
+        ids[i] = draws[i][np.sort(first)[:SAMPLED_FROM]]
     return a, ids
 
 
@@ -104,7 +109,7 @@ def read_estimates(path: Path, ids: np.ndarray, width: int):
     entries = 0
     order = np.argsort(ids[:, :width], axis=1)
     sorted_ids = np.take_along_axis(ids[:, :width], order, axis=1)
-    for rec in StoreReader(path, shuffle=False):
+    for rec in StoreReader(path, shuffle=False, verify=False):
         s = int(rec.sample_id[3:])
         for j in range(len(rec.target_positions)):
             i = s * SEQ + j
@@ -143,56 +148,62 @@ def baseline_bytes(lp_top: np.ndarray, ids: np.ndarray, tokens: np.ndarray, k: i
     return sink.getvalue().size, np.exp(lp_top[:, :k].astype(np.float16).astype(np.float64))
 
 
-def l1_with_tail(lp: np.ndarray, q: np.ndarray, phat_top: np.ndarray, kept: np.ndarray, tail: np.ndarray) -> np.ndarray:
-    """||p - p̂||_1 per position, p̂ = phat on kept top ranks, tail spread ∝ q over all other ranks.
+class L1:
+    """||p - p̂||_1 per position for a chunk, p̂ = stored probabilities on the kept top ranks and
+    the tail mass spread ∝ q over every other rank; buffers reused (V floats per position)."""
 
-    lp, q: [c, V] rank space; phat_top, kept: [c, w] for the top w ranks; tail [c].
-    """
-    c, V = lp.shape
-    w = phat_top.shape[1]
-    p = np.exp(lp)
-    not_kept = np.ones((c, V), dtype=bool)
-    not_kept[:, :w] = ~kept
-    q_out = np.where(not_kept, q, 0.0)
-    spread = q_out * (tail / np.maximum(q_out.sum(axis=1), 1e-300))[:, None]
-    phat = spread
-    phat[:, :w] += np.where(kept, phat_top, 0.0)
-    return np.abs(p - phat).sum(axis=1)
+    def __init__(self, lp: np.ndarray, q: np.ndarray) -> None:
+        self.p, self.q = np.exp(lp), q  # [c, V] rank space
+        self.tmp = np.empty_like(q[:, SAMPLED_FROM:])
+        self.q_rest = q[:, SAMPLED_FROM:].sum(axis=1)  # q mass beyond the top-256 ranks
+
+    def __call__(self, phat_top: np.ndarray, kept: np.ndarray, tail: np.ndarray) -> np.ndarray:
+        w = phat_top.shape[1]
+        p, q = self.p, self.q
+        q_top = q[:, :SAMPLED_FROM]
+        not_kept = np.ones(q_top.shape, dtype=bool)
+        not_kept[:, :w] = ~kept
+        lam = tail / np.maximum(np.where(not_kept, q_top, 0.0).sum(axis=1) + self.q_rest, 1e-300)  # [c]
+        phat = np.where(not_kept, lam[:, None] * q_top, 0.0)
+        phat[:, :w] += np.where(kept, phat_top, 0.0)
+        top = np.abs(p[:, :SAMPLED_FROM] - phat).sum(axis=1)
+        t = self.tmp
+        np.multiply(q[:, SAMPLED_FROM:], lam[:, None], out=t)
+        np.subtract(p[:, SAMPLED_FROM:], t, out=t)
+        np.abs(t, out=t)
+        return top + t.sum(axis=1)
 
 
-def run(positions: int, seed: int, out: Path) -> list[dict]:
+def run(positions: int, size_positions: int, seed: int, out: Path) -> list[dict]:
     zipf = Zipf()
     rows: list[dict] = []
     for H in (0.5, 2.0, 4.0):
         rng = np.random.default_rng([seed, int(H * 10)])
-        a, ids = profile(zipf, H, positions, rng)
-        n = positions
-        # Chunked rank-space teacher and student (V floats per position do not fit all at once).
-        lp_top = np.zeros((n, SAMPLED_FROM))
+        n_all = max(size_positions, positions)
+        a, ids = profile(zipf, H, n_all, rng)
         noise_seed = rng.integers(1 << 62)
-        for c0 in range(0, n, 100):
-            lp_top[c0:c0 + 100] = zipf.logp(a[c0:c0 + 100])[:, :SAMPLED_FROM]
-        # tokens of the sequences: drawn from the teacher (rank 0..255 ≈ where the mass is)
+        lp_top = np.concatenate([zipf.logp(a[c0:c0 + 200])[:, :SAMPLED_FROM] for c0 in range(0, n_all, 200)])
+        # the sequences' tokens: drawn from the teacher (within its top 256 ranks, where the mass is)
         probs = np.exp(lp_top)
         ranks = (probs.cumsum(1) > rng.uniform(0, probs.sum(1))[:, None]).argmax(1)
-        tokens = ids[np.arange(n), ranks]
+        tokens = ids[np.arange(n_all), ranks]
         true_entropy = float(np.mean([-(np.exp(l) * l).sum() for l in zipf.logp(a[:200])]))
 
-        codecs = [("topk", CodecConfig(top_k=k), k, k) for k in (16, 64, 128)]
-        codecs.append(("topp", CodecConfig(top_k=128, top_p=0.95), 128, 128))
-        codecs.append(("sampled", CodecConfig(name="sampled", top_k=SAMPLED_FROM, draws=50, seed=seed), SAMPLED_FROM, SAMPLED_FROM))
+        codecs = [("topk", CodecConfig(top_k=k), k) for k in (16, 64, 128)]
+        codecs.append(("topp", CodecConfig(top_k=128, top_p=0.95), 128))
+        codecs.append(("sampled", CodecConfig(name="sampled", top_k=SAMPLED_FROM, draws=50, seed=seed), SAMPLED_FROM))
         results = {}
-        for name, codec, k_in, width in codecs:
+        n = positions
+        for name, codec, k_in in codecs:
             path = out / f"H{H}-{name}-{k_in}"
             t0 = time.perf_counter()
             nbytes = write_store(path, codec, lp_top, ids, tokens, k_in)
             write_s = time.perf_counter() - t0
-            phat, kept, tail, entries = read_estimates(path, ids, width)
-            results[(name, k_in)] = (codec, nbytes, phat, kept, tail, entries, write_s)
-
+            phat, kept, tail, entries = read_estimates(path, ids, k_in)
+            results[(name, k_in)] = (codec, nbytes, phat[:n], kept[:n], tail[:n], entries, write_s)
+            shutil.rmtree(path)
         base = {k: baseline_bytes(lp_top, ids, tokens, k) for k in (16, 64, 128)}
 
-        # error sums, chunked over positions
         err = {key: np.zeros(n) for key in results}
         err_unq = {k: np.zeros(n) for k in (16, 64, 128)}
         err_base = {k: np.zeros(n) for k in (16, 64, 128)}
@@ -201,29 +212,31 @@ def run(positions: int, seed: int, out: Path) -> list[dict]:
         for c0 in range(0, n, 100):
             sl = slice(c0, min(n, c0 + 100))
             lp = zipf.logp(a[sl])  # [c, V]
-            s = lp + noise_rng.standard_normal(lp.shape)
-            q = np.exp(s - s.max(axis=1, keepdims=True))
-            q /= q.sum(axis=1, keepdims=True)
+            s_ = lp + noise_rng.standard_normal(lp.shape)  # student logits
+            s_ -= s_.max(axis=1, keepdims=True)
+            np.exp(s_, out=s_)
+            s_ /= s_.sum(axis=1, keepdims=True)  # q
+            l1 = L1(lp, s_)
             for key, (codec, nbytes, phat, kept, tail, entries, _) in results.items():
-                err[key][sl] = l1_with_tail(lp, q, phat[sl], kept[sl], tail[sl])
+                err[key][sl] = l1(phat[sl], kept[sl], tail[sl])
             for k in (16, 64, 128):
-                p_top = np.exp(lp[:, :k])
-                all_kept = np.ones_like(p_top, dtype=bool)
-                err_unq[k][sl] = l1_with_tail(lp, q, p_top, all_kept, 1.0 - p_top.sum(1))
+                p_top = l1.p[:, :k]
+                all_kept = np.ones(p_top.shape, dtype=bool)
+                err_unq[k][sl] = l1(p_top, all_kept, 1.0 - p_top.sum(1))
                 pb = base[k][1][sl]
-                err_base[k][sl] = l1_with_tail(lp, q, pb, all_kept, np.clip(1.0 - pb.sum(1), 0, 1))
-            p256 = np.exp(lp[:, :SAMPLED_FROM])
-            bias_sampled[sl] = l1_with_tail(lp, q, p256, np.ones_like(p256, dtype=bool), 1.0 - p256.sum(1))
+                err_base[k][sl] = l1(pb, all_kept, np.clip(1.0 - pb.sum(1), 0, 1))
+            p256 = l1.p[:, :SAMPLED_FROM]  # E[p̂] of `sampled`: its top-256 + tail distribution
+            bias_sampled[sl] = l1(p256, np.ones(p256.shape, dtype=bool), 1.0 - p256.sum(1))
+            del l1, lp, s_
 
-        tokens_total = n
         for (name, k_in), (codec, nbytes, phat, kept, tail, entries, write_s) in results.items():
             row = {
-                "codec": name, "entropy_nats": H, "k": codec.top_k if name != "sampled" else codec.top_k,
-                "bytes_per_token": nbytes / tokens_total, "bytes_per_entry": nbytes / max(1, entries),
+                "codec": name, "entropy_nats": H, "k": codec.top_k,
+                "bytes_per_token": nbytes / n_all, "bytes_per_entry": nbytes / max(1, entries),
                 "grad_l1": float(err[(name, k_in)].mean()),
                 "grad_bias_l1": float(bias_sampled.mean()) if name == "sampled" else float(err[(name, k_in)].mean()),
-                "mean_entries": entries / tokens_total, "mean_kept_mass": float((phat * kept).sum(1).mean()),
-                "true_entropy_nats": true_entropy, "write_s": write_s,
+                "mean_entries": entries / n_all, "mean_kept_mass": float((phat * kept).sum(1).mean()),
+                "true_entropy_nats": true_entropy, "write_tokens_per_s": n_all / write_s,
             }
             if name == "topk":
                 row["grad_l1_unquantized"] = float(err_unq[k_in].mean())
@@ -235,8 +248,8 @@ def run(positions: int, seed: int, out: Path) -> list[dict]:
             rows.append(row)
         for k in (16, 64, 128):
             nbytes = base[k][0]
-            rows.append({"codec": "baseline", "entropy_nats": H, "k": k, "bytes_per_token": nbytes / tokens_total,
-                         "bytes_per_entry": nbytes / (tokens_total * k), "grad_l1": float(err_base[k].mean()),
+            rows.append({"codec": "baseline", "entropy_nats": H, "k": k, "bytes_per_token": nbytes / n_all,
+                         "bytes_per_entry": nbytes / (n_all * k), "grad_l1": float(err_base[k].mean()),
                          "grad_bias_l1": float(err_base[k].mean()), "layout": "int32 ids + fp16 log-probs, zstd"})
         for r in rows[-8:]:
             print(f"H={r['entropy_nats']:<4} {r['codec']:<8} k={r['k']:<4} {r['bytes_per_token']:8.2f} B/token "
@@ -249,11 +262,13 @@ def run(positions: int, seed: int, out: Path) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--positions", type=int, default=2000, help="target positions per entropy profile")
+    ap.add_argument("--positions", type=int, default=2000, help="positions per entropy profile for the gradient errors")
+    ap.add_argument("--size-positions", type=int, default=10000,
+                    help="positions per profile written for the byte counts (a store's fixed per-file bytes fade)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="kdpipe-bench-storage-") as d:
-        rows = run(args.positions, args.seed, Path(d))
+        rows = run(args.positions, args.size_positions, args.seed, Path(d))
     print(json.dumps({"rows": rows}))
 
 

@@ -262,14 +262,17 @@ def _pad(values: np.ndarray, counts: np.ndarray, fill, dtype) -> np.ndarray:
 def _segment_cumsum(counts: np.ndarray, delta: np.ndarray) -> np.ndarray:
     """Running sums of flat `delta` [E] restarting at every position -> [E] int64."""
     counts = counts.astype(np.int64)  # uint8 cumsums would wrap
-    c = np.concatenate([[0], np.cumsum(delta, dtype=np.int64)])  # c[e] = sum of delta[:e]
+    # (cast first: np.cumsum(int32, dtype=int64) takes a slow buffered-casting path)
+    c = np.concatenate([[0], np.cumsum(delta.astype(np.int64, copy=False))])  # c[e] = sum of delta[:e]
     starts = np.cumsum(counts) - counts
     return c[1:] - np.repeat(c[starts], counts)
 
 
 def decode_ids(counts: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
     """topk: ids = hi << 16 | lo -> [P, K] int32, -1 padding."""
-    ids = (hi.astype(np.int32) << 16) | lo.astype(np.int32)
+    ids = hi.view(np.uint8).astype(np.int32) if hi.dtype == np.bool_ else hi.astype(np.int32)
+    ids <<= 16
+    ids |= lo
     return _pad(ids, counts, -1, np.int32)
 
 
@@ -281,14 +284,22 @@ def decode_delta_ids(counts: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.n
 
 def decode_topk(cfg: CodecConfig, counts: np.ndarray, q_lo: np.ndarray, q_hi: np.ndarray, tail: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """-> logprobs [P, K] float32 (-inf padding), tail [P] float32."""
-    delta = (q_hi.astype(np.int32) << 8) | q_lo
-    P = counts.shape[0]
-    if P and (counts == counts[0]).all():
+    P, E = counts.shape[0], q_lo.shape[0]
+    # A position's codes never exceed CODE_MAX, so the running sum over a row fits int32
+    # unless the row is enormous; int32 halves the memory traffic of this hot loop.
+    wide = np.int64 if P * (CODE_MAX + 1) >= 2**31 else np.int32
+    delta = q_hi.astype(wide)
+    delta <<= 8
+    delta |= q_lo
+    table = codec_table(cfg)
+    if P and E == P * int(counts[0]) and (counts == counts[0]).all():
+        # every position keeps K entries: codes = row-wide running sum minus each position's base
         K = int(counts[0])
-        codes = np.cumsum(delta.reshape(P, K), axis=1, dtype=np.int64)
-        return codec_table(cfg)[codes], tail
+        c = np.cumsum(delta).reshape(P, K)
+        c -= (c[:, 0] - delta[::K])[:, None]
+        return np.take(table, c), tail
     codes = _segment_cumsum(counts, delta)
-    return _pad(codec_table(cfg)[codes], counts, -np.inf, np.float32), tail
+    return _pad(np.take(table, codes), counts, -np.inf, np.float32), tail
 
 
 def decode_sampled(cfg: CodecConfig, counts: np.ndarray, draw_counts: np.ndarray, tail_count: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

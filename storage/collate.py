@@ -47,42 +47,46 @@ def collate(records: Sequence[Record], pad_id: int, max_len: int | None = None) 
     T = max(lens) if lens else 0
     input_ids = np.full((B, T), pad_id, dtype=np.int64)
     mask = np.zeros((B, T), dtype=np.int64)
-    pred, ids_l, lp_l, tail_l = [], [], [], []
+    # targets t < L keep both their token and the hidden state t-1 that predicts it
+    n_keep = [len(r.target_positions) if L == len(r.input_ids) else int(np.searchsorted(r.target_positions, L))
+              for r, L in zip(records, lens)]
+    N = sum(n_keep)
     K = max((r.ids.shape[1] for r in records if r.ids.ndim == 2), default=0)
-    for b, (r, L) in enumerate(zip(records, lens)):
+    pred_index = np.empty(N, dtype=np.int64)
+    # Filled record by record: one converting copy per array instead of concatenate + cast.
+    teacher_ids = torch.empty((N, K), dtype=torch.long)
+    teacher_lp = torch.empty((N, K), dtype=torch.float32)
+    tail = torch.empty(N, dtype=torch.float32)
+    n0, padded = 0, False
+    for b, (r, L, n) in enumerate(zip(records, lens, n_keep)):
         input_ids[b, :L] = r.input_ids[:L]
         mask[b, :L] = 1
-        t = r.target_positions
-        keep = slice(None)
-        if L < len(r.input_ids):
-            n = int(np.searchsorted(t, L))  # targets t < L keep both their token and predictor
-            keep = slice(0, n)
-            t = t[:n]
-        pred.append(b * T + t.astype(np.int64) - 1)
-        ids, lp = r.ids[keep], r.logprobs[keep]
-        if ids.shape[1] < K:
-            pad = K - ids.shape[1]
-            ids = np.pad(ids, ((0, 0), (0, pad)), constant_values=-1)
-            lp = np.pad(lp, ((0, 0), (0, pad)), constant_values=-np.inf)
-        ids_l.append(ids)
-        lp_l.append(lp)
-        tail_l.append(r.tail[keep])
-    pred_index = np.concatenate(pred) if pred else np.zeros(0, np.int64)
-    teacher_ids = np.concatenate(ids_l) if ids_l else np.zeros((0, K), np.int32)
-    teacher_lp = np.concatenate(lp_l) if lp_l else np.zeros((0, K), np.float32)
-    tail = np.concatenate(tail_l) if tail_l else np.zeros(0, np.float32)
+        n1 = n0 + n
+        pred_index[n0:n1] = r.target_positions[:n]
+        pred_index[n0:n1] += b * T - 1
+        k = r.ids.shape[1] if r.ids.ndim == 2 else 0
+        if k < K:
+            teacher_ids[n0:n1, k:] = 0
+            teacher_lp[n0:n1, k:] = -torch.inf
+        if n and k:
+            ids = torch.from_numpy(r.ids[:n])
+            teacher_ids[n0:n1, :k].copy_(ids)
+            teacher_lp[n0:n1, :k].copy_(torch.from_numpy(r.logprobs[:n]))
+            padded = padded or k != r.ids.shape[1] or bool(np.isneginf(r.logprobs[:n, -1]).any())
+        tail[n0:n1].copy_(torch.from_numpy(np.ascontiguousarray(r.tail[:n], dtype=np.float32)))
+        n0 = n1
+    if padded:
+        teacher_ids.clamp_(min=0)  # padding -1 -> 0 (its log-prob is -inf, so it carries no mass)
     input_t = torch.from_numpy(input_ids)
     pred_t = torch.from_numpy(pred_index)
-    tid = torch.from_numpy(teacher_ids).long()
-    tid.clamp_(min=0)  # padding -1 -> 0 (its log-prob is -inf, so it carries no mass)
     return Batch(
         input_ids=input_t,
         attention_mask=torch.from_numpy(mask),
         pred_index=pred_t,
-        target_ids=input_t.view(-1)[pred_t + 1] if len(pred_index) else torch.zeros(0, dtype=torch.long),
-        teacher_ids=tid,
-        teacher_logprobs=torch.from_numpy(np.ascontiguousarray(teacher_lp, dtype=np.float32)),
-        teacher_tail=torch.from_numpy(np.ascontiguousarray(tail, dtype=np.float32)),
-        num_targets=int(pred_index.shape[0]),
+        target_ids=input_t.view(-1)[pred_t + 1] if N else torch.zeros(0, dtype=torch.long),
+        teacher_ids=teacher_ids,
+        teacher_logprobs=teacher_lp,
+        teacher_tail=tail,
+        num_targets=N,
         sample_ids=[r.sample_id for r in records],
     )

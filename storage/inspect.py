@@ -11,7 +11,7 @@ import pyarrow as pa
 
 from kdpipe.storage import codecs
 from kdpipe.storage.errors import StoreError
-from kdpipe.storage.manifest import file_sha256, open_store
+from kdpipe.storage.manifest import checksum_matches, open_store
 
 
 def _check_consistency(batch: pa.RecordBatch, codec: codecs.CodecConfig) -> str | None:
@@ -79,8 +79,8 @@ def inspect_store(store_dir: str | os.PathLike, verify: bool = False, sample_row
             problems.append({"shard": s.file, "problem": f"{size} bytes, the manifest says {s.bytes} (truncated or replaced)"})
             continue
         if verify:
-            got = file_sha256(path)
-            if got != s.checksum:
+            ok, got = checksum_matches(path, s.checksum)
+            if not ok:
                 problems.append({"shard": s.file, "problem": f"checksum mismatch ({got} != manifest {s.checksum}); the file is corrupted"})
                 continue
         try:

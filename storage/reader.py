@@ -26,7 +26,7 @@ import torch
 from kdpipe.storage import codecs
 from kdpipe.storage.errors import StoreError
 from kdpipe.storage.format import FORMAT_VERSION, MD_FORMAT, shard_schema
-from kdpipe.storage.manifest import ShardInfo, StoreManifest, StoreMeta, file_sha256, open_store
+from kdpipe.storage.manifest import ShardInfo, StoreManifest, StoreMeta, checksum_matches, open_store
 
 CURSOR_VERSION = 1
 
@@ -83,8 +83,8 @@ class _OpenShard:
         if size != info.bytes:
             raise StoreError(f"{path}: shard is {size} bytes but the manifest says {info.bytes} (truncated or replaced)")
         if verify:
-            got = file_sha256(path)
-            if got != info.checksum:
+            ok, got = checksum_matches(path, info.checksum)
+            if not ok:
                 raise StoreError(f"{path}: checksum mismatch ({got[:19]}… != manifest {info.checksum[:19]}…); the shard is corrupted, regenerate its task")
         try:
             self.file = pa.OSFile(str(path), "rb")

@@ -25,7 +25,7 @@ from kdpipe.storage.format import (
     shard_name, shard_schema, task_manifest_name,
 )
 from kdpipe.storage.manifest import (
-    StoreMeta, atomic_write_json, cache_key, check_format_version, file_sha256, fsync_dir, kdpipe_version, read_json,
+    StoreMeta, atomic_write_json, cache_key, check_format_version, file_checksum, fsync_dir, kdpipe_version, read_json,
 )
 
 
@@ -164,7 +164,7 @@ class ShardWriter:
         for name in found:
             if name not in listed:  # renamed into place, then killed before the manifest update
                 path = self.store_dir / name
-                self._shards.append({"file": name, "bytes": path.stat().st_size, "checksum": file_sha256(path),
+                self._shards.append({"file": name, "bytes": path.stat().st_size, "checksum": file_checksum(path),
                                      "task": self.task_index, **read_shard_stats(path)})
         self._shards.sort(key=lambda s: s["file"])
         self._next_seq = 1 + max((int(SHARD_RE.match(s["file"]).group(2)) for s in self._shards), default=-1)
@@ -273,7 +273,7 @@ class ShardWriter:
         finally:
             os.close(fd)
         final = self.store_dir / cur["file"]
-        cur.update(bytes=tmp.stat().st_size, checksum=file_sha256(tmp), task=self.task_index)
+        cur.update(bytes=tmp.stat().st_size, checksum=file_checksum(tmp), task=self.task_index)
         os.replace(tmp, final)
         fsync_dir(self.store_dir)
         self._shards.append(cur)

@@ -15,7 +15,7 @@ import numpy as np
 
 from kdpipe.pipeline.cli import main as cli
 from kdpipe.storage import CodecConfig, ShardWriter, StoreError, StoreReader, finalize_store, inspect_store, open_store
-from kdpipe.storage.manifest import file_sha256
+from kdpipe.storage.manifest import file_checksum
 
 
 def snapshot(path: Path) -> dict[str, tuple[int, int]]:
@@ -90,7 +90,7 @@ def test_wrong_schema(store):
     with pa.ipc.new_file(str(shard), t.schema) as w:
         w.write_table(t)
     m = json.loads((store / "manifest.json").read_text())  # keep size/checksum consistent: only the schema is wrong
-    m["shards"][0].update(bytes=shard.stat().st_size, checksum=file_sha256(shard))
+    m["shards"][0].update(bytes=shard.stat().st_size, checksum=file_checksum(shard))
     (store / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(StoreError, match=f"{shard.name}: wrong schema.*tail"):
         read_all(store)
