@@ -20,6 +20,8 @@ from kdpipe.storage.errors import ConfigError
 
 from jobs_helpers import tiny_job_text
 
+pytestmark = pytest.mark.slow  # a real teacher pass and student training (~2 min on 2 cores)
+
 HOSTILE_DIR = "job $(touch PWNED-L1) `touch PWNED-L2`; it's"
 
 

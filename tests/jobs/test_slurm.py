@@ -83,7 +83,7 @@ def chain(slurm_cluster, tmp_path_factory, tiny_teacher, vllm_student, tiny_data
     # Submitting the same run dir again while the chain is queued is refused, naming the jobs.
     again = subprocess.run([kdpipe, "submit", str(job_file)], capture_output=True, text=True, cwd=root, timeout=300)
     assert again.returncode != 0 and "still queued or running" in again.stderr and ids["generate"] in again.stderr
-    infos = slurm_cluster.wait(list(ids.values()), timeout=1500)
+    infos = slurm_cluster.wait(list(ids.values()), timeout=840)  # below pytest-timeout (900 s)
     return root, base, job_file, run_dir, sub, ids, infos
 
 
