@@ -9,7 +9,8 @@ tensors are recomputed there: at most one chunk's [chunk, V] tensors are alive a
 in forward or backward.
 
 With T = 1 the CE and the KD term share one log-softmax and one gather of [chunk, 1 + K] ids, so
-the KD term adds only [chunk, K]-sized work to what CE alone already does.
+the KD term adds only [N, K]-sized work to what CE alone already does; that work runs once per
+micro-batch on the gathered values, outside the checkpointed chunks.
 """
 
 from __future__ import annotations
@@ -64,12 +65,15 @@ def _chunk_loss(
     weight: torch.Tensor,  # [V, H] lm_head weight sliced to the tokenizer vocabulary
     bias: torch.Tensor | None,  # [V]
     target_ids: torch.Tensor,  # [c]
-    teacher_ids: torch.Tensor | None,  # [c, K]
-    teacher_logprobs: torch.Tensor | None,  # [c, K]
-    teacher_tail: torch.Tensor | None,  # [c]
+    teacher_ids: torch.Tensor | None,  # [c, K] (padding clamped to a valid id)
     spec: LossSpec,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Σ CE, Σ D) over one chunk, as float32 0-dim tensors (D not yet multiplied by T²)."""
+    """(Σ CE over the chunk, log q_T gathered at the teacher ids [c, K]) — all that needs [c, V].
+
+    The divergence itself is computed outside the checkpoint, on the [N, K] gathered values of
+    every chunk at once: it is small, and it is then neither recomputed in backward nor split
+    into one round of small kernels per chunk.
+    """
     z = torch.nn.functional.linear(h, weight, bias)  # [c, V]
     if z.dtype not in (torch.float32, torch.float64):
         z = z.float()  # bf16/fp16 autocast: softmax and the loss in float32
@@ -78,24 +82,16 @@ def _chunk_loss(
     if spec.logit_softcap:
         z = spec.logit_softcap * torch.tanh(z / spec.logit_softcap)
     log_q1 = torch.log_softmax(z, dim=-1)  # [c, V]
-    if teacher_ids is None or spec.alpha >= 1.0:
-        ce = cross_entropy(log_q1, target_ids)  # [c]
-        return ce.sum(), ce.new_zeros(())
-    ids = teacher_ids.clamp_min(0)  # [c, K]
+    if teacher_ids is None:
+        return cross_entropy(log_q1, target_ids).sum(), log_q1.new_zeros((h.shape[0], 0))
     if spec.temperature == 1.0:
         # One gather for both parts: column 0 is the target, columns 1.. the teacher's kept ids.
-        g = log_q1.gather(-1, torch.cat([target_ids.unsqueeze(-1), ids], dim=-1))  # [c, 1+K]
-        ce, kept = -g[:, 0], g[:, 1:]
-    else:
-        ce = cross_entropy(log_q1, target_ids)  # [c]
-        del log_q1  # free before the tempered [c, V] log-softmax
-        kept = torch.log_softmax(z / spec.temperature, dim=-1).gather(-1, ids)  # [c, K]
-    d = kd_divergence_from_kept(
-        kept, ids, teacher_logprobs, teacher_tail,
-        divergence=spec.divergence, tail_mode=spec.tail_mode, temperature=spec.temperature,
-        jsd_beta=spec.jsd_beta, codec=spec.codec,
-    )  # [c]
-    return ce.sum(), d.sum()
+        g = log_q1.gather(-1, torch.cat([target_ids.unsqueeze(-1), teacher_ids], dim=-1))  # [c, 1+K]
+        return -g[:, 0].sum(), g[:, 1:]
+    ce = cross_entropy(log_q1, target_ids).sum()
+    del log_q1  # free before the tempered [c, V] log-softmax
+    kept = torch.log_softmax(z / spec.temperature, dim=-1).gather(-1, teacher_ids)  # [c, K]
+    return ce, kept
 
 
 def chunked_loss_parts(
@@ -117,26 +113,30 @@ def chunked_loss_parts(
     w = weight[:vocab_size]  # [V, H] a view: padded rows get no logits and no gradient
     b = bias[:vocab_size] if bias is not None else None
     n = hidden.shape[0]
+    with_kd = teacher_ids is not None and spec.alpha < 1.0
+    ids = teacher_ids.clamp_min(0) if with_kd else None  # [N, K]
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     ce_sum = hidden.new_zeros((), dtype=acc)
-    d_sum = hidden.new_zeros((), dtype=acc)
-    with_kd = teacher_ids is not None and spec.alpha < 1.0
+    kept_chunks = []
     for start in range(0, n, spec.chunk_size):
         sl = slice(start, min(start + spec.chunk_size, n))
-        args = (
-            hidden[sl], w, b, target_ids[sl],
-            teacher_ids[sl] if with_kd else None,
-            teacher_logprobs[sl] if with_kd else None,
-            teacher_tail[sl] if with_kd else None,
-            spec,
-        )
+        args = (hidden[sl], w, b, target_ids[sl], ids[sl] if with_kd else None, spec)
         if use_checkpoint and torch.is_grad_enabled():
-            ce, d = checkpoint(_chunk_loss, *args, use_reentrant=False)
+            ce, kept = checkpoint(_chunk_loss, *args, use_reentrant=False)
         else:
-            ce, d = _chunk_loss(*args)
+            ce, kept = _chunk_loss(*args)
         ce_sum = ce_sum + ce
-        d_sum = d_sum + d
-    kd = spec.temperature**2 * d_sum
+        kept_chunks.append(kept)
+    if with_kd and n > 0:
+        kept = torch.cat(kept_chunks) if len(kept_chunks) > 1 else kept_chunks[0]  # [N, K] log q_T at the kept ids
+        d = kd_divergence_from_kept(
+            kept, ids, teacher_logprobs, teacher_tail,
+            divergence=spec.divergence, tail_mode=spec.tail_mode, temperature=spec.temperature,
+            jsd_beta=spec.jsd_beta, codec=spec.codec,
+        )  # [N]
+        kd = spec.temperature**2 * d.sum()
+    else:
+        kd = ce_sum.new_zeros(())
     return {"ce": ce_sum, "kd": kd, "loss": spec.alpha * ce_sum + (1.0 - spec.alpha) * kd}
 
 
