@@ -136,6 +136,25 @@ def check_schema(schema: pa.Schema, codec: codecs.CodecConfig, vocab_size: int, 
         raise StoreError(f"{path}: wrong schema for codec {codec.name!r} (columns differing: {', '.join(diff)})")
 
 
+_NP = {pa.int32(): np.int32, pa.uint8(): np.uint8, pa.uint16(): np.uint16, pa.float32(): np.float32}
+
+
+def _np_view(arr: pa.Array) -> np.ndarray:
+    """numpy view of a primitive Arrow array without nulls (bools are unpacked).
+
+    Straight from the buffers: Array.to_numpy would import pandas on first use (~1 s).
+    """
+    data = arr.buffers()[1]
+    if arr.type == pa.bool_():
+        bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8), bitorder="little")
+        return bits[arr.offset:arr.offset + len(arr)].view(np.bool_)
+    try:
+        dtype = _NP[arr.type]
+    except KeyError:
+        raise StoreError(f"unexpected column type {arr.type}") from None
+    return np.frombuffer(data, dtype=dtype)[arr.offset:arr.offset + len(arr)]
+
+
 class _DecodedBatch:
     """Zero-copy numpy views of one record batch's columns; record(j) decodes row j."""
 
@@ -148,7 +167,7 @@ class _DecodedBatch:
             if name in ("sample_id", "text"):
                 continue
             col = batch.column(name)
-            self.cols[name] = (col.offsets.to_numpy(), col.values.to_numpy(zero_copy_only=False))
+            self.cols[name] = (_np_view(col.offsets), _np_view(col.values))
 
     def _get(self, name: str, j: int) -> np.ndarray:
         off, val = self.cols[name]
