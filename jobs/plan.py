@@ -247,11 +247,14 @@ def _eval_gpus(job: JobSpec, eval_cfg: Any) -> int:
 
 
 def write_configs(plan: Plan) -> None:
-    """Render each phase's config (TOML) into RUN_DIR/configs, plus the job file as resolved."""
+    """Render each phase's config (TOML) into RUN_DIR/configs, with a copy of the job file and
+    the plan as `kdpipe check` prints it, so a run dir says what produced it."""
     plan.configs_dir.mkdir(parents=True, exist_ok=True)
     for s in plan.steps:
         if s.config is not None and s.config_text is not None:
             atomic_write_text(s.config, s.config_text)
+    atomic_write_text(plan.configs_dir / "job.toml", plan.job.path.read_text(encoding="utf-8"))
+    atomic_write_text(plan.configs_dir / "plan.txt", describe(plan) + "\n")
 
 
 def describe(plan: Plan) -> str:

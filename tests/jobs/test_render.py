@@ -127,6 +127,8 @@ def test_submit_chains_real_job_ids(tmp_path):
     assert sub["complete"] is True
     assert {j["step"]: j["job_id"] for j in sub["jobs"]} == ids
     assert (run_dir / "configs" / "generate.toml").exists()
+    assert (run_dir / "configs" / "job.toml").read_text() == (EXAMPLES / "llama-3.1-70b-to-8b.toml").read_text()
+    assert "array 16 task(s) [0-15] of 16" in (run_dir / "configs" / "plan.txt").read_text()
     calls = [json.loads(ln) for ln in (tmp_path / "fake-sbatch-calls.jsonl").read_text().splitlines()]
     assert all(c["argv"][0] == "--parsable" and c["cwd"] == str(run_dir / "logs") for c in calls)
 
