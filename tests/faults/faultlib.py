@@ -206,3 +206,29 @@ def run_cli(args: list[str], timeout: float = 300, **kw) -> subprocess.Completed
 
 def py_script(code: str) -> list[str]:
     return [PYTHON, "-c", textwrap.dedent(code)]
+
+
+# ----------------------------------------------------------------------------------------------
+# byte-level corruption
+
+BYTE_FAULTS = ["truncate", "bitflip", "garbage", "zero_range", "append", "empty"]
+
+
+def corrupt_bytes(path: Path, kind: str, a: float, b: int) -> None:
+    """Damage a file: truncate at fraction a, flip bit b of the byte at a, replace by garbage, ..."""
+    data = bytearray(path.read_bytes())
+    n = len(data)
+    i = min(max(n - 1, 0), int(a * n))
+    if kind == "truncate":
+        data = data[:i]
+    elif kind == "bitflip":
+        data[i] ^= 1 << (b % 8)
+    elif kind == "garbage":
+        data = bytearray(np.random.default_rng(b).integers(0, 256, max(1, n // (1 + b % 4)), dtype=np.uint8).tobytes())
+    elif kind == "zero_range":
+        data[i:i + 1 + b % 64] = bytes(len(data[i:i + 1 + b % 64]))
+    elif kind == "append":
+        data += bytes([b % 256]) * (1 + b % 16)
+    elif kind == "empty":
+        data = bytearray()
+    path.write_bytes(bytes(data))
