@@ -62,24 +62,32 @@ def _ensure_meta(store_dir: Path, meta: StoreMeta) -> str:
     return key
 
 
+def _open_columns(f, names: list[str]) -> pa.ipc.RecordBatchFileReader:
+    """An IPC file reader that decodes only `names` (the other columns' buffers are skipped)."""
+    schema = pa.ipc.open_file(f).schema
+    f.seek(0)
+    fields = [schema.get_field_index(n) for n in names]
+    return pa.ipc.open_file(f, options=pa.ipc.IpcReadOptions(included_fields=fields))
+
+
 def read_shard_stats(path: Path) -> dict[str, Any]:
     """Rows, target tokens and batch sizes of a finished shard (used to adopt shards on resume)."""
     with pa.OSFile(str(path), "rb") as f:
-        reader = pa.ipc.open_file(f)
+        reader = _open_columns(f, ["target_positions"])
         batch_rows, tokens = [], 0
         for i in range(reader.num_record_batches):
             b = reader.get_batch(i)
             batch_rows.append(b.num_rows)
-            tokens += int(pc.sum(pc.list_value_length(b.column("target_positions"))).as_py() or 0)
+            tokens += int(pc.sum(pc.list_value_length(b.column(0))).as_py() or 0)
     return {"rows": sum(batch_rows), "target_tokens": tokens, "batch_rows": batch_rows}
 
 
 def shard_sample_ids(path: Path) -> list[str]:
     with pa.OSFile(str(path), "rb") as f:
-        reader = pa.ipc.open_file(f)
+        reader = _open_columns(f, ["sample_id"])
         out: list[str] = []
         for i in range(reader.num_record_batches):
-            out.extend(reader.get_batch(i).column("sample_id").to_pylist())
+            out.extend(reader.get_batch(i).column(0).to_pylist())
     return out
 
 
