@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import types
 import typing
 from pathlib import Path
 from typing import Any, Mapping
@@ -60,7 +61,7 @@ def list_fields(cls: type) -> frozenset[str]:
     out = set()
     for name in field_names(cls):
         tp = hints[name]
-        kinds = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, getattr(__import__("types"), "UnionType")) else (tp,)
+        kinds = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
         if any(typing.get_origin(k) in (list, tuple) or k in (list, tuple) for k in kinds):
             out.add(name)
     return frozenset(out)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
-import shlex
 import shutil
 import subprocess
 from pathlib import Path
@@ -243,7 +242,3 @@ def submit_plan(
         echo(f"store {plan.store.path} is finalized with the same cache key: generate and finalize skipped")
     echo(f"wrote {path}")
     return ids
-
-
-def quote_argv(argv: list[str]) -> str:
-    return " ".join(shlex.quote(a) for a in argv)
