@@ -14,6 +14,7 @@ import pytest
 from kdpipe.jobs.plan import make_plan
 from kdpipe.jobs.spec import load_job
 from kdpipe.jobs.status import collect_status, format_status
+from kdpipe.jobs.submit import render_step
 from kdpipe.storage import open_store
 from kdpipe.storage.errors import ConfigError
 
@@ -90,6 +91,8 @@ def test_incomplete_store_runs_only_missing_tasks(local_run, tmp_path):
     assert plan.step("generate").tasks == (1,)
     assert plan.step("finalize").after == ("generate",)
     assert "--task-index" in plan.step("generate").argv
+    script = render_step(plan, plan.step("generate"), [])
+    assert "#SBATCH --array=1\n" in script  # only the missing task is resubmitted
 
 
 def test_store_with_another_cache_key_is_refused(local_run, tmp_path):
