@@ -38,6 +38,7 @@ class EvalConfig:
     # Prompt: the summarize recipe of phase one, applied through the model's chat template.
     instruction: str | None = None  # None = the summarize recipe's own instruction
     use_chat_template: bool = True
+    system_prompt: str | None = None  # the phase-one system prompt, if the store was generated with one
     # Engine settings: the same for every model so latencies compare.
     max_new_tokens: int = 64
     temperature: float = 0.0

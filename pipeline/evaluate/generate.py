@@ -94,13 +94,11 @@ def summarize_template(cfg) -> str:
     return cfg.instruction if cfg.instruction else DEFAULT_SUMMARIZE_TEMPLATE
 
 
-def build_prompt_ids(tokenizer, document: str, template: str, use_chat_template: bool) -> list[int]:
-    """Token ids of the summarize prompt, exactly as phase one builds them (template, then chat template)."""
-    text = template.format(text=document)
-    if use_chat_template and getattr(tokenizer, "chat_template", None):
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False)
-        return list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
-    return list(tokenizer(text)["input_ids"])
+def build_prompt_ids(tokenizer, document: str, template: str, use_chat_template: bool, system_prompt: str | None = None) -> list[int]:
+    """Token ids of the summarize prompt, built by phase one's own Prompter (template, then chat template)."""
+    from kdpipe.pipeline.generate.recipes import Prompter
+
+    return Prompter(tokenizer, use_chat_template, system_prompt).ids(template.replace("{text}", document))
 
 
 def load_tokenizers(specs: Sequence[ModelSpec], cfg) -> dict[str, Any]:

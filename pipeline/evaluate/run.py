@@ -94,7 +94,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     # --- generation, one engine at a time
     outputs: dict[str, ModelOutputs] = {}
     for s in specs:
-        prompts = [build_prompt_ids(toks[s.name], ex.document, template, cfg.use_chat_template) for ex in examples]
+        prompts = [build_prompt_ids(toks[s.name], ex.document, template, cfg.use_chat_template, cfg.system_prompt) for ex in examples]
         bar = _progress(len(prompts), f"generate {s.name}")
         try:
             outputs[s.name] = generate_outputs(s, toks[s.name], prompts, cfg, bar)
