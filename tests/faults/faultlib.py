@@ -40,6 +40,14 @@ def full_run() -> bool:
     return "KDPIPE_FAULT_TRIALS" in os.environ
 
 
+def full_only(why: str) -> None:
+    """Skip in the CI-size run (the scenario is slow here and also covered by its owner's tests)."""
+    import pytest
+
+    if not full_run():
+        pytest.skip(f"full fault run only (--fault-trials N / KDPIPE_FAULT_TRIALS): {why}")
+
+
 def examples(ci_default: int = 25) -> int:
     """Hypothesis examples per property: modest in CI, ~10x the trial count in a full run."""
     v = os.environ.get("KDPIPE_FAULT_TRIALS")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from faultlib import HERE, KDPIPE, PYTHON, REPORT, base_seed, child_env, full_run, trials
+from faultlib import HERE, KDPIPE, PYTHON, REPORT, base_seed, child_env, full_only, full_run, trials
 
 from kdpipe.storage import StoreReader, finalize_store, inspect_store
 
@@ -161,6 +161,7 @@ def test_kill9_generate_hf_then_rerun_exactly_once(tiny_teacher, docs, gen_refer
 
 
 def test_sigterm_generate_finishes_its_shard_and_exits_cleanly(tiny_teacher, docs, gen_reference, tmp_path):
+    full_only("about a minute; tests/generate covers SIGTERM too")
     ref_dir, ref, _ = gen_reference
     out = tmp_path / "term"
     p = start(gen_args(tiny_teacher, docs, out))
@@ -211,7 +212,7 @@ def test_kill9_generate_vllm_then_rerun_exactly_once(tiny_teacher, docs, tmp_pat
 # ----------------------------------------------------------------------------------------------
 # phase two
 
-TRAIN_STEPS = 6
+TRAIN_STEPS = 4
 
 
 def train_args(student: Path, store: Path, out: Path, *extra: str) -> list[str]:
@@ -239,6 +240,7 @@ def train_reference(tiny_student, gen_reference, tmp_path_factory) -> tuple[Path
 
 
 def test_kill9_train_at_random_moments_then_resume_equal_losses(tiny_student, gen_reference, train_reference, tmp_path):
+    full_only("tests/train kills once at a fixed step; here at random moments")
     store = gen_reference[0]
     _, ref = train_reference
     rng = random.Random(base_seed() * 1000 + 21)
@@ -305,7 +307,7 @@ def ckpt_points(seed: int) -> list[str]:
     pts = [f"torch.save:{i}:{w}" for i in range(1, 7) for w in ("before", "after")]
     pts += [f"os.replace:{i}:before" for i in range(1, 13)] + [f"rmtree:{i}:after" for i in (1, 2)]
     rng = random.Random(seed)
-    return pts if full_run() and trials() >= 20 else rng.sample(pts, min(len(pts), trials(2)))
+    return pts if full_run() and trials() >= 20 else rng.sample(pts, min(len(pts), trials(1)))
 
 
 def test_kill9_inside_checkpoint_writing_then_resume_equal_losses(tiny_student, gen_reference, train_reference, tmp_path):
@@ -330,7 +332,9 @@ def test_kill9_inside_checkpoint_writing_then_resume_equal_losses(tiny_student, 
         REPORT.add("kill9:train_checkpoint_write", trials=1, injected=int(died), survived=int(died))
 
 
+@pytest.mark.xfail(strict=True, reason="finding 10: disk full at a checkpoint ends in a torch traceback, no path")
 def test_disk_full_while_writing_a_checkpoint(tiny_student, gen_reference, train_reference, tmp_path):
+    full_only("two training runs")
     store = gen_reference[0]
     ref_dir, ref = train_reference
     wrapper = tmp_path / "wrap.py"
@@ -354,6 +358,7 @@ def test_disk_full_while_writing_a_checkpoint(tiny_student, gen_reference, train
 
 
 def test_sigterm_train_writes_a_checkpoint_then_requeue_resumes(tiny_student, gen_reference, train_reference, tmp_path):
+    full_only("tests/train covers SIGTERM once")
     store = gen_reference[0]
     _, ref = train_reference
     out = tmp_path / "term"
@@ -392,7 +397,7 @@ print(1000 + n)
 def test_kill9_submit_leaves_a_consistent_run_dir(tmp_path):
     example = HERE.parents[1] / "jobs" / "examples" / "llama-3.1-70b-to-8b.toml"
     rng = random.Random(base_seed() * 1000 + 41)
-    for trial in range(trials(2)):
+    for trial in range(trials(1)):
         d = tmp_path / f"s{trial}"
         d.mkdir()
         log = d / "sbatch.log"

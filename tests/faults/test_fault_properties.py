@@ -336,6 +336,8 @@ HOSTILE_VALUES = [None, -1, 0, 2**63, 1.5, float("nan"), "", "abc", "../../etc/p
                   {"a": 1}, True, "shard-t00000-s000000.arrow", "\u0000"]
 
 
+@pytest.mark.xfail(strict=True, reason="findings 2, 3, 4: task-manifest entries trusted by the writer; int()/set() on "
+                   "bad manifest fields; codec ConfigError without the file; a deleted shard entry reads silently")
 @seed(base_seed())
 @settings(max_examples=examples(60), **SETTINGS)
 @given(which=st.integers(0, 10**6), value=st.sampled_from(HOSTILE_VALUES + ["<delete>"]),
@@ -385,7 +387,8 @@ ESCAPES = ["../../etc/passwd", "/etc/passwd", "../outside/shard-t00000-s000000.a
 
 
 @pytest.mark.parametrize("name", ESCAPES)
-@pytest.mark.parametrize("where", ["manifest.json", "task"])
+@pytest.mark.parametrize("where", ["manifest.json", pytest.param("task", marks=pytest.mark.xfail(
+    strict=True, reason="finding 2: ShardWriter resume uses task-manifest file names unchecked"))])
 def test_shard_paths_escaping_the_store_are_refused(base_store, tmp_path, name, where):
     src, _ = base_store
     store = tmp_path / "s"
@@ -482,6 +485,7 @@ def rewrite_column(path: Path, col: str, fn) -> None:
         w.close()
 
 
+@pytest.mark.xfail(strict=True, reason="finding 1: the reader does not validate decoded column lengths/ranges")
 @pytest.mark.parametrize("col", sorted(TAMPER))
 def test_tampered_columns_with_matching_checksum_are_refused(base_store, tmp_path, col):
     src, expected = base_store
@@ -516,6 +520,7 @@ def test_orphaned_tmp_files_are_never_read(base_store, tmp_path):
     assert rep["ok"] and rep["shards"] == len(list(store.glob("shard-*.arrow")))
 
 
+@pytest.mark.xfail(strict=True, reason="finding 3: a 5000-digit number in manifest.json raises ValueError from json")
 def test_random_garbage_store_directory(tmp_path):
     """Directories that are not stores at all: clear StoreError, naming the path."""
     rng = np.random.default_rng(base_seed())
