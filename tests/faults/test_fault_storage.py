@@ -147,7 +147,7 @@ def test_kill9_writer_at_every_durable_step(tmp_path, tasks):
     """SIGKILL exactly before/after each os.replace/fsync/link/unlink of a task's run, then rerun."""
     n = 12
     counts = count_calls(["write", str(tmp_path / "count"), "--n", str(n), "--task", "0", "--tasks", str(tasks)], tmp_path / "count")
-    pts = select_points(counts, base_seed() + tasks, None if full_run() else 4)
+    pts = select_points(counts, base_seed() + tasks, 24 if full_run() else 4)
     ids = sample_ids(n)
     for k, pt in enumerate(pts):
         store = tmp_path / f"p{k}"
