@@ -223,6 +223,14 @@ class ShardWriter:
             raise DataError(f"{where}: teacher ids must be < vocab_size={V} (got {int(top_ids.max())})")
         if V > (1 << 24):
             raise DataError(f"vocab_size {V} exceeds the store's 24-bit token ids")
+        if top_ids.shape[1] > 1:
+            # a repeated id would count its mass twice (vLLM lists the sampled token first: dedupe it)
+            K = top_ids.shape[1]
+            s = np.sort(np.where(top_ids >= 0, top_ids, -1 - np.arange(K)[None, :]), axis=1)
+            dup = (s[:, 1:] == s[:, :-1]).any(axis=1)
+            if dup.any():
+                j = int(np.argmax(dup))
+                raise DataError(f"{where}: target position {int(pos[j])} lists a token id twice; deduplicate the teacher entries")
         if self.codec.name == "topk":
             cols = codecs.encode_topk(self.codec, top_ids, top_lp)
         else:

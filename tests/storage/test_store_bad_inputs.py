@@ -183,6 +183,10 @@ def test_bad_add_arguments_name_the_sample(tmp_path):
             w.add("x", ids, pos, top[:-1], lp[:-1])
         with pytest.raises(DataError, match="'x'.*vocab_size"):
             w.add("x", ids, pos, top + 5000, lp)
+        dup = top.copy()
+        dup[2, 1] = dup[2, 0]
+        with pytest.raises(DataError, match=f"'x'.*position {pos[2]} lists a token id twice"):
+            w.add("x", ids, pos, dup, lp)
         w.add("x", ids, pos, top, lp)
         with pytest.raises(DataError, match="already written"):
             w.add("x", ids, pos, top, lp)
