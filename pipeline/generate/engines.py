@@ -85,13 +85,17 @@ def flat_to_arrays(fl, positions: list[int] | None, k: int, vocab_size: int) -> 
     Each position holds the sampled (or, for prompt log-probs, the actual) token first, then the
     top-K by rank; the first entry is dropped so the rows are exactly the top-K.
     """
+    tok = np.asarray(fl.token_ids, dtype=np.int64)
+    lp = np.asarray(fl.logprobs, dtype=np.float32)
+    n_pos = len(fl.start_indices)
+    if positions is None and len(tok) == n_pos * (k + 1):
+        # The usual generation layout: every position holds exactly K+1 entries -> a reshape.
+        return drop_untokenizable(tok.reshape(n_pos, k + 1)[:, 1:], lp.reshape(n_pos, k + 1)[:, 1:], vocab_size)
     starts = np.asarray(fl.start_indices, dtype=np.int64)
     ends = np.asarray(fl.end_indices, dtype=np.int64)
     if positions is not None:
         sel = np.asarray(positions, dtype=np.int64)
         starts, ends = starts[sel], ends[sel]
-    tok = np.asarray(fl.token_ids, dtype=np.int64)
-    lp = np.asarray(fl.logprobs, dtype=np.float32)
     P = len(starts)
     if P and np.all(ends - starts == k + 1):
         idx = starts[:, None] + 1 + np.arange(k)[None, :]  # [P, K]

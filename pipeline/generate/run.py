@@ -255,6 +255,11 @@ def check_engine(cfg: GenerateConfig, engine: Engine, vocab_size: int) -> None:
         )
     if getattr(engine, "vocab_size", vocab_size) != vocab_size:
         raise ConfigError("the supplied engine was built for another tokenizer")
+    kind = type(engine).__name__
+    if (cfg.engine == "vllm") != (kind == "VllmEngine"):
+        raise ConfigError(f"engine={cfg.engine!r} but the supplied engine is a {kind}; they must agree (it is recorded in the store)")
+    if cfg.max_model_len is not None and cfg.max_model_len != engine.max_model_len:
+        raise ConfigError(f"max_model_len={cfg.max_model_len} but the supplied engine has {engine.max_model_len}")
     # Per-run sampling settings live on the engine object; align them with this config.
     engine.top_k = cfg.top_k
     engine.temperature = cfg.temperature

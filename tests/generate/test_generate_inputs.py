@@ -274,15 +274,15 @@ def test_cli_with_toml_and_override_writes_resolved_config(tiny_teacher, docs_fi
 
 def test_sigterm_finishes_the_open_shard_and_rerun_completes(tiny_teacher, tmp_path):
     """SIGTERM mid-run: exit 143, finished work kept as shards, task incomplete; a rerun completes it."""
-    n = 1000
+    n = 150
     rows = [{"id": f"d{i}", "text": t, "ref": "The council approved it."} for i, t in enumerate(make_docs(n, seed=5))]
     data = write_jsonl(tmp_path / "d.jsonl", rows)
     out = tmp_path / "s"
-    opts = dict(recipe="score", target_field="ref", shard_mb=0.05)
+    opts = dict(recipe="score", target_field="ref", shard_mb=0.002)
     args = [sys.executable, "-m", "kdpipe.pipeline.cli", "generate-logits", "--teacher", str(tiny_teacher),
             "--data", str(data), "--out", str(out), "--engine", "hf", "--top-k", "8", "--recipe", "score",
             "--target-field", "ref", "--max-model-len", "128", "--max-new-tokens", "6", "--dtype", "float32",
-            "--id-field", "id", "--no-progress", "--shard-mb", "0.05"]
+            "--id-field", "id", "--no-progress", "--shard-mb", "0.002"]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 120
     while not list(out.glob("shard-*.arrow")) and time.time() < deadline and proc.poll() is None:
