@@ -47,7 +47,9 @@ def build(root: Path, sequences: int, copies: int) -> tuple[Path, Path]:
             a = rng.uniform(1.2, 2.5, SEQ - 1)[:, None]  # Zipf exponents: 1-4 nats of entropy
             lp = -a * ranks[None, :]
             lp -= np.log(np.exp(lp).sum(1, keepdims=True) * 1.03)  # ~3% tail
-            ids = rng.integers(0, VOCAB, (SEQ - 1, K))  # (duplicates are fine for the reader)
+            ids = rng.integers(0, VOCAB, (SEQ - 1, K))
+            while (dup := (np.diff(np.sort(ids, axis=1), axis=1) == 0).any(axis=1)).any():
+                ids[dup] = rng.integers(0, VOCAB, (int(dup.sum()), K))  # distinct ids per position
             w.add(f"seq{s:05d}", rng.integers(0, VOCAB, SEQ), np.arange(1, SEQ), ids, lp.astype(np.float32))
     finalize_store(one)
     # 10x: the same shards under task names 0..copies-1 (finalize checks them like any store)
@@ -72,6 +74,8 @@ import torch
 torch.set_num_threads(1)
 from kdpipe.storage import StoreReader, collate
 store, batch, shuffle = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
+import numpy, pyarrow, kdpipe.storage.reader  # noqa: imports counted in the baseline RSS
+base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 def one_pass(epoch):
     reader = StoreReader(store, shuffle=shuffle, shuffle_buffer=16, seed=0, epoch=epoch)
@@ -88,7 +92,7 @@ def one_pass(epoch):
 
 cold = one_pass(0)  # first pass: allocator and page-cache warm-up, imports of lazy modules
 tokens, cpu, wall = one_pass(1)  # steady state, as in a training run (a fresh reader: checksums again)
-print(json.dumps({"tokens": tokens, "seconds": cpu, "wall_seconds": wall, "cold_seconds": cold[1],
+print(json.dumps({"tokens": tokens, "seconds": cpu, "wall_seconds": wall, "cold_seconds": cold[1], "base_rss_mb": base_rss,
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 
@@ -125,6 +129,8 @@ def main() -> None:
         "tokens_per_s_sequential": seq["tokens"] / seq["seconds"],
         "tokens_per_s_10x": r10["tokens"] / r10["seconds"],
         "peak_rss_mb_1x": best["peak_rss_mb"], "peak_rss_mb_10x": r10["peak_rss_mb"],
+        # the reader's own share: peak RSS minus RSS after importing torch/pyarrow/kdpipe
+        "reader_rss_mb_1x": best["peak_rss_mb"] - best["base_rss_mb"], "reader_rss_mb_10x": r10["peak_rss_mb"] - r10["base_rss_mb"],
         "store_mb_1x": size1 / 2**20, "store_mb_10x": size10 / 2**20,
         "target_tokens_1x": best["tokens"], "target_tokens_10x": r10["tokens"],
         "k": K, "seq_len": SEQ, "batch_sequences": args.batch, "build_s": build_s,
