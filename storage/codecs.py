@@ -22,6 +22,10 @@ from kdpipe.storage.errors import ConfigError
 CODE_MAX = 65535  # quantized codes are uint16
 
 
+class CorruptColumns(ValueError):
+    """Decoded columns hold values no writer produces (the reader turns this into a StoreError)."""
+
+
 @dataclass(frozen=True)
 class CodecConfig:
     """How teacher targets are stored (recorded in the manifest; part of the cache key).
@@ -276,10 +280,17 @@ def decode_ids(counts: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray
     return _pad(ids, counts, -1, np.int32)
 
 
-def decode_delta_ids(counts: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+def decode_delta_ids(counts: np.ndarray, lo: np.ndarray, hi: np.ndarray, vocab_size: int) -> np.ndarray:
     """sampled: per-position cumsum of (hi << 16 | lo) -> [P, K] int32, -1 padding."""
     delta = (hi.astype(np.int64) << 16) | lo.astype(np.int64)
-    return _pad(_segment_cumsum(counts, delta).astype(np.int32), counts, -1, np.int32)
+    first = np.zeros(delta.shape[0], dtype=bool)
+    first[(np.cumsum(counts.astype(np.int64)) - counts)[counts > 0]] = True
+    if (delta[~first] < 1).any():
+        raise CorruptColumns("sampled ids are not strictly ascending within a position")
+    ids = _segment_cumsum(counts, delta)
+    if ids.size and ids.max() >= vocab_size:
+        raise CorruptColumns(f"a token id is >= vocab_size {vocab_size}")
+    return _pad(ids.astype(np.int32), counts, -1, np.int32)
 
 
 def decode_topk(cfg: CodecConfig, counts: np.ndarray, q_lo: np.ndarray, q_hi: np.ndarray, tail: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -297,12 +308,22 @@ def decode_topk(cfg: CodecConfig, counts: np.ndarray, q_lo: np.ndarray, q_hi: np
         K = int(counts[0])
         c = np.cumsum(delta).reshape(P, K)
         c -= (c[:, 0] - delta[::K])[:, None]
+        if K and c[:, -1].max() > CODE_MAX:  # codes rise within a position: the last is the largest
+            raise CorruptColumns("a log-prob code exceeds 65535")
         return np.take(table, c), tail
     codes = _segment_cumsum(counts, delta)
+    if codes.size and codes.max() > CODE_MAX:
+        raise CorruptColumns("a log-prob code exceeds 65535")
     return _pad(np.take(table, codes), counts, -np.inf, np.float32), tail
 
 
 def decode_sampled(cfg: CodecConfig, counts: np.ndarray, draw_counts: np.ndarray, tail_count: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    if counts.size:
+        c = np.concatenate([[0], np.cumsum(draw_counts, dtype=np.int64)])
+        ends = np.cumsum(counts.astype(np.int64))
+        per_pos = c[ends] - c[ends - counts.astype(np.int64)] + tail_count
+        if (per_pos != cfg.draws).any() or (draw_counts == 0).any():
+            raise CorruptColumns(f"draw counts of a position do not add up to draws={cfg.draws}")
     with np.errstate(divide="ignore"):
         lp = np.log(draw_counts.astype(np.float32) / np.float32(cfg.draws))
     return _pad(lp, counts, -np.inf, np.float32), tail_count.astype(np.float32) / np.float32(cfg.draws)

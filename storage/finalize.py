@@ -9,7 +9,8 @@ from typing import Any
 from kdpipe.storage.errors import StoreError
 from kdpipe.storage.format import FORMAT_VERSION, MANIFEST_FILE, META_FILE, SHARD_RE, TASKS_DIR, task_manifest_name
 from kdpipe.storage.manifest import (
-    StoreMeta, atomic_write_json, cache_key, check_format_version, kdpipe_version, read_json, shard_from_dict,
+    StoreMeta, TaskManifest, atomic_write_json, cache_key, check_format_version, kdpipe_version, load_task_manifest,
+    read_json,
 )
 
 
@@ -27,27 +28,24 @@ def finalize_store(store_dir: str | os.PathLike, num_tasks: int | None = None) -
         raise StoreError(f"{meta_path}: not found; no writer has started in {store_dir} (is it a kdpipe store?)")
     meta_raw = read_json(meta_path, "store metadata")
     check_format_version(meta_raw, meta_path)
-    meta = StoreMeta.from_dict(meta_raw.get("meta", {}), where=str(meta_path))
+    meta = StoreMeta.from_dict(meta_raw.get("meta"), where=str(meta_path))
     key = cache_key(meta)
     if meta_raw.get("cache_key") != key:
         raise StoreError(f"{meta_path}: cache_key does not match the recorded metadata; the file was edited or corrupted")
 
     tasks_dir = store_dir / TASKS_DIR
     found = sorted(tasks_dir.glob("task-*.json")) if tasks_dir.is_dir() else []
-    manifests: dict[int, tuple[Path, dict]] = {}
+    manifests: dict[int, tuple[Path, TaskManifest]] = {}
     for p in found:
-        m = read_json(p, "task manifest")
-        check_format_version(m, p)
-        if m.get("cache_key") != key:
-            raise StoreError(f"{p}: task manifest belongs to another store configuration (cache key differs from {meta_path})")
-        manifests[int(m.get("task_index", -1))] = (p, m)
-    recorded = {m.get("num_tasks") for _, m in manifests.values()}
+        tm = load_task_manifest(p, store_dir, key)
+        manifests[tm.task_index] = (p, tm)
+    recorded = sorted({tm.num_tasks for _, tm in manifests.values()})
     if num_tasks is None:
         if len(recorded) != 1:
-            raise StoreError(f"{tasks_dir}: tasks disagree on num_tasks ({sorted(map(str, recorded))}) or none ran; pass --num-tasks")
-        num_tasks = int(recorded.pop())
-    elif recorded and recorded != {num_tasks}:
-        raise StoreError(f"{tasks_dir}: tasks were started with num_tasks={sorted(map(str, recorded))}, not {num_tasks}")
+            raise StoreError(f"{tasks_dir}: tasks disagree on num_tasks ({recorded}) or none ran; pass --num-tasks")
+        num_tasks = recorded[0]
+    elif recorded and recorded != [num_tasks]:
+        raise StoreError(f"{tasks_dir}: tasks were started with num_tasks={recorded}, not {num_tasks}")
     missing = [i for i in range(num_tasks) if i not in manifests]
     if missing:
         raise StoreError(f"{store_dir}: task(s) {', '.join(map(str, missing))} of {num_tasks} never wrote a manifest "
@@ -55,7 +53,7 @@ def finalize_store(store_dir: str | os.PathLike, num_tasks: int | None = None) -
     extra = sorted(set(manifests) - set(range(num_tasks)))
     if extra:
         raise StoreError(f"{store_dir}: task manifest(s) for task(s) {extra} beyond num_tasks={num_tasks}")
-    incomplete = [i for i in range(num_tasks) if not manifests[i][1].get("complete")]
+    incomplete = [i for i in range(num_tasks) if not manifests[i][1].complete]
     if incomplete:
         raise StoreError(f"{store_dir}: task(s) {', '.join(map(str, incomplete))} did not complete "
                          f"({manifests[incomplete[0]][0]} has complete=false); rerun them (they resume), then finalize again")
@@ -63,22 +61,22 @@ def finalize_store(store_dir: str | os.PathLike, num_tasks: int | None = None) -
     shards: list[dict[str, Any]] = []
     owner: dict[str, int] = {}
     for i in range(num_tasks):
-        p, m = manifests[i]
-        for s in m.get("shards", []):
-            info = shard_from_dict(s, store_dir, p)
+        p, tm = manifests[i]
+        for info in tm.shards:
             if info.file in owner:
                 raise StoreError(f"{p}: shard {info.file} is also claimed by task {owner[info.file]}; "
                                  "two tasks wrote the same shard name — the store is inconsistent, regenerate the affected tasks")
-            match = SHARD_RE.match(info.file)
-            if int(match.group(1)) != i or info.task != i:
-                raise StoreError(f"{p}: task {i} claims shard {info.file}, which belongs to task {int(match.group(1))}")
             owner[info.file] = i
             if not info.path.exists():
                 raise StoreError(f"{info.path}: shard listed by {p} is missing; rerun task {i}")
             size = info.path.stat().st_size
             if size != info.bytes:
-                raise StoreError(f"{info.path}: shard is {size} bytes, the manifest says {info.bytes} (truncated or replaced); rerun task {i}")
+                raise StoreError(f"{info.path}: shard is {size} bytes, {p} says {info.bytes} (truncated or replaced); rerun task {i}")
             shards.append(info.to_dict())
+    unlisted = sorted(f.name for f in store_dir.glob("shard-*.arrow") if SHARD_RE.fullmatch(f.name) and f.name not in owner)
+    if unlisted:
+        raise StoreError(f"{store_dir}: shard file(s) {', '.join(unlisted[:3])} are not listed by their task's manifest; "
+                         "rerun that task (it adopts finished shards), then finalize again")
     n_seq = sum(s["rows"] for s in shards)
     if n_seq == 0:
         raise StoreError(f"{store_dir}: the store is empty (no task wrote a sequence); check the dataset and rerun phase one")

@@ -100,7 +100,7 @@ def inspect_store(store_dir: str | os.PathLike, verify: bool = False, sample_row
                             raise StoreError(f"record batch {i}: {bad}")
                     rows += b.num_rows
                     tokens += int(np.diff(b.column("target_positions").offsets.to_numpy()).sum())
-                    db = _DecodedBatch(b, codec)
+                    db = _DecodedBatch(b, m.meta, f"record batch {i}")
                     for j in range(b.num_rows):
                         if not verify and seen >= sample_rows:
                             break

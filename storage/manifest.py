@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from kdpipe.storage.codecs import CodecConfig
-from kdpipe.storage.errors import StoreError
+from kdpipe.storage.errors import KdpipeError, StoreError
 from kdpipe.storage.format import FORMAT_VERSION, MANIFEST_FILE, SHARD_RE
 
 
@@ -39,13 +39,36 @@ class StoreMeta:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], where: str = "meta") -> "StoreMeta":
+    def from_dict(cls, d: Any, where: str = "meta") -> "StoreMeta":
+        """Parse recorded metadata, checking every field's type; StoreError naming `where` if malformed."""
+        if not isinstance(d, dict) or not isinstance(d.get("codec"), dict):
+            raise StoreError(f"{where}: store metadata is malformed (expected an object with a 'codec' object)")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        codec_fields = {f.name for f in dataclasses.fields(CodecConfig)}
+        bad = sorted(set(d) - set(fields)) + [f"codec.{k}" for k in sorted(set(d["codec"]) - codec_fields)]
+        missing = sorted(set(fields) - set(d))
+        if bad or missing:
+            raise StoreError(f"{where}: store metadata has unknown key(s) {bad} / lacks {missing}; was it written by another kdpipe version?")
+        checks = {
+            "teacher": str, "teacher_revision": (str, type(None)), "tokenizer_fingerprint": str, "vocab_size": int,
+            "recipe": str, "recipe_params": dict, "dataset_fingerprint": str, "generation_params": dict,
+        }
+        codec_checks = {"name": str, "top_k": int, "top_p": (float, int, type(None)), "draws": int, "seed": int,
+                        "sqrt_step": (float, int), "log_step": (float, int)}
+        for k, t in checks.items():
+            if not isinstance(d[k], t) or isinstance(d[k], bool):
+                raise StoreError(f"{where}: meta.{k} has a bad value {d[k]!r}")
+        for k, t in codec_checks.items():
+            v = d["codec"].get(k, getattr(CodecConfig, k, None))
+            if not isinstance(v, t) or isinstance(v, bool):
+                raise StoreError(f"{where}: meta.codec.{k} has a bad value {v!r}")
+        if not 0 < d["vocab_size"] <= 1 << 24:
+            raise StoreError(f"{where}: meta.vocab_size {d['vocab_size']} is out of range")
         try:
-            d = dict(d)
-            d["codec"] = CodecConfig(**d["codec"])
-            return cls(**d)
-        except (KeyError, TypeError) as e:
-            raise StoreError(f"{where}: store metadata is malformed ({e}); was it written by another kdpipe version?") from None
+            codec = CodecConfig(**d["codec"])
+        except (KdpipeError, ValueError, TypeError) as e:
+            raise StoreError(f"{where}: recorded codec is invalid ({e})") from None
+        return cls(**{**d, "codec": codec})
 
 
 def _canonical(obj: Any) -> str:
@@ -117,8 +140,10 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
             obj = json.load(f)
     except FileNotFoundError:
         raise StoreError(f"{path}: {what} not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise StoreError(f"{path}: {what} is not valid JSON ({e}); the file is corrupted, rerun the step that wrote it") from None
+    except IsADirectoryError:
+        raise StoreError(f"{path}: {what} is a directory, not a file") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:  # JSONDecodeError is a ValueError
+        raise StoreError(f"{path}: {what} is not valid JSON ({str(e)[:100]}); the file is corrupted, rerun the step that wrote it") from None
     if not isinstance(obj, dict):
         raise StoreError(f"{path}: {what} must be a JSON object")
     return obj
@@ -172,7 +197,7 @@ file_sha256 = file_checksum
 
 def resolve_shard(store_dir: Path, name: Any, where: Path) -> Path:
     """A shard named by a manifest, refused unless it is a plain shard file inside the store."""
-    if not isinstance(name, str) or not SHARD_RE.match(name) or os.sep in name or "/" in name:
+    if not isinstance(name, str) or not SHARD_RE.fullmatch(name) or os.sep in name or "/" in name or "\0" in name:
         raise StoreError(f"{where}: shard entry {name!r} is not a shard file name (shard-tNNNNN-sNNNNNN.arrow); refusing it")
     root = store_dir.resolve()
     path = (root / name).resolve()
@@ -203,20 +228,62 @@ class ShardInfo:
         }
 
 
+def _int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
 def shard_from_dict(d: Any, store_dir: Path, where: Path) -> ShardInfo:
+    """One shard entry of a (task) manifest, every field checked; StoreError naming `where`."""
     if not isinstance(d, dict):
-        raise StoreError(f"{where}: shard entry {d!r} is not an object")
-    try:
-        info = ShardInfo(
-            file=d["file"], rows=int(d["rows"]), target_tokens=int(d["target_tokens"]), bytes=int(d["bytes"]),
-            checksum=str(d["checksum"]), batch_rows=tuple(int(x) for x in d["batch_rows"]), task=int(d["task"]),
-        )
-    except (KeyError, TypeError, ValueError) as e:
-        raise StoreError(f"{where}: shard entry {d.get('file')!r} is malformed (missing or bad {e})") from None
-    path = resolve_shard(store_dir, info.file, where)
+        raise StoreError(f"{where}: shard entry {str(d)[:80]!r} is not an object")
+    name = d.get("file")
+    path = resolve_shard(store_dir, name, where)
+    for k in ("rows", "target_tokens", "bytes", "task"):
+        if not _int(d.get(k)):
+            raise StoreError(f"{where}: shard {name}: field {k!r} is missing or not a non-negative integer ({d.get(k)!r})")
+    checksum = d.get("checksum")
+    if not isinstance(checksum, str) or checksum.split(":", 1)[0] not in ("xxh3_128", "sha256") or ":" not in checksum:
+        raise StoreError(f"{where}: shard {name}: bad checksum {str(checksum)[:80]!r}")
+    batch_rows = d.get("batch_rows")
+    if not isinstance(batch_rows, list) or not all(_int(x) for x in batch_rows):
+        raise StoreError(f"{where}: shard {name}: batch_rows must be a list of row counts")
+    info = ShardInfo(file=name, rows=d["rows"], target_tokens=d["target_tokens"], bytes=d["bytes"], checksum=checksum,
+                     batch_rows=tuple(batch_rows), task=d["task"], path=path)
     if sum(info.batch_rows) != info.rows:
         raise StoreError(f"{where}: shard {info.file}: batch_rows add up to {sum(info.batch_rows)}, not rows={info.rows}")
-    return dataclasses.replace(info, path=path)
+    if int(SHARD_RE.match(name).group(1)) != info.task:
+        raise StoreError(f"{where}: shard {name} is recorded under task {info.task}, but its name belongs to another task")
+    return info
+
+
+@dataclass(frozen=True)
+class TaskManifest:
+    task_index: int
+    num_tasks: int
+    complete: bool
+    shards: tuple[ShardInfo, ...]
+
+
+def load_task_manifest(path: Path, store_dir: Path, key: str) -> TaskManifest:
+    """Read and check a task manifest (tasks/task-NNNNN.json); StoreError naming it if malformed."""
+    m = read_json(path, "task manifest")
+    check_format_version(m, path)
+    if m.get("cache_key") != key:
+        raise StoreError(f"{path}: task manifest belongs to another store configuration (cache key differs from meta.json)")
+    t, n, complete, shards = m.get("task_index"), m.get("num_tasks"), m.get("complete"), m.get("shards")
+    if not _int(t) or not _int(n) or not 0 <= t < n or not isinstance(complete, bool) or not isinstance(shards, list):
+        raise StoreError(f"{path}: task manifest is malformed (task_index={t!r}, num_tasks={n!r}, complete={complete!r}, "
+                         f"shards {type(shards).__name__}); delete it and rerun the task")
+    if path.name != f"task-{t:05d}.json":
+        raise StoreError(f"{path}: records task_index {t}, which does not match its file name")
+    infos = tuple(shard_from_dict(s, store_dir, path) for s in shards)
+    names = [i.file for i in infos]
+    if len(set(names)) != len(names):
+        raise StoreError(f"{path}: lists a shard twice")
+    for i in infos:
+        if i.task != t:
+            raise StoreError(f"{path}: task {t} claims shard {i.file}, which belongs to task {i.task}")
+    return TaskManifest(task_index=t, num_tasks=n, complete=complete, shards=infos)
 
 
 @dataclass(frozen=True)
@@ -253,14 +320,13 @@ def open_store(store_dir: str | os.PathLike) -> StoreManifest:
         raise StoreError(f"{path}: manifest not found; the store is not finalized ({hint})")
     raw = read_json(path, "store manifest")
     check_format_version(raw, path)
-    try:
-        meta = StoreMeta.from_dict(raw["meta"], where=str(path))
-        key = raw["cache_key"]
-        shards_raw = raw["shards"]
-    except KeyError as e:
-        raise StoreError(f"{path}: store manifest lacks key {e}; regenerate it with `kdpipe finalize`") from None
+    if "meta" not in raw or "cache_key" not in raw or "shards" not in raw:
+        raise StoreError(f"{path}: store manifest lacks meta/cache_key/shards; regenerate it with `kdpipe finalize`")
+    meta = StoreMeta.from_dict(raw["meta"], where=str(path))
+    key = raw["cache_key"]
     if key != cache_key(meta):
         raise StoreError(f"{path}: cache_key does not match the recorded metadata; the manifest was edited or corrupted")
+    shards_raw = raw["shards"]
     if not isinstance(shards_raw, list):
         raise StoreError(f"{path}: 'shards' must be a list")
     shards = tuple(shard_from_dict(s, store_dir, path) for s in shards_raw)
@@ -270,10 +336,22 @@ def open_store(store_dir: str | os.PathLike) -> StoreManifest:
             raise StoreError(f"{path}: shard {s.file} is listed twice (tasks {seen[s.file]} and {s.task})")
         seen[s.file] = s.task
     n_seq = sum(s.rows for s in shards)
+    n_tok = sum(s.target_tokens for s in shards)
+    totals = {"num_sequences": n_seq, "num_target_tokens": n_tok, "bytes": sum(s.bytes for s in shards)}
+    for k, v in totals.items():
+        if raw.get(k) != v:
+            raise StoreError(f"{path}: {k} is {raw.get(k)!r} but the shards add up to {v}; the manifest was edited or corrupted")
+    num_tasks = raw.get("num_tasks")
+    if not _int(num_tasks) or num_tasks < 1 or any(s.task >= num_tasks for s in shards):
+        raise StoreError(f"{path}: num_tasks {num_tasks!r} is invalid for the listed shards")
     if n_seq == 0:
         raise StoreError(f"{path}: the store is empty (no sequences); regenerate it from a non-empty dataset")
+    unlisted = sorted(p.name for p in store_dir.glob("shard-*.arrow") if p.name not in seen)
+    if unlisted:
+        raise StoreError(f"{path}: shard file(s) {', '.join(unlisted[:3])} are in the store but not in its manifest; "
+                         "if tasks were rerun after finalizing, run `kdpipe finalize` again")
     return StoreManifest(
         store_dir=store_dir, meta=meta, cache_key=key, shards=shards, num_sequences=n_seq,
-        num_target_tokens=sum(s.target_tokens for s in shards), num_tasks=int(raw.get("num_tasks", 1)),
+        num_target_tokens=n_tok, num_tasks=num_tasks,
         kdpipe_version=str(raw.get("kdpipe_version", "unknown")), raw=raw,
     )

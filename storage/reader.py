@@ -74,6 +74,7 @@ class _OpenShard:
 
     def __init__(self, info: ShardInfo, meta: StoreMeta, verify: bool) -> None:
         self.info = info
+        self.meta = meta
         self.codec = codec = meta.codec
         path = info.path
         try:
@@ -105,7 +106,7 @@ class _OpenShard:
                 raise StoreError(f"{self.info.path}: record batch {i} is unreadable ({e})") from None
             if b.num_rows != self.info.batch_rows[i]:
                 raise StoreError(f"{self.info.path}: record batch {i} has {b.num_rows} rows, the manifest says {self.info.batch_rows[i]}")
-            self._cached = (i, _DecodedBatch(b, self.codec))
+            self._cached = (i, _DecodedBatch(b, self.meta, f"{self.info.path}: record batch {i}"))
         return self._cached[1]
 
     def rows(self, start: int, end: int) -> Iterator[Record]:
@@ -156,10 +157,16 @@ def _np_view(arr: pa.Array) -> np.ndarray:
 
 
 class _DecodedBatch:
-    """Zero-copy numpy views of one record batch's columns; record(j) decodes row j."""
+    """Zero-copy numpy views of one record batch's columns, checked; record(j) decodes row j.
 
-    def __init__(self, batch: pa.RecordBatch, codec: codecs.CodecConfig) -> None:
-        self.codec = codec
+    The checks are what a checksum cannot give: a shard written by a buggy or hostile producer
+    (with a matching checksum) must not decode into silently wrong targets or crash numpy.
+    """
+
+    def __init__(self, batch: pa.RecordBatch, meta: StoreMeta, where: str) -> None:
+        self.codec = meta.codec
+        self.vocab_size = meta.vocab_size
+        self.where = where
         self.ids_col = batch.column("sample_id")
         self.text_col = batch.column("text")
         self.cols: dict[str, tuple[np.ndarray, np.ndarray]] = {}
@@ -168,6 +175,57 @@ class _DecodedBatch:
                 continue
             col = batch.column(name)
             self.cols[name] = (_np_view(col.offsets), _np_view(col.values))
+        if batch.column("sample_id").null_count:
+            raise StoreError(f"{where}: a sample_id is null")
+        bad = self._check()
+        if bad:
+            raise StoreError(f"{where}: {bad}; the shard was not written by kdpipe's writer or is corrupted")
+
+    def _lengths(self, name: str) -> np.ndarray:
+        return np.diff(self.cols[name][0].astype(np.int64))
+
+    def _flat(self, name: str) -> np.ndarray:
+        off, val = self.cols[name]
+        return val[off[0]:off[-1]]
+
+    def _check(self) -> str | None:
+        """Vectorized over the batch: lengths agree, positions/ids/counts in range. None if fine."""
+        codec, V = self.codec, self.vocab_size
+        P = self._lengths("target_positions")
+        L = self._lengths("input_ids")
+        for name in ("num_entries", "tail" if codec.name == "topk" else "tail_count"):
+            if not np.array_equal(self._lengths(name), P):
+                return f"column {name} has a different length than target_positions in some row"
+        n = self._flat("num_entries").astype(np.int64)
+        if n.size and n.max() > codec.max_entries:
+            return f"a position holds {int(n.max())} entries, more than the codec's {codec.max_entries}"
+        cs = np.concatenate([[0], np.cumsum(n)])
+        row_end = np.cumsum(P)
+        E = cs[row_end] - cs[row_end - P]
+        entry_cols = ("ids_lo", "ids_hi", "logprob_q_lo", "logprob_q_hi") if codec.name == "topk" else ("id_delta_lo", "id_delta_hi", "counts")
+        for name in entry_cols:
+            if not np.array_equal(self._lengths(name), E):
+                return f"column {name} does not hold sum(num_entries) values in some row"
+        tp = self._flat("target_positions").astype(np.int64)
+        row_of = np.repeat(np.arange(len(P)), P)
+        if tp.size and ((tp < 1).any() or (tp >= L[row_of]).any()):
+            return "a target position lies outside its sequence"
+        if tp.size > 1 and ((np.diff(tp) <= 0) & (row_of[1:] == row_of[:-1])).any():
+            return "target positions are not strictly increasing"
+        inp = self._flat("input_ids")
+        if inp.size and (inp.min() < 0 or inp.max() >= V):
+            return f"an input id is outside [0, vocab_size={V})"
+        if codec.name == "topk":
+            hi, lo = self._flat("ids_hi"), self._flat("ids_lo")
+            if hi.size:
+                top = (V - 1) >> 16
+                h = hi.view(np.uint8) if hi.dtype == np.bool_ else hi
+                if h.max() > top or (h == top).any() and lo[h == top].max() > ((V - 1) & 0xFFFF):
+                    return f"a teacher id is >= vocab_size {V}"
+            tail = self._flat("tail")
+            if tail.size and not ((tail >= 0) & (tail <= 1)).all():
+                return "a tail mass is outside [0, 1]"
+        return None
 
     def _get(self, name: str, j: int) -> np.ndarray:
         off, val = self.cols[name]
@@ -175,13 +233,16 @@ class _DecodedBatch:
 
     def record(self, j: int) -> Record:
         counts = self._get("num_entries", j)
-        if self.codec.name == "topk":
-            ids = codecs.decode_ids(counts, self._get("ids_lo", j), self._get("ids_hi", j))
-            lp, tail = codecs.decode_topk(self.codec, counts, self._get("logprob_q_lo", j), self._get("logprob_q_hi", j), self._get("tail", j))
-            tail = tail.copy()
-        else:
-            ids = codecs.decode_delta_ids(counts, self._get("id_delta_lo", j), self._get("id_delta_hi", j))
-            lp, tail = codecs.decode_sampled(self.codec, counts, self._get("counts", j), self._get("tail_count", j))
+        try:
+            if self.codec.name == "topk":
+                ids = codecs.decode_ids(counts, self._get("ids_lo", j), self._get("ids_hi", j))
+                lp, tail = codecs.decode_topk(self.codec, counts, self._get("logprob_q_lo", j), self._get("logprob_q_hi", j), self._get("tail", j))
+                tail = tail.copy()
+            else:
+                ids = codecs.decode_delta_ids(counts, self._get("id_delta_lo", j), self._get("id_delta_hi", j), self.vocab_size)
+                lp, tail = codecs.decode_sampled(self.codec, counts, self._get("counts", j), self._get("tail_count", j))
+        except codecs.CorruptColumns as e:
+            raise StoreError(f"{self.where}, row {j}: {e}; the shard was not written by kdpipe's writer or is corrupted") from None
         text = self.text_col[j].as_py()
         return Record(
             sample_id=self.ids_col[j].as_py(), input_ids=self._get("input_ids", j).copy(),

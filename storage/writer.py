@@ -25,7 +25,8 @@ from kdpipe.storage.format import (
     shard_name, shard_schema, task_manifest_name,
 )
 from kdpipe.storage.manifest import (
-    StoreMeta, atomic_write_json, cache_key, check_format_version, file_checksum, fsync_dir, kdpipe_version, read_json,
+    StoreMeta, atomic_write_json, cache_key, check_format_version, file_checksum, fsync_dir, kdpipe_version,
+    load_task_manifest, read_json,
 )
 
 
@@ -53,7 +54,8 @@ def _ensure_meta(store_dir: Path, meta: StoreMeta) -> str:
     existing = read_json(path, "store metadata")
     check_format_version(existing, path)
     if existing.get("cache_key") != key:
-        diff = [k for k, v in meta.to_dict().items() if existing.get("meta", {}).get(k) != json.loads(json.dumps(v, default=str))]
+        recorded = existing.get("meta") if isinstance(existing.get("meta"), dict) else {}
+        diff = [k for k, v in meta.to_dict().items() if recorded.get(k) != json.loads(json.dumps(v, default=str))]
         raise StoreError(
             f"{store_dir}: the store was written by another teacher/codec/dataset (cache key "
             f"{str(existing.get('cache_key'))[:12]}… != {key[:12]}…; differing fields: {', '.join(diff) or 'format'}); "
@@ -132,10 +134,15 @@ class ShardWriter:
                 f"{self.store_dir}: task {task_index} is being written by another process (lock {self._lock_path}); "
                 "wait for it or give this run another task index"
             ) from None
+        self._manifest_path = tasks / task_manifest_name(task_index)
+        self._cur = None
         try:
             self.cache_key = _ensure_meta(self.store_dir, meta)
-            self._manifest_path = tasks / task_manifest_name(task_index)
             self._load_task_manifest()
+        except OSError as e:
+            self._release()
+            raise StoreError(f"{self.store_dir}: cannot prepare task {task_index} ({e.filename or ''}: {e.strerror or e}); "
+                             "check free space and permissions") from None
         except BaseException:
             self._release()
             raise
@@ -152,16 +159,19 @@ class ShardWriter:
     def _load_task_manifest(self) -> None:
         """Load this task's manifest, drop stale .tmp files, adopt finished shards not yet listed."""
         if self._manifest_path.exists():
-            m = read_json(self._manifest_path, "task manifest")
-            check_format_version(m, self._manifest_path)
-            if m.get("cache_key") != self.cache_key:
-                raise StoreError(f"{self._manifest_path}: task manifest belongs to another store configuration (cache key differs)")
-            if m.get("num_tasks") != self.num_tasks:
+            tm = load_task_manifest(self._manifest_path, self.store_dir, self.cache_key)
+            if tm.task_index != self.task_index:
+                raise StoreError(f"{self._manifest_path}: records task {tm.task_index}, not {self.task_index}")
+            if tm.num_tasks != self.num_tasks:
                 raise StoreError(
-                    f"{self._manifest_path}: task {self.task_index} was started with num_tasks={m.get('num_tasks')}, "
+                    f"{self._manifest_path}: task {self.task_index} was started with num_tasks={tm.num_tasks}, "
                     f"now {self.num_tasks}; rerun with the same number of tasks or use a new store"
                 )
-            self._shards = list(m.get("shards", []))
+            for info in tm.shards:
+                if not info.path.is_file() or info.path.stat().st_size != info.bytes:
+                    raise StoreError(f"{self._manifest_path}: lists shard {info.file}, which is missing or not "
+                                     f"{info.bytes} bytes; delete that entry (or the task's shards and manifest) and rerun the task")
+            self._shards = [info.to_dict() for info in tm.shards]
         else:
             self._shards = []
         prefix = f"shard-t{self.task_index:05d}-"
@@ -240,7 +250,10 @@ class ShardWriter:
         self._added.add(sample_id)
         self._pending_bytes += sum(v.nbytes for v in cols.values()) + 4 * (L + P) + len(sample_id) + len(text or "")
         if self._pending_bytes >= min(BATCH_BYTES, self.shard_bytes):
-            self._flush_batch()
+            try:
+                self._flush_batch()
+            except OSError as e:
+                raise self._write_failed(e) from None
 
     def _flush_batch(self) -> None:
         if not self._pending:
@@ -314,21 +327,41 @@ class ShardWriter:
             if self._ipc is not None:
                 self._finish_shard()
             self._write_task_manifest(complete=True)
+        except OSError as e:
+            raise self._write_failed(e) from None
         finally:
             self._closed = True
             self._release()
+
+    def _write_failed(self, e: OSError) -> StoreError:
+        """Disk full / file too large / I/O error: drop the open .tmp shard, keep finished ones."""
+        where = e.filename or (self._cur or {}).get("tmp") or self._manifest_path
+        self._drop_open_shard()
+        self._closed = True
+        self._release()
+        return StoreError(
+            f"{self.store_dir}: writing {where} failed ({e.strerror or e}); free disk space (or raise the file size "
+            f"limit) and rerun task {self.task_index}: its finished shards are kept and skipped"
+        )
+
+    def _drop_open_shard(self) -> None:
+        if self._cur is None:
+            return
+        for closer in (self._ipc, self._sink):
+            try:
+                if closer is not None:
+                    closer.close()
+            except (OSError, pa.ArrowException):
+                pass  # the shard is discarded anyway
+        Path(self._cur["tmp"]).unlink(missing_ok=True)
+        self._ipc = self._sink = self._cur = None
 
     def abort(self) -> None:
         """Drop unfinished rows and the open .tmp shard; finished shards stay (a rerun resumes)."""
         if self._closed:
             return
         try:
-            if self._ipc is not None:
-                try:
-                    self._ipc.close()
-                    self._sink.close()
-                finally:
-                    Path(self._cur["tmp"]).unlink(missing_ok=True)
+            self._drop_open_shard()
         finally:
             self._closed = True
             self._release()

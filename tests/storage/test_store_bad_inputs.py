@@ -90,6 +90,7 @@ def test_wrong_schema(store):
     with pa.ipc.new_file(str(shard), t.schema) as w:
         w.write_table(t)
     m = json.loads((store / "manifest.json").read_text())  # keep size/checksum consistent: only the schema is wrong
+    m["bytes"] += shard.stat().st_size - m["shards"][0]["bytes"]
     m["shards"][0].update(bytes=shard.stat().st_size, checksum=file_checksum(shard))
     (store / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(StoreError, match=f"{shard.name}: wrong schema.*tail"):
@@ -126,7 +127,7 @@ def test_two_tasks_claiming_the_same_shard(tmp_path):
     t1["shards"].append(t0["shards"][0])
     t1_path.write_text(json.dumps(t1))
     before = snapshot(store)
-    with pytest.raises(StoreError, match="task-00001.json: shard shard-t00000-s000000.arrow is also claimed by task 0"):
+    with pytest.raises(StoreError, match="task-00001.json: task 1 claims shard shard-t00000-s000000.arrow, which belongs to task 0"):
         finalize_store(store)
     assert snapshot(store) == before and not (store / "manifest.json").exists()
 
