@@ -77,6 +77,8 @@ def run_plan(plan: Plan, stream: bool = False, echo: Callable[[str], None] = pri
         echo(f"store {plan.store.path} is finalized with the same cache key: generate and finalize skipped")
     summary: dict = {"job": job.name, "job_file": str(job.path), "store": str(plan.store.path),
                      "store_state_at_start": plan.store.status, "steps": []}
+    for why in plan.skipped:
+        echo(f"skip {why}")
     done: set[str] = set()
     for step in plan.steps:
         missing = [a for a in step.after if a not in done]

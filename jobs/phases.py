@@ -198,6 +198,10 @@ def train_config(job: JobSpec, run: RunSpec, out_dir: Path) -> Any:
     cls = phase_class("train")
     w = f"{job.path} [[students]] #{run.student + 1}"
     values = dict(run.values)
+    if "resume" in field_names(cls):
+        # A rerun of the chain continues an interrupted run from its newest checkpoint (and
+        # starts fresh when there is none); a changed config is refused by phase two.
+        values.setdefault("resume", True)
     if isinstance(values.get("model"), str):
         values["model"] = _path_or_hub_id(job, values["model"])
     values = _collect("train", cls, [(w, values)], train_injected(cls, job, out_dir))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,7 @@ class Plan:
     runs: tuple[RunSpec, ...]
     steps: tuple[Step, ...]
     python: str  # interpreter the commands run with
+    skipped: tuple[str, ...] = ()  # steps left out because their output already exists (why)
 
     def step(self, name: str) -> Step:
         for s in self.steps:
@@ -184,26 +186,50 @@ def make_plan(job: JobSpec, python: str | None = None) -> Plan:
     if not runs:
         raise ConfigError(f"{job.path}: the [[students]] entries expand to zero runs; give at least one student")
     evaluated = _evaluated_runs(job, runs)
+    skipped: list[str] = []
     for run in runs:
         out = job.run_dir / "runs" / run.name
         train_cfg = phases.train_config(job, run, out)
+        train_text = _toml(train_cfg)
         tpath = cfgdir / f"train-{run.name}.toml"
-        steps.append(Step(
-            kind="train", name=f"train-{run.name}",
-            argv=tuple(phases.train_argv(python, tpath)),
-            after=after_store, nodes=run.nodes, gpus=run.gpus, procs=run.procs_per_node,
-            config=tpath, config_text=_toml(train_cfg), run=run,
-        ))
+        # A rerun of the chain (after a failure or preemption) does not redo finished work: a run
+        # whose RUN/final holds this very config is done; an interrupted one resumes (resume = true).
+        trained = _same_config(out / "final" / "train_config.toml", train_text, ignore={"resume"})
+        if trained:
+            skipped.append(f"train-{run.name}: {out / 'final'} exists with the same config")
+        else:
+            steps.append(Step(
+                kind="train", name=f"train-{run.name}",
+                argv=tuple(phases.train_argv(python, tpath)),
+                after=after_store, nodes=run.nodes, gpus=run.gpus, procs=run.procs_per_node,
+                config=tpath, config_text=train_text, run=run,
+            ))
         if run.name in evaluated:
             eval_cfg = phases.eval_config(job, run, out)
+            eval_text = _toml(eval_cfg)
+            if trained and (out / "eval" / "report.json").is_file() and _same_config(out / "eval" / "eval_config.toml", eval_text):
+                skipped.append(f"evaluate-{run.name}: {out / 'eval' / 'report.json'} exists with the same config")
+                continue
             epath = cfgdir / f"evaluate-{run.name}.toml"
             steps.append(Step(
                 kind="evaluate", name=f"evaluate-{run.name}",
                 argv=tuple(phases.eval_argv(python, epath)),
-                after=(f"train-{run.name}",), gpus=_eval_gpus(job, eval_cfg),
-                config=epath, config_text=_toml(eval_cfg), run=run,
+                after=() if trained else (f"train-{run.name}",), gpus=_eval_gpus(job, eval_cfg),
+                config=epath, config_text=eval_text, run=run,
             ))
-    return Plan(job=job, store=store, runs=tuple(runs), steps=tuple(steps), python=python)
+    return Plan(job=job, store=store, runs=tuple(runs), steps=tuple(steps), python=python, skipped=tuple(skipped))
+
+
+def _same_config(saved: Path, text: str, ignore: set[str] = frozenset()) -> bool:
+    """Whether the resolved config a phase saved equals the one this plan would hand it."""
+    if not saved.is_file():
+        return False
+    try:
+        a = tomllib.loads(saved.read_text(encoding="utf-8"))
+        b = tomllib.loads(text)
+    except (OSError, tomllib.TOMLDecodeError):
+        return False
+    return {k: v for k, v in a.items() if k not in ignore} == {k: v for k, v in b.items() if k not in ignore}
 
 
 def _evaluated_runs(job: JobSpec, runs: list[RunSpec]) -> set[str]:
@@ -277,6 +303,10 @@ def describe(plan: Plan) -> str:
     ]
     if st.status == "finalized":
         lines.append("  generate + finalize: skipped (finalized store with the same cache key is reused)")
+    for why in plan.skipped:
+        lines.append(f"  skipped {why}")
+    if not plan.steps:
+        lines.append("  nothing to run: every step's output exists")
     for s in plan.steps:
         what = f"  {s.name:<28} {s.kind}"
         if s.tasks is not None:

@@ -185,6 +185,9 @@ def submit_plan(
         echo(f"# dry run: nothing written, nothing submitted ({len(plan.steps)} job(s) would be submitted)")
         return {}
 
+    if not plan.steps:
+        echo("nothing to submit: " + "; ".join(plan.skipped))
+        return {}
     exe = shutil.which(sbatch)
     if exe is None:
         raise SubmitError(

@@ -72,11 +72,18 @@ def test_events_are_in_order(local_run):
     assert all(e[-1] == "0" for e in events if e[1] == "exit")
 
 
-def test_finalized_store_is_reused(local_run):
+def test_rerun_skips_finished_work(local_run):
     _, base, job_file, _ = local_run
     plan = make_plan(load_job(job_file))
+    # The store is finalized with the same key, and the run's final/ holds the same config.
     assert plan.store.status == "finalized" and plan.store.expected_key == plan.store.cache_key
-    assert [s.kind for s in plan.steps] == ["train"] and plan.steps[0].after == ()
+    assert plan.steps == () and len(plan.skipped) == 1 and plan.skipped[0].startswith("train-s:")
+    # A changed student setting trains again on the reused store, with nothing to wait for.
+    changed = base / "job-more-steps.toml"
+    changed.write_text(job_file.read_text().replace("steps = 2", "steps = 3"))
+    plan = make_plan(load_job(changed))
+    assert [s.name for s in plan.steps] == ["train-s"] and plan.steps[0].after == ()
+    assert "resume = true" in plan.steps[0].config_text  # an interrupted run continues
 
 
 def test_incomplete_store_runs_only_missing_tasks(local_run, tmp_path):
