@@ -10,7 +10,8 @@ same `StudentLoss` module train-student uses:
          [B, T, V] logits (what the chunked sparse loss avoids)
   hf_ce  transformers' own `model(labels=...)` loss: plain fine-tuning as most trainers do it
 
-Memory: each variant in its own subprocess (a fresh allocator), two steps; the process's RSS
+Memory: each variant in its own subprocess (a fresh allocator, MALLOC_MMAP_THRESHOLD_ fixed so
+that RSS follows live memory), two steps; the process's RSS
 high-water mark (getrusage ru_maxrss) minus its RSS just before the first step (after gc +
 malloc_trim) = the memory the step itself needs (gradients, AdamW state, activations, logits).
 The whole-process peak is reported too (process_mem_ratio). Time: all variants in one process
@@ -158,8 +159,12 @@ def main() -> None:
         return
     mem = {}
     for v in ("ce", "kd", "naive", "hf_ce"):
+        # A fixed mmap threshold: every large tensor is its own mapping, returned to the OS when freed,
+        # so RSS follows live memory. With glibc's default (dynamic) threshold, freed [N, V] buffers
+        # stay in the heap and the same step measures ±50 MB apart from run to run.
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
         p = subprocess.run([sys.executable, __file__, "--memory-of", v, "--threads", str(a.threads)],
-                           capture_output=True, text=True, check=True)
+                           capture_output=True, text=True, check=True, env=env)
         mem[v] = json.loads(p.stdout.strip().splitlines()[-1])
         print(json.dumps(mem[v]), file=sys.stderr)
     times = measure_time(a.rounds, a.threads)

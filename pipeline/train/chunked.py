@@ -121,7 +121,8 @@ def chunked_loss_parts(
     for start in range(0, n, spec.chunk_size):
         sl = slice(start, min(start + spec.chunk_size, n))
         args = (hidden[sl], w, b, target_ids[sl], ids[sl] if with_kd else None, spec)
-        if use_checkpoint and torch.is_grad_enabled():
+        # One chunk: its [N, V] tensors live until backward either way, so recomputing them would only cost time.
+        if use_checkpoint and n > spec.chunk_size and torch.is_grad_enabled():
             ce, kept = checkpoint(_chunk_loss, *args, use_reentrant=False)
         else:
             ce, kept = _chunk_loss(*args)

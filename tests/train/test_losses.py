@@ -163,7 +163,8 @@ def test_alpha_one_equals_plain_cross_entropy():
     torch.testing.assert_close(dense["loss"], want)
 
 
-def test_chunked_equals_dense_and_backward():
+@pytest.mark.parametrize("chunk_size", [16, 64])  # several checkpointed chunks; one chunk, no checkpoint
+def test_chunked_equals_dense_and_backward(chunk_size):
     g = torch.Generator().manual_seed(6)
     n, h, v = 50, 12, 70
     hid = torch.randn(n, h, generator=g, requires_grad=True)
@@ -171,7 +172,7 @@ def test_chunked_equals_dense_and_backward():
     target = torch.randint(0, v, (n,), generator=g)
     ids, lps, tail = topk_store(torch.randn(n, v, generator=g), 8)
     for div in DIVERGENCES:
-        spec = LossSpec(alpha=0.4, temperature=2.0, divergence=div, chunk_size=16)
+        spec = LossSpec(alpha=0.4, temperature=2.0, divergence=div, chunk_size=chunk_size)
         a = chunked_loss_parts(hid, w, v, target, ids, lps, tail, spec)["loss"]
         ga = torch.autograd.grad(a, (hid, w))
         b = distillation_loss_parts(hid @ w.T, target, ids, lps, tail, alpha=0.4, temperature=2.0, divergence=div)["loss"]
