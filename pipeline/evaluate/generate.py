@@ -175,6 +175,8 @@ def generate_outputs(spec: ModelSpec, tokenizer, prompts: list[list[int]], cfg, 
         inputs = [{"prompt_token_ids": p} for p in prompts]
         # Warm-up: the first requests pay one-off costs (allocations, kernel selection) no user sees twice.
         llm.generate(inputs[: max(cfg.warmup_requests, 0)] or inputs[:1], params, use_tqdm=False)
+        if progress is not None:
+            progress.reset(total=len(inputs))  # the engine start is not a request: restart the rate
         n_timed = len(inputs) if cfg.latency_requests is None else min(cfg.latency_requests, len(inputs))
         results: list[Any] = []
         latencies = []
