@@ -49,7 +49,8 @@ def read_run(run_dir: str) -> dict[str, Any]:
             for k, v in row.items():
                 if "loss" in k and isinstance(v, (int, float)) and math.isfinite(v):
                     curve.setdefault(k, []).append([step, float(v)])
-        info["curve"] = curve
+        # A part that is identically zero (the KD term of a CE-only run) is not a curve.
+        info["curve"] = {k: pts for k, pts in curve.items() if any(v != 0.0 for _, v in pts)}
     return info
 
 
