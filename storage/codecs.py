@@ -272,11 +272,13 @@ def _segment_cumsum(counts: np.ndarray, delta: np.ndarray) -> np.ndarray:
     return c[1:] - np.repeat(c[starts], counts)
 
 
-def decode_ids(counts: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+def decode_ids(counts: np.ndarray, lo: np.ndarray, hi: np.ndarray, vocab_size: int) -> np.ndarray:
     """topk: ids = hi << 16 | lo -> [P, K] int32, -1 padding."""
     ids = hi.view(np.uint8).astype(np.int32) if hi.dtype == np.bool_ else hi.astype(np.int32)
     ids <<= 16
     ids |= lo
+    if ids.size and ids.max() >= vocab_size:
+        raise CorruptColumns(f"a teacher id is >= vocab_size {vocab_size}")
     return _pad(ids, counts, -1, np.int32)
 
 

@@ -216,12 +216,6 @@ class _DecodedBatch:
         if inp.size and (inp.min() < 0 or inp.max() >= V):
             return f"an input id is outside [0, vocab_size={V})"
         if codec.name == "topk":
-            hi, lo = self._flat("ids_hi"), self._flat("ids_lo")
-            if hi.size:
-                top = (V - 1) >> 16
-                h = hi.view(np.uint8) if hi.dtype == np.bool_ else hi
-                if h.max() > top or (h == top).any() and lo[h == top].max() > ((V - 1) & 0xFFFF):
-                    return f"a teacher id is >= vocab_size {V}"
             tail = self._flat("tail")
             if tail.size and not ((tail >= 0) & (tail <= 1)).all():
                 return "a tail mass is outside [0, 1]"
@@ -235,7 +229,7 @@ class _DecodedBatch:
         counts = self._get("num_entries", j)
         try:
             if self.codec.name == "topk":
-                ids = codecs.decode_ids(counts, self._get("ids_lo", j), self._get("ids_hi", j))
+                ids = codecs.decode_ids(counts, self._get("ids_lo", j), self._get("ids_hi", j), self.vocab_size)
                 lp, tail = codecs.decode_topk(self.codec, counts, self._get("logprob_q_lo", j), self._get("logprob_q_hi", j), self._get("tail", j))
                 tail = tail.copy()
             else:
