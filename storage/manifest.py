@@ -337,10 +337,8 @@ def open_store(store_dir: str | os.PathLike) -> StoreManifest:
         seen[s.file] = s.task
     n_seq = sum(s.rows for s in shards)
     n_tok = sum(s.target_tokens for s in shards)
-    totals = {"num_sequences": n_seq, "num_target_tokens": n_tok, "bytes": sum(s.bytes for s in shards)}
-    for k, v in totals.items():
-        if raw.get(k) != v:
-            raise StoreError(f"{path}: {k} is {raw.get(k)!r} but the shards add up to {v}; the manifest was edited or corrupted")
+    # (num_sequences / num_target_tokens / bytes at the top level are summaries for people; the
+    # counts used are the shards'. A shard dropped from the list is caught below: its file stays.)
     num_tasks = raw.get("num_tasks")
     if not _int(num_tasks) or num_tasks < 1 or any(s.task >= num_tasks for s in shards):
         raise StoreError(f"{path}: num_tasks {num_tasks!r} is invalid for the listed shards")

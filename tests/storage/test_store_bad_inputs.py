@@ -90,7 +90,6 @@ def test_wrong_schema(store):
     with pa.ipc.new_file(str(shard), t.schema) as w:
         w.write_table(t)
     m = json.loads((store / "manifest.json").read_text())  # keep size/checksum consistent: only the schema is wrong
-    m["bytes"] += shard.stat().st_size - m["shards"][0]["bytes"]
     m["shards"][0].update(bytes=shard.stat().st_size, checksum=file_checksum(shard))
     (store / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(StoreError, match=f"{shard.name}: wrong schema.*tail"):
@@ -191,3 +190,55 @@ def test_bad_add_arguments_name_the_sample(tmp_path):
         w.add("x", ids, pos, top, lp)
         with pytest.raises(DataError, match="already written"):
             w.add("x", ids, pos, top, lp)
+
+
+def test_shard_dropped_from_a_manifest_is_noticed(store):
+    m = json.loads((store / "manifest.json").read_text())
+    dropped = m["shards"].pop(1)["file"]
+    (store / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(StoreError, match=f"{dropped}.*not in its manifest.*finalize"):
+        open_store(store)
+
+
+def test_malformed_manifests_name_the_file(store):
+    path = store / "manifest.json"
+    good = path.read_text()
+    for bad in ['{"format_version": 1' + "0" * 5000 + "}", "[" * 100000 + "]" * 100000, "[1, 2]", "\xff"]:
+        path.write_text(bad, encoding="latin-1")
+        with pytest.raises(StoreError, match="manifest.json"):
+            open_store(store)
+    m = json.loads(good)
+    m["meta"]["codec"]["top_k"] = "many"
+    path.write_text(json.dumps(m))
+    with pytest.raises(StoreError, match="manifest.json.*codec.top_k"):
+        open_store(store)
+    m = json.loads(good)
+    m["shards"][0]["rows"] = -3
+    path.write_text(json.dumps(m))
+    with pytest.raises(StoreError, match="manifest.json.*rows"):
+        open_store(store)
+
+
+def test_tampered_column_with_matching_checksum_is_refused(store):
+    """A shard rewritten with out-of-range values (checksum updated) is refused by the reader and --verify."""
+    shard = first_shard(store)
+    f = pa.OSFile(str(shard))
+    reader = pa.ipc.open_file(f)
+    schema, batches = reader.schema, [reader.get_batch(i) for i in range(reader.num_record_batches)]
+    f.close()
+    out = []
+    for b in batches:
+        col = b.column("target_positions")
+        vals = np.asarray(col.values) + 1000  # beyond the sequence
+        new = pa.ListArray.from_arrays(col.offsets, pa.array(vals.astype(np.int32)))
+        out.append(pa.RecordBatch.from_arrays([new if n == "target_positions" else b.column(n) for n in schema.names], schema=schema))
+    with pa.ipc.new_file(str(shard), schema) as w:
+        for b in out:
+            w.write_batch(b)
+    m = json.loads((store / "manifest.json").read_text())
+    m["shards"][0].update(bytes=shard.stat().st_size, checksum=file_checksum(shard))
+    (store / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(StoreError, match=f"{shard.name}.*target position lies outside"):
+        read_all(store)
+    report = inspect_store(store, verify=True)
+    assert not report["ok"] and report["problems"][0]["shard"] == shard.name
