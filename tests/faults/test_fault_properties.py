@@ -336,8 +336,6 @@ HOSTILE_VALUES = [None, -1, 0, 2**63, 1.5, float("nan"), "", "abc", "../../etc/p
                   {"a": 1}, True, "shard-t00000-s000000.arrow", "\u0000"]
 
 
-@pytest.mark.xfail(strict=True, reason="findings 2, 3, 4: task-manifest entries trusted by the writer; int()/set() on "
-                   "bad manifest fields; codec ConfigError without the file; a deleted shard entry reads silently")
 @seed(base_seed())
 @settings(max_examples=examples(60), **SETTINGS)
 @given(which=st.integers(0, 10**6), value=st.sampled_from(HOSTILE_VALUES + ["<delete>"]),
@@ -387,8 +385,7 @@ ESCAPES = ["../../etc/passwd", "/etc/passwd", "../outside/shard-t00000-s000000.a
 
 
 @pytest.mark.parametrize("name", ESCAPES)
-@pytest.mark.parametrize("where", ["manifest.json", pytest.param("task", marks=pytest.mark.xfail(
-    strict=True, reason="finding 2: ShardWriter resume uses task-manifest file names unchecked"))])
+@pytest.mark.parametrize("where", ["manifest.json", "task"])
 def test_shard_paths_escaping_the_store_are_refused(base_store, tmp_path, name, where):
     src, _ = base_store
     store = tmp_path / "s"
@@ -413,6 +410,14 @@ def test_shard_paths_escaping_the_store_are_refused(base_store, tmp_path, name, 
             with ShardWriter(store, make_meta(), shard_bytes=2500) as w:
                 w.done_ids()
     REPORT.add("untrusted:shard_path_escape", survived=1)
+
+
+def fix_totals(m: dict) -> dict:
+    """Recompute a manifest's totals from its shard entries: a consistent (hostile) manifest."""
+    sh = m["shards"]
+    m.update(num_sequences=sum(x["rows"] for x in sh), num_target_tokens=sum(x["target_tokens"] for x in sh),
+             bytes=sum(x["bytes"] for x in sh))
+    return m
 
 
 def test_symlinked_shard_pointing_outside_is_refused(base_store, tmp_path):
@@ -440,7 +445,7 @@ def test_wrong_schema_shard_is_refused(base_store, sampled_store, tmp_path):
     m = json.loads((store / "manifest.json").read_text())
     fm = json.loads((sampled_store / "manifest.json").read_text())
     m["shards"][0].update({k: fm["shards"][0][k] for k in ("bytes", "checksum", "rows", "batch_rows", "target_tokens")})
-    (store / "manifest.json").write_text(json.dumps(m))
+    (store / "manifest.json").write_text(json.dumps(fix_totals(m)))
     REPORT.add("untrusted:wrong_schema", inputs=1, injected=1)
     with pytest.raises(StoreError, match=r"shard-t00000-s000000\.arrow.*schema"):
         read_all(store)
@@ -485,7 +490,6 @@ def rewrite_column(path: Path, col: str, fn) -> None:
         w.close()
 
 
-@pytest.mark.xfail(strict=True, reason="finding 1: the reader does not validate decoded column lengths/ranges")
 @pytest.mark.parametrize("col", sorted(TAMPER))
 def test_tampered_columns_with_matching_checksum_are_refused(base_store, tmp_path, col):
     src, expected = base_store
@@ -498,7 +502,7 @@ def test_tampered_columns_with_matching_checksum_are_refused(base_store, tmp_pat
     rewrite_column(target, col, TAMPER[col])
     m = json.loads((store / "manifest.json").read_text())
     m["shards"][0].update(bytes=target.stat().st_size, checksum=file_sha256(target))
-    (store / "manifest.json").write_text(json.dumps(m))
+    (store / "manifest.json").write_text(json.dumps(fix_totals(m)))
     REPORT.add("untrusted:tampered_columns", inputs=1, injected=1)
     with pytest.raises(StoreError, match=target.name):
         read_all(store)
@@ -520,7 +524,6 @@ def test_orphaned_tmp_files_are_never_read(base_store, tmp_path):
     assert rep["ok"] and rep["shards"] == len(list(store.glob("shard-*.arrow")))
 
 
-@pytest.mark.xfail(strict=True, reason="finding 3: a 5000-digit number in manifest.json raises ValueError from json")
 def test_random_garbage_store_directory(tmp_path):
     """Directories that are not stores at all: clear StoreError, naming the path."""
     rng = np.random.default_rng(base_seed())

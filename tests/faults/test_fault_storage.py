@@ -234,7 +234,6 @@ def _check_disk_full_error(r: subprocess.CompletedProcess, store: Path) -> dict:
     return out
 
 
-@pytest.mark.xfail(strict=True, reason="finding 5: disk full raises a bare OSError without the path")
 @pytest.mark.parametrize("how", ["rlimit_fsize", "tmpfs"])
 def test_disk_full_while_writing_a_shard(tmp_path, how):
     """ENOSPC/EFBIG mid-shard: clear error naming the path, finished shards intact, rerun completes."""
