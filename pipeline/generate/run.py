@@ -126,6 +126,20 @@ def build_meta(cfg: GenerateConfig, tokenizer, recipe: Recipe, dataset_fingerpri
     )
 
 
+def expected_cache_key(cfg: GenerateConfig) -> str:
+    """The cache key a run of `cfg` writes into its store, without starting an engine.
+
+    Needs the teacher's tokenizer and config and the dataset (jobs use it to reuse stores).
+    """
+    from kdpipe.storage import cache_key
+
+    tokenizer = load_tokenizer(cfg)
+    max_model_len = resolve_max_model_len(cfg)
+    data = load_task_data(cfg.data, cfg.split, cfg.text_field, cfg.target_field, cfg.id_field, cfg.limit, 0, 1)
+    recipe = make_recipe(cfg, tokenizer, max_model_len, Counter())
+    return cache_key(build_meta(cfg, tokenizer, recipe, data.fingerprint, max_model_len))
+
+
 class WriterThread:
     """Encodes and writes results off the engine loop; `put` blocks when `maxsize` are waiting."""
 

@@ -100,7 +100,7 @@ def test_summarize_matches_transformers_and_score_agrees(engine, reference, tiny
         top2 = np.sort(ref_lp, axis=1)[:, -2:]
         clear = top2[:, 1] - top2[:, 0] > 1e-4
         assert (tgt[clear] == ref_lp.argmax(1)[clear]).all()
-    assert compared > 0.9 * sum(len(r.target_positions) for r in recs.values()) * K
+    assert compared > 0.75 * sum(len(r.target_positions) for r in recs.values()) * K
 
     # score with target = the teacher's own greedy output (as token ids) reproduces the same store rows
     rows = [json.loads(line) for line in docs.read_text().splitlines()][:10]
