@@ -240,22 +240,22 @@ def test_kill_then_resume_reproduces_the_uninterrupted_losses(reference_run, tmp
 
 
 def test_sigterm_writes_a_checkpoint_and_exits_cleanly(reference_run, tmp_path):
-    cfg, ref = reference_run
+    cfg, _ = reference_run
     toml = write_toml(tmp_path / "cfg.toml", cfg)
     out = tmp_path / "term"
-    p = _cli(["--config", str(toml), "--out", str(out), "--save-every", "0"])
+    p = _cli(["--config", str(toml), "--out", str(out), "--save-every", "0", "--steps", "500"])  # still running at the signal
     _wait_for(lambda: (out / "metrics.jsonl").exists() and len(metrics(out)) >= 1, p)
     p.send_signal(signal.SIGTERM)
     stdout, stderr = p.communicate(timeout=300)
     assert p.returncode == 0, stderr[-2000:]
     assert "interrupted at step" in stdout
     step = metrics(out)[-1]["step"]
-    if step < 6:  # the run may have finished before the signal landed
-        assert (out / f"checkpoint-{step}").is_dir() and not (out / "final").exists()
-        q = subprocess.run([str(VENV_BIN / "kdpipe"), "train-student", "--config", str(toml), "--out", str(out),
-                            "--save-every", "0", "--resume"], capture_output=True, text=True)
-        assert q.returncode == 0, q.stderr[-2000:]
-        assert losses(out) == losses(ref)
+    assert step < 500
+    # The checkpoint of the last logged step, complete (resume itself: the SIGKILL test above).
+    ck = out / f"checkpoint-{step}"
+    assert ck.is_dir() and not (out / "final").exists() and not list(out.glob("*.tmp"))
+    assert json.loads((ck / "train_state.json").read_text())["step"] == step
+    assert (ck / "data-rank0.json").exists() and (ck / "model.safetensors").exists()
 
 
 # ------------------------------------------------------------------------------- other modes
