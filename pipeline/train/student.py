@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,7 +22,7 @@ from kdpipe.pipeline.train.data import store_max_sequence_length
 from kdpipe.pipeline.train.losses import check_supported
 from kdpipe.storage.manifest import open_store, tokenizer_fingerprint
 from kdpipe.storage.reader import Record
-from kdpipe.storage.errors import ConfigError, DataError, StoreError
+from kdpipe.storage.errors import ConfigError, StoreError
 
 
 # ------------------------------------------------------------------------------- distributed
@@ -359,6 +359,3 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             (decay if p.ndim >= 2 else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
-
-Transform = Callable[[Record], Record]
-__all__ = ["Dist", "Plan", "StudentLoss", "check_inputs", "load_student", "setup_distributed", "DataError"]
