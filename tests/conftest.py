@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+from kdtest import IN_CI, require  # noqa: F401  (re-exported for fixtures below)
 
 # vLLM on CPU: a small KV cache, and the thread binding TP=2 needs on 2-core machines.
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -18,16 +18,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
-
-def require(module: str, why: str) -> None:
-    """Skip locally when an optional component is missing; fail in CI, where it must exist."""
-    try:
-        __import__(module)
-    except ImportError as e:
-        if IN_CI:
-            pytest.fail(f"{module} is required in CI ({why}): {e}")
-        pytest.skip(f"{module} not installed ({why})")
 
 
 @pytest.fixture(scope="session")
@@ -47,9 +37,9 @@ def tiny_teacher(tmp_path_factory, tiny_corpus) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_student(tmp_path_factory, tiny_teacher) -> Path:
-    """A smaller student sharing the teacher's tokenizer."""
+    """A smaller student sharing the teacher's tokenizer (head_dim 32: vLLM's CPU attention needs >= 32)."""
     from kdpipe.pipeline.tiny import TinyModelConfig, build_model
 
     out = tmp_path_factory.mktemp("student")
-    build_model(out, tiny_teacher, TinyModelConfig(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1, seed=1))
+    build_model(out, tiny_teacher, TinyModelConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, seed=1))
     return out
