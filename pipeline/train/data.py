@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import pyarrow as pa
 
-from kdpipe.storage.collate import Batch, collate
+from kdpipe.storage.batch import Batch, collate
 from kdpipe.storage.manifest import open_store
 from kdpipe.storage.reader import Record, StoreReader
 from kdpipe.storage.errors import DataError

@@ -91,7 +91,7 @@ def _loss_module(student, store, alpha=0.5, temperature=2.0):
 def test_accumulation_over_4_micro_batches_equals_one_batch(tiny_student, topk_store):
     from kdpipe.pipeline.train.student import Dist
     from kdpipe.pipeline.train.trainer import forward_backward
-    from kdpipe.storage.collate import collate
+    from kdpipe.storage.batch import collate
 
     recs = _records(topk_store, 8)
     cfg = base_cfg(tiny_student, topk_store, "unused")
@@ -116,7 +116,7 @@ def test_alpha_one_equals_the_models_own_cross_entropy(tiny_student, topk_store)
     """α = 1 through the real student: the chunked CE on pred_index equals HF's loss with labels."""
     from transformers import AutoModelForCausalLM
 
-    from kdpipe.storage.collate import collate
+    from kdpipe.storage.batch import collate
 
     b = collate(_records(topk_store, 5), pad_id=0)
     module = _loss_module(tiny_student, topk_store, alpha=1.0)
