@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import require
+from kdtest import require
 from gen_helpers import Reference, check_against_reference, compare_stores, make_docs, read_records, write_jsonl
 
 from kdpipe.pipeline.generate.config import GenerateConfig
