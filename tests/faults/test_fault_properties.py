@@ -29,7 +29,7 @@ from kdpipe.storage import (
 )
 from kdpipe.storage.manifest import file_sha256
 
-SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+SETTINGS = dict(deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                                       HealthCheck.function_scoped_fixture])
 
 pytestmark = pytest.mark.timeout(600)
