@@ -333,6 +333,21 @@ class ShardWriter:
             self._closed = True
             self._release()
 
+    def checkpoint(self) -> None:
+        """Finish the open shard (its rows become durable) without marking the task complete.
+
+        For preemption: after SIGTERM a task keeps everything it has encoded, stays incomplete
+        (finalize refuses it) and a rerun continues after the checkpointed samples.
+        """
+        if self._closed:
+            return
+        try:
+            self._flush_batch()
+            if self._ipc is not None:
+                self._finish_shard()
+        except OSError as e:
+            raise self._write_failed(e) from None
+
     def _write_failed(self, e: OSError) -> StoreError:
         """Disk full / file too large / I/O error: drop the open .tmp shard, keep finished ones."""
         where = e.filename or (self._cur or {}).get("tmp") or self._manifest_path

@@ -169,9 +169,10 @@ class GenerateConfig:
         """(task index, number of tasks): flags, else the SLURM array variables, else (0, 1)."""
         num = self.num_tasks if self.num_tasks is not None else slurm_default("SLURM_ARRAY_TASK_COUNT")
         idx = self.task_index
-        if idx is None and slurm_default("SLURM_ARRAY_TASK_ID") is not None:
-            # `--array=1-8` numbers tasks from 1: count from the array's minimum.
-            idx = slurm_default("SLURM_ARRAY_TASK_ID") - (slurm_default("SLURM_ARRAY_TASK_MIN") or 0)
+        if idx is None:
+            # The array task id IS the task index: a resubmitted partial array (`--array=1,3`)
+            # must still write tasks 1 and 3, never renumber them from the array's minimum.
+            idx = slurm_default("SLURM_ARRAY_TASK_ID")
         num = 1 if num is None else num
         idx = 0 if idx is None else idx
         if num < 1 or not 0 <= idx < num:

@@ -25,6 +25,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import xxhash
+
 from kdpipe.pipeline.config import write_resolved
 from kdpipe.pipeline.generate.config import GenerateConfig
 from kdpipe.pipeline.generate.data import load_task_data
@@ -101,11 +103,33 @@ def resolve_max_model_len(cfg: GenerateConfig) -> int:
     return native
 
 
+def local_model_revision(model_dir: Path) -> str:
+    """A revision for a local teacher folder, so a retrained teacher at the same path gets a new cache key.
+
+    Hashes config.json and, per weight file, its name, size and three 1 MiB samples (start,
+    middle, end): cheap for a 140 GB teacher, and any retraining rewrites those bytes.
+    """
+    h = xxhash.xxh3_128()
+    for f in sorted(model_dir.iterdir()):
+        if f.name == "config.json":
+            h.update(b"config.json" + f.read_bytes())
+        elif f.suffix in (".safetensors", ".bin", ".pt", ".pth", ".gguf"):
+            size = f.stat().st_size
+            h.update(f"{f.name}:{size}".encode())
+            with open(f, "rb") as fh:
+                for off in sorted({0, max(0, size // 2 - (1 << 19)), max(0, size - (1 << 20))}):
+                    fh.seek(off)
+                    h.update(fh.read(1 << 20))
+    return "local:" + h.hexdigest()
+
+
 def build_meta(cfg: GenerateConfig, tokenizer, recipe: Recipe, dataset_fingerprint: str, max_model_len: int) -> StoreMeta:
-    teacher = str(Path(cfg.teacher).resolve()) if Path(cfg.teacher).is_dir() else cfg.teacher
+    local = Path(cfg.teacher).is_dir()
+    teacher = str(Path(cfg.teacher).resolve()) if local else cfg.teacher
+    revision = cfg.teacher_revision or (local_model_revision(Path(cfg.teacher)) if local else None)
     return StoreMeta(
         teacher=teacher,
-        teacher_revision=cfg.teacher_revision,
+        teacher_revision=revision,
         tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
         vocab_size=len(tokenizer),
         recipe=cfg.recipe,
@@ -247,17 +271,8 @@ def drive(engine: Engine, recipe: Recipe, todo, sink, max_inflight: int, stop: t
 
 
 def _finish_open_shard(writer: ShardWriter) -> None:
-    """Keep the rows written so far as a finished shard without marking the task complete.
-
-    The store API has no public call for this yet (close() marks the task complete, abort()
-    drops the open shard), so this uses the writer's own flush steps.
-    """
-    if hasattr(writer, "checkpoint"):
-        writer.checkpoint()
-    else:
-        writer._flush_batch()
-        if writer._ipc is not None:
-            writer._finish_shard()
+    """Keep the rows written so far as a finished shard without marking the task complete."""
+    writer.checkpoint()
     writer.abort()
 
 

@@ -96,8 +96,9 @@ def test_slurm_defaults(monkeypatch, tmp_path):
     c = GenerateConfig(teacher="t", data="d.jsonl", out=str(tmp_path))
     assert c.resolved_tasks() == (3, 4)
     assert dataclasses.replace(c, task_index=1, num_tasks=2).resolved_tasks() == (1, 2)
-    monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "1")  # --array=1-4
-    assert c.resolved_tasks() == (2, 4)
+    # A resubmitted partial array (--array=1,3 of 4 tasks, with --num-tasks given) keeps the task ids.
+    monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "1")
+    assert dataclasses.replace(c, num_tasks=4).resolved_tasks() == (3, 4)
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "9")
     with pytest.raises(ConfigError, match="not in"):
         c.resolved_tasks()
@@ -298,3 +299,18 @@ def test_sigterm_finishes_the_open_shard_and_rerun_completes(tiny_teacher, tmp_p
     s = generate_logits(cfg_for(tiny_teacher, data, out, **opts))
     assert s.already_done == kept and s.written == n - kept
     assert sorted(read_records(out), key=lambda x: int(x[1:])) == [r["id"] for r in rows]
+
+
+def test_local_teacher_revision_changes_when_weights_change(tmp_path):
+    """A retrained local teacher at the same path must not reuse a store (its cache key differs)."""
+    from kdpipe.pipeline.generate.run import local_model_revision
+
+    (tmp_path / "config.json").write_text('{"a": 1}')
+    w = tmp_path / "model.safetensors"
+    w.write_bytes(bytes(3 << 20))
+    r0 = local_model_revision(tmp_path)
+    assert r0 == local_model_revision(tmp_path) and r0.startswith("local:")
+    data = bytearray(w.read_bytes())
+    data[(3 << 20) // 2] = 1  # a change in the middle of the weights
+    w.write_bytes(bytes(data))
+    assert local_model_revision(tmp_path) != r0

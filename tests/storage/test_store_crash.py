@@ -80,3 +80,30 @@ def test_killed_writer_leaves_no_partial_shard_and_rerun_completes(tmp_path):
     ids = [r.sample_id for r in StoreReader(store, shuffle=False)]
     assert sorted(ids) == [f"s{i:04d}" for i in range(60)]
     assert open_store(store).num_sequences == 60
+
+
+def test_checkpoint_keeps_rows_and_leaves_task_incomplete(tmp_path):
+    """Preemption path: checkpoint() makes the encoded rows durable, the task stays incomplete."""
+    import numpy as np
+
+    from kdpipe.storage import ShardWriter
+    from kdstore_testutil import fake_sample, make_meta
+
+    rng = np.random.default_rng(0)
+    meta = make_meta()
+    samples = {f"s{i}": fake_sample(rng) for i in range(6)}
+    w = ShardWriter(tmp_path, meta, shard_bytes=1 << 30)  # one big shard: nothing rolls by itself
+    for sid in list(samples)[:3]:
+        w.add(sid, *samples[sid])
+    w.checkpoint()
+    w.abort()
+    assert not list(tmp_path.glob("*.tmp"))
+    with pytest.raises(StoreError, match=r"task\(s\) 0 did not complete"):
+        finalize_store(tmp_path)  # incomplete: refused
+    with ShardWriter(tmp_path, meta, shard_bytes=1 << 30) as w2:
+        assert w2.done_ids() == {"s0", "s1", "s2"}
+        for sid in list(samples)[3:]:
+            w2.add(sid, *samples[sid])
+    finalize_store(tmp_path)
+    ids = sorted(r.sample_id for r in StoreReader(tmp_path, shuffle=False))
+    assert ids == sorted(samples)
