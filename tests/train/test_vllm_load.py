@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import require
+from kdtest import require
 from train_stores import topk_store  # noqa: F401 (fixture)
 
 
