@@ -15,6 +15,7 @@ rows, by random access) instead of replaying the epoch.
 from __future__ import annotations
 
 import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -29,6 +30,9 @@ from kdpipe.storage.format import FORMAT_VERSION, MD_FORMAT, shard_schema
 from kdpipe.storage.manifest import ShardInfo, StoreManifest, StoreMeta, checksum_matches, open_store
 
 CURSOR_VERSION = 1
+
+# What decoding damaged bytes can raise besides Arrow's own exceptions: all become StoreError.
+_DECODE_ERRORS = (ValueError, IndexError, TypeError, OverflowError, KeyError, UnicodeDecodeError, struct.error)
 
 
 @dataclass
@@ -86,13 +90,18 @@ class _OpenShard:
         if verify:
             ok, got = checksum_matches(path, info.checksum)
             if not ok:
-                raise StoreError(f"{path}: checksum mismatch ({got[:19]}… != manifest {info.checksum[:19]}…); the shard is corrupted, regenerate its task")
+                raise StoreError(f"{path}: checksum mismatch (file {got} != manifest {info.checksum}); the shard is corrupted, regenerate its task")
         try:
             self.file = pa.OSFile(str(path), "rb")
+            # ArrowException: damaged IPC metadata also gives ArrowNotImplementedError/ArrowTypeError
             self.reader = pa.ipc.open_file(self.file)
-        except (pa.ArrowInvalid, OSError) as e:
-            raise StoreError(f"{path}: not a readable Arrow IPC file ({e})") from None
-        check_schema(self.reader.schema, codec, meta.vocab_size, path)
+            check_schema(self.reader.schema, codec, meta.vocab_size, path)
+        except (StoreError, pa.ArrowException, OSError, *_DECODE_ERRORS) as e:
+            if hasattr(self, "file"):
+                self.file.close()
+            if isinstance(e, StoreError):
+                raise
+            raise StoreError(f"{path}: not a readable Arrow IPC file ({type(e).__name__}: {e})") from None
         if self.reader.num_record_batches != len(info.batch_rows):
             raise StoreError(f"{path}: {self.reader.num_record_batches} record batches, the manifest says {len(info.batch_rows)}")
         self.starts = np.concatenate([[0], np.cumsum(info.batch_rows)])
@@ -100,13 +109,24 @@ class _OpenShard:
 
     def batch(self, i: int) -> "_DecodedBatch":
         if self._cached is None or self._cached[0] != i:
+            where = f"{self.info.path}: record batch {i}"
             try:
                 b = self.reader.get_batch(i)
-            except (pa.ArrowInvalid, OSError) as e:
-                raise StoreError(f"{self.info.path}: record batch {i} is unreadable ({e})") from None
+                # Full validation (offsets in bounds and monotone, lengths, UTF-8) before any buffer
+                # is touched: Arrow trusts offsets, and a damaged string offset otherwise aborts the
+                # interpreter in as_py() (finding 8). Cheap next to zstd decompression (see
+                # docs/RELIABILITY.md), and a checksum does not help against a hostile producer.
+                b.validate(full=True)
+            except (pa.ArrowException, OSError, *_DECODE_ERRORS) as e:
+                raise StoreError(f"{where} is unreadable ({type(e).__name__}: {e}); the shard is corrupted, regenerate its task") from None
             if b.num_rows != self.info.batch_rows[i]:
-                raise StoreError(f"{self.info.path}: record batch {i} has {b.num_rows} rows, the manifest says {self.info.batch_rows[i]}")
-            self._cached = (i, _DecodedBatch(b, self.meta, f"{self.info.path}: record batch {i}"))
+                raise StoreError(f"{where} has {b.num_rows} rows, the manifest says {self.info.batch_rows[i]}")
+            try:
+                decoded = _DecodedBatch(b, self.meta, where)
+            except (pa.ArrowException, *_DECODE_ERRORS) as e:
+                raise StoreError(f"{where}: undecodable ({type(e).__name__}: {e}); the shard was not written by "
+                                 "kdpipe's writer or is corrupted") from None
+            self._cached = (i, decoded)
         return self._cached[1]
 
     def rows(self, start: int, end: int) -> Iterator[Record]:
@@ -226,6 +246,17 @@ class _DecodedBatch:
         return val[off[j]:off[j + 1]]
 
     def record(self, j: int) -> Record:
+        try:
+            return self._record(j)
+        except StoreError:
+            raise
+        except (pa.ArrowException, *_DECODE_ERRORS) as e:
+            # the batch checks should make this unreachable; a damaged shard still must never
+            # surface as a numpy/Arrow error (or worse, a silent wrong read)
+            raise StoreError(f"{self.where}, row {j}: undecodable ({type(e).__name__}: {e}); the shard was not written "
+                             "by kdpipe's writer or is corrupted") from None
+
+    def _record(self, j: int) -> Record:
         counts = self._get("num_entries", j)
         try:
             if self.codec.name == "topk":

@@ -277,15 +277,20 @@ from faultlib import BYTE_FAULTS, corrupt_bytes
 import numpy as np
 from kdpipe.storage import KdpipeError, StoreReader, collate
 src, n, seed = Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+only = set(json.loads(sys.argv[5])) if len(sys.argv) > 5 else None  # replay chosen cases of the sequence
 rng = np.random.default_rng(seed)
+n_shards = len(list(src.glob("shard-*.arrow")))
 for i in range(n):
     kind = BYTE_FAULTS[int(rng.integers(len(BYTE_FAULTS)))]
     a, b = float(rng.uniform()), int(rng.integers(1 << 16))
+    t = int(rng.integers(n_shards))
+    if only is not None and i not in only:
+        continue
     with tempfile.TemporaryDirectory(prefix="kdp-unverified-") as d:
         store = Path(d) / "s"
         shutil.copytree(src, store)
         shards = sorted(store.glob("shard-*.arrow"))
-        target = shards[int(rng.integers(len(shards)))]
+        target = shards[t]
         corrupt_bytes(target, kind, a, b)
         print("CASE", json.dumps({"i": i, "kind": kind, "a": a, "b": b, "shard": target.name}), flush=True)
         try:
@@ -300,18 +305,76 @@ for i in range(n):
 """
 
 
+# Cases of the sequence above that raised non-kdpipe errors before the reader mapped every decode
+# failure to StoreError (finding 11): seed -> case indices (UnicodeDecodeError, ArrowNotImplementedError,
+# ValueError: operands could not be broadcast, IndexError).
+UNVERIFIED_REGRESSIONS = {0: [135], 1: [64, 73, 98], 2: [41, 111]}
+
+
+def _unverified_run(src: Path, n: int, seed_: int, only: list[int] | None = None):
+    import subprocess
+
+    args = [PYTHON, "-c", UNVERIFIED_CHILD, str(HERE), str(src), str(n), str(seed_)] + ([json.dumps(only)] if only else [])
+    r = subprocess.run(args, capture_output=True, text=True, timeout=600, env=child_env())
+    cases = [json.loads(ln[5:]) for ln in r.stdout.splitlines() if ln.startswith("CASE ")]
+    results = [json.loads(ln[7:]) for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
+    return r, cases, results
+
+
+def test_unverified_reads_known_bad_cases_are_refused(base_store):
+    """Finding 11 regressions: the damaged shards that once escaped as numpy/Arrow/Unicode errors."""
+    src, _ = base_store
+    for seed_, idx in UNVERIFIED_REGRESSIONS.items():
+        r, cases, results = _unverified_run(src, max(idx) + 1, seed_, idx)
+        assert r.returncode == 0, f"the interpreter died (rc {r.returncode}) on {cases[-1] if cases else None}: {r.stderr[-1500:]}"
+        assert len(results) == len(idx), (r.stdout[-2000:], r.stderr[-2000:])
+        other = [(c, x) for c, x in zip(cases, results) if x["outcome"].startswith("other")]
+        assert not other, other
+        REPORT.add("property:unverified_corrupt_reads", inputs=len(idx), injected=len(idx), survived=len(idx))
+
+
+ABORT_CHILD = r"""
+import shutil, sys, tempfile
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+from faultlib import corrupt_bytes
+from kdpipe.storage import StoreError, StoreReader, collate
+src, k, a, b = Path(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5])
+with tempfile.TemporaryDirectory(prefix="kdp-abort-") as d:
+    store = Path(d) / "s"
+    shutil.copytree(src, store)
+    target = sorted(store.glob("shard-*.arrow"))[k]
+    corrupt_bytes(target, "zero_range", a, b)
+    try:
+        collate(list(StoreReader(store, shuffle=False, verify=False)), pad_id=0)
+        print("OUTCOME read")
+    except StoreError as e:
+        print("OUTCOME refused", target.name in str(e))
+"""
+
+
+@pytest.mark.parametrize("k,a,b", [(0, 0.21, 13), (0, 0.21, 17), (1, 0.235, 15)])
+def test_unverified_read_that_aborted_the_interpreter_is_refused(base_store, k, a, b):
+    """Finding 8: zeroed bytes in a string column's offsets made Arrow C++ throw std::length_error
+    inside as_py() -> `terminate called` -> SIGABRT of the whole interpreter (reproduced at db57825).
+    The reader validates each record batch fully before touching its buffers: a StoreError naming the shard."""
+    import subprocess
+
+    src, _ = base_store
+    r = subprocess.run([PYTHON, "-c", ABORT_CHILD, str(HERE), str(src), str(k), str(a), str(b)], capture_output=True,
+                       text=True, timeout=300, env=child_env())
+    assert r.returncode == 0, f"the interpreter died (rc {r.returncode}): {r.stderr[-1500:]}"
+    assert "OUTCOME refused True" in r.stdout, r.stdout + r.stderr[-1500:]
+    REPORT.add("property:unverified_corrupt_reads", inputs=1, injected=1, survived=1)
+
+
 def test_unverified_reads_of_corrupted_shards_never_crash(base_store, tmp_path):
     """verify=False skips the checksum (and a hostile store can carry matching ones): the decoder
     itself must refuse damaged bytes with a kdpipe error, never abort the interpreter or raise
     anything else. Run in a child process so that an abort is reported, not fatal to the suite."""
-    import subprocess
-
     src, _ = base_store
     n = examples(40)
-    r = subprocess.run([PYTHON, "-c", UNVERIFIED_CHILD, str(HERE), str(src), str(n), str(base_seed())],
-                       capture_output=True, text=True, timeout=600, env=child_env())
-    cases = [json.loads(ln[5:]) for ln in r.stdout.splitlines() if ln.startswith("CASE ")]
-    results = [json.loads(ln[7:]) for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
+    r, cases, results = _unverified_run(src, n, base_seed())
     REPORT.add("property:unverified_corrupt_reads", inputs=len(cases), injected=len(cases),
                survived=sum(x["outcome"] in ("read", "refused") for x in results))
     REPORT.note("property:unverified_corrupt_reads", json.dumps(
