@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from kdpipe.storage.errors import StoreError
-from kdpipe.storage.format import FORMAT_VERSION, MANIFEST_FILE, META_FILE, SHARD_RE, TASKS_DIR, task_manifest_name
+from kdpipe.storage.format import FINALIZE_LOCK, FORMAT_VERSION, MANIFEST_FILE, META_FILE, SHARD_RE, TASKS_DIR, task_manifest_name
 from kdpipe.storage.manifest import (
     StoreMeta, TaskManifest, atomic_write_json, cache_key, check_format_version, kdpipe_version, load_task_manifest,
-    read_json,
+    read_json, remove_orphan_tmps,
 )
 
 
@@ -21,9 +23,41 @@ def finalize_store(store_dir: str | os.PathLike, num_tasks: int | None = None) -
     unless every check passes. Returns the manifest dict.
     """
     store_dir = Path(store_dir)
-    meta_path = store_dir / META_FILE
     if not store_dir.is_dir():
         raise StoreError(f"{store_dir}: store directory not found")
+    with _finalize_lock(store_dir):
+        # we are the only finalize: a manifest.json.<pid>.tmp here is a killed finalize's leftover
+        remove_orphan_tmps(store_dir / MANIFEST_FILE)
+        return _finalize(store_dir, num_tasks)
+
+
+@contextmanager
+def _finalize_lock(store_dir: Path):
+    """Exclusive, non-blocking flock on STORE/.finalize.lock: a second finalize refuses, not races.
+
+    flock dies with its holder, so a killed finalize never blocks the rerun.
+    """
+    lock_path = store_dir / FINALIZE_LOCK
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise StoreError(f"{lock_path}: cannot create the finalize lock ({e.strerror or e}); check permissions") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StoreError(f"{store_dir}: another `kdpipe finalize` is running on this store (lock {lock_path}); "
+                             "wait for it to finish (its manifest is the same), or rerun finalize afterwards") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def _finalize(store_dir: Path, num_tasks: int | None) -> dict[str, Any]:
+    meta_path = store_dir / META_FILE
     if not meta_path.exists():
         raise StoreError(f"{meta_path}: not found; no writer has started in {store_dir} (is it a kdpipe store?)")
     meta_raw = read_json(meta_path, "store metadata")

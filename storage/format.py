@@ -25,6 +25,7 @@ SHARD_SUFFIX = ".arrow"
 SHARD_RE = re.compile(r"^shard-t(\d{5})-s(\d{6})\.arrow$")
 META_FILE = "meta.json"
 MANIFEST_FILE = "manifest.json"
+FINALIZE_LOCK = ".finalize.lock"  # flock held by a running finalize (empty file)
 TASKS_DIR = "tasks"
 
 # zstd level of the Arrow IPC buffer compression. The columns are laid out so that zstd's

@@ -126,6 +126,20 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     fsync_dir(path.parent)
 
 
+def remove_orphan_tmps(path: Path) -> list[Path]:
+    """Remove `<path.name>.<pid>.tmp` files that a killed atomic_write_json left beside `path`.
+
+    They are never read (names are pid-specific); the caller must hold the lock that makes it the
+    only writer of `path`, so no live write's temp file is removed.
+    """
+    removed = []
+    for p in path.parent.glob(f"{path.name}.*.tmp"):
+        if p.name[len(path.name) + 1:-4].isdigit():
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
 def fsync_dir(path: str | os.PathLike) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:

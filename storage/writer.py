@@ -26,7 +26,7 @@ from kdpipe.storage.format import (
 )
 from kdpipe.storage.manifest import (
     StoreMeta, atomic_write_json, cache_key, check_format_version, file_checksum, fsync_dir, kdpipe_version,
-    load_task_manifest, read_json,
+    load_task_manifest, read_json, remove_orphan_tmps,
 )
 
 
@@ -48,9 +48,16 @@ def _ensure_meta(store_dir: Path, meta: StoreMeta) -> str:
             os.link(tmp, path)  # fails if another task created it meanwhile: then compare below
         except FileExistsError:
             pass
+        except FileNotFoundError:
+            # our tmp was swept by a writer that found meta.json already in place: compare below
+            if not path.exists():
+                raise
         finally:
-            os.unlink(tmp)
+            tmp.unlink(missing_ok=True)
         fsync_dir(store_dir)
+    # meta.json exists now, so every meta.json.<pid>.tmp is useless: a killed writer's leftover,
+    # or another writer's whose os.link fails anyway (it then compares, as above). Never read.
+    remove_orphan_tmps(path)
     existing = read_json(path, "store metadata")
     check_format_version(existing, path)
     if existing.get("cache_key") != key:
@@ -177,6 +184,7 @@ class ShardWriter:
         prefix = f"shard-t{self.task_index:05d}-"
         for p in self.store_dir.glob(prefix + "*.tmp"):
             p.unlink()  # a writer of this task died mid-shard; we hold the lock, so it is stale
+        remove_orphan_tmps(self._manifest_path)  # task-NNNNN.json.<pid>.tmp of a killed writer (same lock)
         listed = {s["file"] for s in self._shards}
         found = sorted(p.name for p in self.store_dir.glob(prefix + "*.arrow") if SHARD_RE.match(p.name))
         for name in found:

@@ -187,9 +187,9 @@ def check_store_exact(store: Path, expected_ids: list[str], codec=None, seed: in
         rep = inspect_store(store, verify=True)
     assert rep["ok"] and rep["sequences"] == len(expected_ids), rep
     assert not list(store.glob("shard-*.tmp")), list(store.glob("shard-*.tmp"))
-    left = sorted(p.name for p in store.rglob("*.tmp"))
-    if left:  # pid-named .tmp of a killed atomic JSON write (finding 6): never read, but left behind
-        REPORT.note("orphan_json_tmp_left", f"{store.name}: {left}")
+    # pid-named .tmp of a killed atomic JSON write (finding 6): the rerun of the task / finalize removes it
+    left = sorted(str(p.relative_to(store)) for p in store.rglob("*.json.*.tmp"))
+    assert not left, f"orphaned JSON temp files left after the rerun: {left}"
 
 
 # ----------------------------------------------------------------------------------------------

@@ -306,8 +306,60 @@ def test_two_writers_same_task_one_refuses(tmp_path):
     REPORT.add("concurrency:same_task", trials=1, injected=1, survived=1)
 
 
+def test_finalize_refuses_while_another_holds_the_lock(tmp_path):
+    """Finding 7: a finalize holding STORE/.finalize.lock makes a second one refuse (a lock, not a race);
+    the lock dies with its holder, so a killed finalize never blocks the rerun."""
+    store = tmp_path / "s"
+    for t in range(2):
+        assert write(store, task=t, tasks=2).returncode == 0
+    holder = subprocess.Popen([PYTHON, "-c", (
+        "import fcntl, os, sys, time\n"
+        "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o644)\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+        "print('holding', flush=True)\n"
+        "time.sleep(300)\n"), str(store / ".finalize.lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert "holding" in holder.stdout.readline()
+        r = child(["finalize", str(store)])
+        out = last_json(r.stdout)
+        assert r.returncode == 2 and out["type"] == "StoreError", r.stdout + r.stderr
+        assert "another `kdpipe finalize` is running" in out["error"] and str(store) in out["error"], out
+        assert not (store / "manifest.json").exists()
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.communicate(timeout=30)
+    r = child(["finalize", str(store)])
+    assert r.returncode == 0, r.stdout + r.stderr
+    check_store_exact(store, sample_ids(N))
+    REPORT.add("concurrency:finalize_lock", trials=1, injected=1, survived=1)
+
+
+def test_orphaned_json_tmps_are_removed_by_the_rerun(tmp_path):
+    """Finding 6: `*.json.<pid>.tmp` of a killed atomic write (garbage here) are never read, and the
+    next writer of that task (task manifest, meta.json) or the next finalize (manifest.json) removes them."""
+    store = tmp_path / "s"
+    assert write(store, task=0, tasks=2).returncode == 0
+    orphans = [store / "meta.json.99999.tmp", store / "tasks" / "task-00000.json.99999.tmp",
+               store / "tasks" / "task-00001.json.99998.tmp", store / "manifest.json.99997.tmp"]
+    for p in orphans:
+        p.write_bytes(b"{not json" + os.urandom(64))
+    keep = store / "tasks" / "task-00000.json.notapid.tmp"  # not a pid-named temp file: not ours to remove
+    keep.write_text("x")
+    assert write(store, task=1, tasks=2).returncode == 0  # task 1's writer: its manifest tmp and meta's
+    assert not orphans[0].exists() and not orphans[2].exists()
+    assert orphans[1].exists(), "a writer removed another task's temp file (it does not hold that task's lock)"
+    assert write(store, task=0, tasks=2).returncode == 0  # rerun of task 0 (nothing left to write)
+    assert not orphans[1].exists()
+    finalize_store(store)
+    assert not orphans[3].exists() and keep.exists()
+    keep.unlink()
+    check_store_exact(store, sample_ids(N))
+    REPORT.add("untrusted:orphan_json_tmp", inputs=1, injected=len(orphans), survived=len(orphans))
+
+
 def test_concurrent_finalizes_do_not_corrupt(tmp_path):
-    """Two finalizes at once: one refuses with a message, or both write the identical manifest."""
+    """Two finalizes at once: one refuses with a message (the finalize lock), or they ran one after the
+    other and wrote the identical manifest."""
     base = tmp_path / "base"
     for t in range(2):
         assert write(base, task=t, tasks=2).returncode == 0

@@ -251,7 +251,7 @@ def test_hostile_sample_ids_stay_ids(tmp_path):
     names = {Path(f).name for f in files} - {"deep"}
     import re
 
-    assert all(re.match(r"^(shard-t\d{5}-s\d{6}\.arrow|manifest\.json|meta\.json|tasks|task-\d{5}\.(json|lock)|store)$", n)
+    assert all(re.match(r"^(shard-t\d{5}-s\d{6}\.arrow|manifest\.json|meta\.json|\.finalize\.lock|tasks|task-\d{5}\.(json|lock)|store)$", n)
                for n in names), names
     assert not list(Path("/").glob("PWNED*")) and not list(Path.cwd().glob("PWNED*"))
     got = {r.sample_id: r.text for r in StoreReader(store, shuffle=False)}
