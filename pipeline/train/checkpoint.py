@@ -26,7 +26,7 @@ from torch import nn
 
 from kdpipe.pipeline.config import atomic_write_text, write_resolved
 from kdpipe.pipeline.train.student import Dist
-from kdpipe.storage.errors import ConfigError
+from kdpipe.storage.errors import ConfigError, KdpipeError
 
 CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
 
@@ -79,8 +79,44 @@ def save_model(model: nn.Module, tokenizer, out: Path, fsdp: bool, dist: Dist, m
     tokenizer.save_pretrained(out)
 
 
+# How torch.save's zip writer and safetensors report a failed write (ENOSPC, EFBIG, EIO): not an OSError.
+_WRITE_FAILED = ("inline_container", "PytorchStreamWriter", "file write failed", "unexpected pos", "IoError", "Os {")
+
+
+def _write_failure(e: BaseException) -> bool:
+    """A failed write (disk full, file size limit, I/O error), as opposed to a bug or a collective error."""
+    if isinstance(e, OSError):
+        return True
+    wraps_io = isinstance(e, RuntimeError) or type(e).__name__ == "SafetensorError"
+    return wraps_io and any(m in str(e) for m in _WRITE_FAILED)
+
+
+def _write_failed(e: BaseException, tmp: Path, run: Path, what: str) -> KdpipeError:
+    """Drop the partial `tmp` dir (best effort) -> a clear error naming it; earlier checkpoints stay intact."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    cause = f"{e.strerror} ({e.filename})" if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[0][:200]
+    last = latest_checkpoint(run)
+    return KdpipeError(
+        f"{tmp}: cannot write the {what} ({cause}); free space on the filesystem of {run} (or raise the file size "
+        f"limit) and rerun with --resume: it continues from {last if last is not None else 'the start (no whole checkpoint yet)'}"
+    )
+
+
 def save_checkpoint(run: Path, step: int, wrapped: nn.Module, model: nn.Module, tokenizer, optimizer, scheduler,
                     data_cursor: dict[str, Any], train_state: dict[str, Any], cfg, dist: Dist, keep: int = 0) -> Path:
+    """Write RUN/checkpoint-STEP whole or not at all; a failed write (disk full) raises a KdpipeError."""
+    tmp = run / f"checkpoint-{step}.tmp"
+    try:
+        return _save_checkpoint(run, step, wrapped, model, tokenizer, optimizer, scheduler, data_cursor, train_state,
+                                cfg, dist, keep)
+    except Exception as e:
+        if not _write_failure(e):
+            raise
+        raise _write_failed(e, tmp, run, f"checkpoint of step {step}") from e
+
+
+def _save_checkpoint(run: Path, step: int, wrapped: nn.Module, model: nn.Module, tokenizer, optimizer, scheduler,
+                     data_cursor: dict[str, Any], train_state: dict[str, Any], cfg, dist: Dist, keep: int) -> Path:
     final = run / f"checkpoint-{step}"
     tmp = run / f"checkpoint-{step}.tmp"
     if dist.is_main:
@@ -114,6 +150,16 @@ def save_checkpoint(run: Path, step: int, wrapped: nn.Module, model: nn.Module, 
 
 
 def save_final(run: Path, model: nn.Module, tokenizer, cfg, dist: Dist) -> Path:
+    """Write RUN/final whole or not at all; a failed write (disk full) raises a KdpipeError."""
+    try:
+        return _save_final(run, model, tokenizer, cfg, dist)
+    except Exception as e:
+        if not _write_failure(e):
+            raise
+        raise _write_failed(e, run / "final.tmp", run, "final model") from e
+
+
+def _save_final(run: Path, model: nn.Module, tokenizer, cfg, dist: Dist) -> Path:
     final, tmp = run / "final", run / "final.tmp"
     if dist.is_main:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -374,3 +374,60 @@ def test_resume_with_other_settings_is_refused(reference_run, tmp_path):
 
 def test_errors_are_kdpipe_errors():
     assert issubclass(ConfigError, KdpipeError) and issubclass(StoreError, KdpipeError)
+
+
+# ------------------------------------------------------------------------------- disk full at a checkpoint
+
+@pytest.mark.parametrize("failure", ["enospc", "torch_zip_writer"])
+def test_disk_full_while_writing_a_checkpoint_is_a_clear_error(tiny_student, topk_store, tmp_path, monkeypatch, failure):
+    """Finding 10: a failed write inside save_checkpoint -> KdpipeError naming checkpoint-STEP.tmp, saying
+    to free space and --resume; the partial .tmp is removed, the previous checkpoint stays whole.
+    (The real RLIMIT_FSIZE run: tests/faults/test_fault_pipeline.py::test_disk_full_while_writing_a_checkpoint.)"""
+    import errno
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import kdpipe.pipeline.train.checkpoint as ck
+    from kdpipe.pipeline.train.student import Dist
+
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg = base_cfg(tiny_student, topk_store, run)
+    model = AutoModelForCausalLM.from_pretrained(tiny_student)
+    tok = AutoTokenizer.from_pretrained(tiny_student)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    dist = Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend=None)
+
+    def save(step):
+        return ck.save_checkpoint(run, step, model, model, tok, opt, sched, {"cursor": step}, {}, cfg, dist)
+
+    save(2)
+    before = {p.name: p.read_bytes() for p in (run / "checkpoint-2").iterdir() if p.is_file()}
+    real_save = torch.save
+
+    def full_disk(obj, f, *a, **k):
+        if str(f).endswith("optimizer.pt"):
+            Path(f).write_bytes(b"PK\x03\x04partial")  # what a write cut short leaves
+            if failure == "enospc":
+                raise OSError(errno.ENOSPC, "No space left on device", str(f))
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 197824 vs 197716")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(ck.torch, "save", full_disk)
+    with pytest.raises(KdpipeError) as ei:
+        save(4)
+    msg = str(ei.value)
+    assert str(run / "checkpoint-4.tmp") in msg and "free space" in msg and "--resume" in msg, msg
+    assert str(run / "checkpoint-2") in msg, msg  # where the resume continues from
+    assert not (run / "checkpoint-4.tmp").exists() and not (run / "checkpoint-4").exists()
+    assert {p.name: p.read_bytes() for p in (run / "checkpoint-2").iterdir() if p.is_file()} == before
+    assert ck.latest_checkpoint(run) == run / "checkpoint-2"
+
+    # not a write failure (a bug, a collective error): propagates unchanged
+    def bug(obj, f, *a, **k):
+        raise RuntimeError("something else broke")
+
+    monkeypatch.setattr(ck.torch, "save", bug)
+    with pytest.raises(RuntimeError, match="something else broke"):
+        save(6)
