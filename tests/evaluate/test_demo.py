@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import require
+from kdtest import require
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import require
+from kdtest import require
 from eval_helpers import build_nli
 
 pytestmark = [pytest.mark.vllm]
