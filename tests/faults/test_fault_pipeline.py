@@ -189,8 +189,7 @@ def test_sigterm_generate_finishes_its_shard_and_exits_cleanly(tiny_teacher, doc
 @pytest.mark.vllm
 def test_kill9_generate_vllm_then_rerun_exactly_once(tiny_teacher, docs, tmp_path):
     """One trial with the real engine (full runs only: an engine start costs about a minute here)."""
-    if not full_run():
-        pytest.skip("vLLM kill trial runs in the full fault run (KDPIPE_FAULT_TRIALS / --fault-trials)")
+    full_only("an engine start costs about a minute here")
     try:
         import vllm  # noqa: F401
     except ImportError as e:  # the rule of tests/conftest.py: missing vLLM fails in CI
