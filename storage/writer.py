@@ -328,18 +328,7 @@ class ShardWriter:
 
     def close(self) -> None:
         """Flush the last rows, finish the open shard and mark the task complete."""
-        if self._closed:
-            return
-        try:
-            self._flush_batch()
-            if self._ipc is not None:
-                self._finish_shard()
-            self._write_task_manifest(complete=True)
-        except OSError as e:
-            raise self._write_failed(e) from None
-        finally:
-            self._closed = True
-            self._release()
+        self._seal(complete=True)
 
     def checkpoint(self) -> None:
         """Finish the open shard (its rows become durable) without marking the task complete.
@@ -347,14 +336,23 @@ class ShardWriter:
         For preemption: after SIGTERM a task keeps everything it has encoded, stays incomplete
         (finalize refuses it) and a rerun continues after the checkpointed samples.
         """
+        self._seal(complete=False)
+
+    def _seal(self, complete: bool) -> None:
         if self._closed:
             return
         try:
             self._flush_batch()
             if self._ipc is not None:
                 self._finish_shard()
+            if complete:
+                self._write_task_manifest(complete=True)
         except OSError as e:
             raise self._write_failed(e) from None
+        finally:
+            if complete:
+                self._closed = True
+                self._release()
 
     def _write_failed(self, e: OSError) -> StoreError:
         """Disk full / file too large / I/O error: drop the open .tmp shard, keep finished ones."""
