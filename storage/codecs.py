@@ -152,7 +152,12 @@ def _split_ids(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def sort_entries(top_ids: np.ndarray, top_logprobs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Sort each position's entries by log-prob desc, padding last. -> ids, logprobs (f64), valid."""
+    """Sort each position's entries by log-prob desc, padding last. -> ids (int64), logprobs (f64), valid.
+
+    Engines hand over int32 ids (vLLM, transformers' topk gives int64, numpy users uint16): widen to
+    int64 here, once, so every later sentinel (-1 padding, int64 max sort keys) fits the dtype.
+    """
+    top_ids = np.asarray(top_ids).astype(np.int64, copy=False)
     lp = top_logprobs.astype(np.float64)
     valid = (top_ids >= 0) & np.isfinite(lp)
     key = np.where(valid, -lp, np.inf)
