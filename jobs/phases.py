@@ -204,6 +204,9 @@ def train_config(job: JobSpec, run: RunSpec, out_dir: Path) -> Any:
         values.setdefault("resume", True)
     if isinstance(values.get("model"), str):
         values["model"] = _path_or_hub_id(job, values["model"])
+    if isinstance(values.get("val_stores"), (str, list, tuple)):  # validation stores: relative to the job file
+        vs = values["val_stores"]
+        values["val_stores"] = tuple(str(job.resolve_path(str(v))) for v in ([vs] if isinstance(vs, str) else vs))
     values = _collect("train", cls, [(w, values)], train_injected(cls, job, out_dir))
     return _build("train", cls, values, w)
 

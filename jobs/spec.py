@@ -7,7 +7,9 @@
     [data]         the dataset phase one reads (passed to phase one's config)
     [generation]   recipe, codec, k, draws, num_tasks (= array size), store (+ phase-one keys)
     [[students]]   model, alpha, temperature, divergence, tail_mode, optimizer, steps, nodes,
-                   gpus (+ phase-two keys); a list value is a sweep: one run per combination
+                   gpus (+ phase-two keys, e.g. validation: val_stores (paths relative to the job
+                   file), val_fraction, eval_every, save_best); a list value is a sweep: one run
+                   per combination
     [evaluation]   optional; one evaluation per student run (evaluation config keys), or only
                    for the runs listed in `runs` (run or student names)
     [slurm]        partition, account, qos, time.<phase>, gpus_per_node, cpus_per_task, mem,

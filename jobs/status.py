@@ -85,16 +85,19 @@ def store_progress(store: Path, num_tasks: int) -> dict[str, Any]:
     return info
 
 
-def last_metrics(run_dir: Path) -> dict[str, Any] | None:
+def last_metrics(run_dir: Path, split: str | None = None) -> dict[str, Any] | None:
+    """The last metrics line of a run: a training step (split None), or e.g. split="validation"."""
     for name in METRICS_FILES:
         p = run_dir / name
         if p.exists():
             lines = [ln for ln in p.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
             for ln in reversed(lines):
                 try:
-                    return json.loads(ln)
+                    row = json.loads(ln)
                 except ValueError:
                     continue
+                if isinstance(row, dict) and row.get("split") == split:
+                    return row
     return None
 
 
@@ -124,7 +127,8 @@ def collect_status(run_dir: str | Path) -> dict[str, Any]:
     else:
         status["steps"] = doc.get("steps", [])
     status["runs"] = [
-        {"name": r["name"], "dir": r["dir"], "last_metrics": last_metrics(Path(r["dir"]))} for r in doc.get("runs", [])
+        {"name": r["name"], "dir": r["dir"], "last_metrics": last_metrics(Path(r["dir"])),
+         "last_validation": last_metrics(Path(r["dir"]), "validation")} for r in doc.get("runs", [])
     ]
     return status
 
@@ -153,4 +157,6 @@ def format_status(st: dict[str, Any]) -> str:
     for r in st.get("runs", []):
         m = r["last_metrics"]
         lines.append(f"run {r['name']}: " + (json.dumps(m, sort_keys=True) if m else "no metrics yet"))
+        if r.get("last_validation"):
+            lines.append(f"run {r['name']} validation: " + json.dumps(r["last_validation"], sort_keys=True))
     return "\n".join(lines)

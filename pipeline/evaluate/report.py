@@ -182,13 +182,24 @@ def plot_all(report: dict, out: Path) -> list[str]:
     curves = {name: r["curve"] for name, r in report["runs"].items() if r.get("curve")}
     if curves:
         fig, ax = plt.subplots(figsize=(6, 4))
+        colors: dict[tuple[str, str], Any] = {}
+        with_val = False
         for name, curve in curves.items():
-            for k, pts in curve.items():
+            # Training parts first, so each validation curve (val_<part>, dashed with markers) takes its colour.
+            for k, pts in sorted(curve.items(), key=lambda kv: kv[0].startswith("val_")):
                 arr = np.asarray(pts, dtype=float)
-                ax.plot(arr[:, 0], arr[:, 1], label=f"{name}: {k}", linewidth=1)
+                val = k.startswith("val_")
+                with_val = with_val or val
+                part = k[4:] if val else k
+                style = {"linestyle": "--", "marker": "o", "markersize": 3} if val else {}
+                if (name, part) in colors:
+                    style["color"] = colors[(name, part)]
+                (line,) = ax.plot(arr[:, 0], arr[:, 1], label=f"{name}: {'validation ' + part if val else k}",
+                                  linewidth=1, **style)
+                colors.setdefault((name, part), line.get_color())
         ax.set_xlabel("optimizer step")
-        ax.set_ylabel("loss")
-        ax.set_title("Training loss")
+        ax.set_ylabel("loss per target token")
+        ax.set_title("Training and validation loss" if with_val else "Training loss")
         ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(out / "loss.png", dpi=100)

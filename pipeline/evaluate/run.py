@@ -46,9 +46,11 @@ def read_run(run_dir: str) -> dict[str, Any]:
             step = row.get("step")
             if not isinstance(step, (int, float)):
                 continue
+            # Validation lines (train-student --val-store/--val-fraction) are their own curves: val_loss, ...
+            prefix = "val_" if row.get("split") == "validation" else ""
             for k, v in row.items():
                 if "loss" in k and isinstance(v, (int, float)) and math.isfinite(v):
-                    curve.setdefault(k, []).append([step, float(v)])
+                    curve.setdefault(prefix + k, []).append([step, float(v)])
         # A part that is identically zero (the KD term of a CE-only run) is not a curve.
         info["curve"] = {k: pts for k, pts in curve.items() if any(v != 0.0 for _, v in pts)}
     return info

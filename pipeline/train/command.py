@@ -31,7 +31,15 @@ HELP = {
     "truncate": "Cut sequences longer than the student's context (counted) instead of refusing.",
     "fsdp": "FSDP2 (fully_shard) instead of DDP under torchrun.",
     "resume": "Continue from the newest RUN/checkpoint-STEP.",
+    "val_stores": "A finalized store read only for validation; repeat --val-store for several.",
+    "val_fraction": "Hold out this share of the training stores' sample ids (seeded hash) for validation.",
+    "val_split_seed": "Seed of the --val-fraction split (default: --seed).",
+    "eval_every": "Validate every N optimizer steps (0 = only after the last step).",
+    "save_best": "Keep RUN/best at the lowest validation --best-metric (RUN/best/best.json names the step).",
+    "best_metric": "Validation figure that --save-best minimizes.",
 }
+# Repeatable flags for tuple-of-paths fields: field -> flag name.
+REPEATABLE = {"stores": "store", "val_stores": "val_store"}
 
 
 def _options(f):
@@ -39,7 +47,7 @@ def _options(f):
     hints = typing.get_type_hints(TrainConfig)
     for fld in reversed(dataclasses.fields(TrainConfig)):
         tp = hints[fld.name]
-        name = "store" if fld.name == "stores" else fld.name
+        name = REPEATABLE.get(fld.name, fld.name)
         flag = "--" + name.replace("_", "-")
         origin, args = typing.get_origin(tp), typing.get_args(tp)
         kw: dict = {"default": None, "help": HELP.get(fld.name, "")}
@@ -47,8 +55,8 @@ def _options(f):
             decl = [f"{flag}/--no-{name.replace('_', '-')}"]
         elif origin is typing.Literal:
             decl, kw["type"] = [flag], click.Choice(list(args))
-        elif fld.name == "stores":
-            decl, kw["multiple"], kw["default"] = [flag, "stores"], True, ()
+        elif fld.name in REPEATABLE:
+            decl, kw["multiple"], kw["default"] = [flag, fld.name], True, ()
         else:
             inner = [a for a in args if a is not type(None)]
             base = inner[0] if origin in (typing.Union, types.UnionType) else tp
@@ -83,3 +91,6 @@ def train_student(config_path, **flags):
     else:
         last = result.last or {}
         click.echo(f"done: {result.steps} steps, final student in {result.final} (last loss {last.get('loss', float('nan')):.4f})")
+        if result.best is not None:
+            click.echo(f"best: step {result.best['step']} (validation {result.best['metric']} "
+                       f"{result.best['value']:.4f}) in {result.run / 'best'}")

@@ -65,6 +65,14 @@ class TrainConfig:
     backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: nccl on CUDA, gloo on CPU
     fsdp: bool = False  # FSDP2 (fully_shard per decoder layer + root) instead of DDP
 
+    # ---- validation (validate.py): a second store, or a seeded split of the training stores by sample id
+    val_stores: tuple[str, ...] = ()  # finalized stores read only for validation (--val-store, repeatable)
+    val_fraction: float = 0.0  # or: this share of the training stores' sample ids, held out of training (0 = off)
+    val_split_seed: int | None = None  # seed of the val_fraction split (None = seed, the run's seed)
+    eval_every: int = 0  # optimizer steps between validations (0 = only after the last step)
+    save_best: bool = False  # keep RUN/best at the lowest validation `best_metric`
+    best_metric: Literal["loss", "loss_ce", "loss_kd"] = "loss"  # which validation figure --save-best minimizes
+
     # ---- run bookkeeping
     seed: int = 0
     save_every: int = 500  # optimizer steps between checkpoints (0 = only RUN/final)
@@ -105,6 +113,25 @@ class TrainConfig:
             raise bad("max_grad_norm", f"{self.max_grad_norm} must be >= 0 (0 = no clipping)")
         if self.max_seq_len is not None and self.max_seq_len < 2:
             raise bad("max_seq_len", f"{self.max_seq_len} must be >= 2")
+        validation = bool(self.val_stores) or self.val_fraction > 0
+        if self.val_stores and self.val_fraction > 0:
+            raise bad("val_fraction", f"{self.val_fraction} together with val_stores {list(self.val_stores)}; give one "
+                      "validation source: --val-store DIR or --val-fraction F (a split of the training stores)")
+        if not (0.0 <= self.val_fraction < 1.0) or not math.isfinite(self.val_fraction):
+            raise bad("val_fraction", f"{self.val_fraction} must be in (0, 1): the share of sample ids held out for "
+                      "validation (0 = no split)")
+        if self.eval_every < 0:
+            raise bad("eval_every", f"{self.eval_every} must be >= 0 (0 = validate only after the last step)")
+        if self.eval_every and not validation:
+            raise bad("eval_every", f"{self.eval_every} needs a validation source; add --val-store DIR or "
+                      "--val-fraction F, or set eval_every = 0")
+        if self.save_best and not validation:
+            raise bad("save_best", "needs a validation source to pick the best step; add --val-store DIR or "
+                      "--val-fraction F, or drop --save-best")
+        if self.val_split_seed is not None and self.val_fraction == 0:
+            raise bad("val_split_seed", "only applies to a --val-fraction split; set val_fraction or drop val_split_seed")
+        if self.best_metric == "loss_kd" and self.alpha == 1.0:
+            raise bad("best_metric", "'loss_kd' is always 0 with alpha = 1.0 (no logit distillation); use 'loss' or 'loss_ce'")
         if self.device == "cpu" and self.backend == "nccl":
             raise bad("backend", "'nccl' needs CUDA but device = 'cpu'; use backend = 'gloo' or 'auto'")
 

@@ -12,12 +12,19 @@ size (rows × longest row) past `tokens_per_batch`; that record is held as `pend
 the next micro-batch. The cursor of a partition = each reader's cursor + the store-pick counter
 + the pending record, all JSON; `load_state_dict` seeks there without replaying.
 
+Validation split. With `holdout_fraction` F > 0, a record is held out of training (and read by
+validate.py instead) when `in_validation(holdout_seed, sample_id, F)`: a hash of (seed, id), so
+the split needs no id list in memory, is the same on every rank and on resume, and does not
+depend on the world size or the shard layout. The reader still counts skipped records in its
+cursor, so resume seeks exactly as without a split.
+
 A background thread prepares `prefetch` steps ahead, each tagged with the cursor *after* it, so
 a checkpoint saves the position of the last step trained, not of the last step prefetched.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import queue
 import threading
@@ -52,6 +59,14 @@ def store_max_sequence_length(store_dir: str) -> tuple[int, int]:
 
 
 # ------------------------------------------------------------------------------- records
+
+
+def in_validation(seed: int, sample_id: str, fraction: float) -> bool:
+    """Whether `sample_id` belongs to the validation share `fraction` of a seeded split (see module doc)."""
+    if fraction <= 0.0:
+        return False
+    h = hashlib.blake2b(f"{seed}\x00{sample_id}".encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(h, "big") < fraction * 2.0**64
 
 
 def truncate_record(rec: Record, max_len: int) -> Record:
@@ -100,6 +115,9 @@ class DataSpec:
     shuffle: bool = True
     shuffle_buffer: int = 1024
     seed: int = 0
+    # Sample ids held out for validation (in_validation(holdout_seed, id, holdout_fraction)) are skipped.
+    holdout_fraction: float = 0.0
+    holdout_seed: int = 0
     # Optional record rewrite (sequence-level distillation retokenizes the teacher's text).
     transform: Callable[[Record], Record] | None = field(default=None, repr=False)
 
@@ -131,19 +149,30 @@ class PartitionStream:
         u = np.random.default_rng([self.spec.seed, self.part, self.picks, 11]).random() * self.cum_weights[-1]
         return int(min(np.searchsorted(self.cum_weights, u, side="right"), len(self.readers) - 1))
 
-    def next(self) -> Record:
-        i = self._pick()
-        self.picks += 1
+    def _draw(self, i: int) -> Record:
         for _ in range(2):
             if self._iters[i] is None:
                 self._iters[i] = iter(self.readers[i])
             try:
-                rec = next(self._iters[i])
-                break
+                return next(self._iters[i])
             except StopIteration:  # the reader moved itself to the next epoch
                 self._iters[i] = None
-        else:
-            raise DataError(f"{self.spec.stores[i]}: partition {self.part} of {self.parts} yielded no record in a whole epoch")
+        raise DataError(f"{self.spec.stores[i]}: partition {self.part} of {self.parts} yielded no record in a whole epoch")
+
+    def next(self) -> Record:
+        i = self._pick()
+        self.picks += 1
+        rec = self._draw(i)
+        skipped = 0
+        while in_validation(self.spec.holdout_seed, rec.sample_id, self.spec.holdout_fraction):
+            skipped += 1
+            if skipped > len(self.readers[i]):  # a whole epoch of this partition is held out
+                raise DataError(
+                    f"{self.spec.stores[i]}: every sample of partition {self.part} of {self.parts} is held out for "
+                    f"validation (val_fraction = {self.spec.holdout_fraction}); lower --val-fraction, use fewer ranks "
+                    "or a smaller grad_accum, or give a separate --val-store"
+                )
+            rec = self._draw(i)
         if self.spec.transform is not None:
             rec = self.spec.transform(rec)
         if len(rec.input_ids) > self.spec.max_len:

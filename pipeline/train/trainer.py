@@ -31,10 +31,11 @@ from kdpipe.pipeline.train.student import (
     Retokenize, StudentLoss, autocast_context, batch_inputs, check_inputs, load_student, load_tokenizer, loss_spec,
     no_sync, param_groups, setup_distributed, teacher_tokenizer, wrap_distributed,
 )
+from kdpipe.pipeline.train.validate import Validator, split_seed
 from kdpipe.storage.errors import ConfigError
 
 # Settings that may change between a run and its resumption (they do not change what is computed).
-RESUMABLE_CHANGES = {"steps", "save_every", "log_every", "keep_checkpoints", "resume", "prefetch"}
+RESUMABLE_CHANGES = {"steps", "save_every", "log_every", "keep_checkpoints", "resume", "prefetch", "eval_every"}
 
 
 @dataclass
@@ -44,6 +45,7 @@ class TrainResult:
     steps: int  # optimizer steps completed
     last: dict[str, Any] | None  # the last metrics line
     interrupted: bool
+    best: dict[str, Any] | None = None  # --save-best: {"step", "metric", "value"} of RUN/best
 
 
 def lr_factor(cfg: TrainConfig, step: int) -> float:
@@ -163,7 +165,7 @@ def _train(cfg: TrainConfig, dist) -> TrainResult:
                                   betas=(cfg.adam_beta1, cfg.adam_beta2))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(cfg, s))
 
-    step, cursor = 0, None
+    step, cursor, state = 0, None, None
     if resume_from is not None:
         state, cursor = load_training_state(resume_from, wrapped, optimizer, scheduler, cfg, dist)
         step = int(state["step"])
@@ -173,8 +175,10 @@ def _train(cfg: TrainConfig, dist) -> TrainResult:
         stores=cfg.stores, weights=cfg.weights, tokens_per_batch=cfg.tokens_per_batch, max_len=plan.max_len,
         truncate=cfg.truncate, pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
         shuffle=cfg.shuffle, shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed, transform=transform,
+        holdout_fraction=cfg.val_fraction, holdout_seed=split_seed(cfg),
     )
     data = StepData(spec, dist.rank, dist.world_size, cfg.grad_accum, cfg.prefetch, cursor)
+    validator = Validator(cfg, plan, spec, dist, run, model, tokenizer, with_teacher, state)
     if dist.is_main:
         write_resolved(cfg, run / "train_config.toml")
     metrics = MetricsLog(run / "metrics.jsonl", step if resume_from else None, dist.is_main)
@@ -215,10 +219,12 @@ def _train(cfg: TrainConfig, dist) -> TrainResult:
             if cfg.log_every and step % cfg.log_every == 0:
                 bar.set_postfix(loss=f"{last['loss']:.4f}", ce=f"{last['loss_ce']:.4f}", kd=f"{last['loss_kd']:.4f}")
 
-            # ---- checkpoint, stop
+            # ---- validate (every eval_every steps and after the last; keeps RUN/best), checkpoint, stop
+            validator.after_step(step, wrapped, metrics)
             if stop > 0 or (cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps):
                 save_checkpoint(run, step, wrapped, model, tokenizer, optimizer, scheduler, batch.cursor,
-                                {"truncated": batch.truncated}, cfg, dist, keep=cfg.keep_checkpoints)
+                                {"truncated": batch.truncated, **validator.state_dict()}, cfg, dist,
+                                keep=cfg.keep_checkpoints)
                 saved_at = step
             if stop > 0:
                 interrupted = True
@@ -233,6 +239,7 @@ def _train(cfg: TrainConfig, dist) -> TrainResult:
     if not interrupted:
         if cfg.save_every and saved_at != step:
             save_checkpoint(run, step, wrapped, model, tokenizer, optimizer, scheduler, batch.cursor,
-                            {"truncated": batch.truncated}, cfg, dist, keep=cfg.keep_checkpoints)
+                            {"truncated": batch.truncated, **validator.state_dict()}, cfg, dist,
+                            keep=cfg.keep_checkpoints)
         final = save_final(run, model, tokenizer, cfg, dist)
-    return TrainResult(run=run, final=final, steps=step, last=last, interrupted=interrupted)
+    return TrainResult(run=run, final=final, steps=step, last=last, interrupted=interrupted, best=validator.best)
