@@ -110,3 +110,43 @@ def build_tiny(out_dir: str | os.PathLike, texts: Iterable[str] | None = None, c
     build_tokenizer(out, texts, vocab_size=cfg.vocab_size)
     build_model(out, out, cfg)
     return out
+
+
+def build_unigram_tokenizer(out_dir: str | os.PathLike, texts: Iterable[str] | None = None, vocab_size: int = 400):
+    """Train a Unigram (SentencePiece-style) tokenizer with byte fallback and save it as a PreTrainedTokenizerFast.
+
+    A different algorithm from `build_tokenizer`'s byte-level BPE, for cross-tokenizer tests: a
+    Metaspace pre-tokenizer (`▁` = space, prepended to the first word), the 256 `<0xNN>` byte
+    pieces for anything the pieces do not cover, and a Llama-2-style decoder.
+    """
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    texts = list(texts) if texts is not None else [DEFAULT_CORPUS] * 4
+    pre = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    base = Tokenizer(models.Unigram())
+    base.pre_tokenizer = pre
+    trainer = trainers.UnigramTrainer(vocab_size=max(vocab_size - 256, 64), special_tokens=SPECIAL_TOKENS,
+                                      unk_token="<unk>", show_progress=False)
+    base.train_from_iterator(texts, trainer=trainer)
+    model = json.loads(base.to_str())["model"]
+    vocab = [tuple(v) for v in model["vocab"]]
+    have = {p for p, _ in vocab}
+    low = min(s for _, s in vocab) - 1.0
+    vocab += [(f"<0x{b:02X}>", low) for b in range(256) if f"<0x{b:02X}>" not in have]
+    tok = Tokenizer(models.Unigram(vocab, unk_id=model["unk_id"], byte_fallback=True))
+    tok.pre_tokenizer = pre
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    tok.add_special_tokens(SPECIAL_TOKENS)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+        additional_special_tokens=["<|user|>", "<|assistant|>", "<|system|>", "<|end|>", "<sep>"],
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    fast.model_max_length = 1024
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(out_dir)
+    return fast

@@ -14,6 +14,7 @@ from kdpipe.storage.manifest import (
     StoreMeta, TaskManifest, atomic_write_json, cache_key, check_format_version, kdpipe_version, load_task_manifest,
     read_json, remove_orphan_tmps,
 )
+from kdpipe.storage.tokenizer_files import tokenizer_record
 
 
 def finalize_store(store_dir: str | os.PathLike, num_tasks: int | None = None) -> dict[str, Any]:
@@ -125,5 +126,8 @@ def _finalize(store_dir: Path, num_tasks: int | None) -> dict[str, Any]:
         "bytes": sum(s["bytes"] for s in shards),
         "shards": shards,
     }
+    tok = tokenizer_record(store_dir)  # optional, additive (see tokenizer_files.py for the version rule)
+    if tok is not None:
+        manifest["teacher_tokenizer"] = tok
     atomic_write_json(store_dir / MANIFEST_FILE, manifest)
     return manifest

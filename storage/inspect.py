@@ -13,16 +13,32 @@ from kdpipe.storage.errors import StoreError
 from kdpipe.storage.manifest import checksum_matches, open_store
 
 
-def _stats(rec_counts, rec_mass, rec_ent, counts, lp, tail) -> None:
+# How the entropy figures are estimated (printed by `inspect`, recorded in --json).
+ENTROPY_HOW = (
+    "per position over the kept entries plus the tail mass; lower bound = the tail as one category, "
+    "upper bound = the tail spread evenly over the vocabulary ids not kept"
+)
+
+
+def _stats(rec_counts, rec_mass, rec_ent, counts, lp, tail, vocab_size: int = 0, rec_ent_hi=None) -> None:
+    """Per position: entries kept, kept mass, and the teacher entropy bounds (tail included, see ENTROPY_HOW).
+
+    The true entropy H = -Σ_kept p log p + H_tail, where the tail's t = 1 - Σ p_kept spreads over the
+    V - n ids not kept in some unknown way: H_tail lies between -t log t (all on one id) and
+    -t log t + t log(V - n) (uniform over them).
+    """
     valid = np.isfinite(lp)
-    p = np.where(valid, np.exp(lp.astype(np.float64)), 0.0)
+    p = np.where(valid, np.exp(lp.astype(np.float64)), 0.0)  # [P, K]
     rec_counts.append(counts.astype(np.int64))
     rec_mass.append(p.sum(axis=1))
     with np.errstate(divide="ignore", invalid="ignore"):
-        h = -(np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0)).sum(axis=1)
-        t = tail.astype(np.float64)
+        h = -(np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0)).sum(axis=1)  # [P]
+        t = np.clip(tail.astype(np.float64), 0.0, 1.0)  # [P]
         h += np.where(t > 0, -t * np.log(np.where(t > 0, t, 1.0)), 0.0)
     rec_ent.append(h)
+    if rec_ent_hi is not None:
+        rest = np.maximum(vocab_size - valid.sum(axis=1), 1)  # ids outside the kept entries
+        rec_ent_hi.append(h + t * np.log(rest))
 
 
 def inspect_store(store_dir: str | os.PathLike, verify: bool = False, sample_rows: int = 4096) -> dict[str, Any]:
@@ -38,6 +54,7 @@ def inspect_store(store_dir: str | os.PathLike, verify: bool = False, sample_row
     counts_l: list = []
     mass_l: list = []
     ent_l: list = []
+    ent_hi_l: list = []
     seen = 0
     from kdpipe.storage.reader import _DecodedBatch, check_schema
 
@@ -75,7 +92,8 @@ def inspect_store(store_dir: str | os.PathLike, verify: bool = False, sample_row
                         if not verify and seen >= sample_rows:
                             break
                         rec = db.record(j)
-                        _stats(counts_l, mass_l, ent_l, db._get("num_entries", j), rec.logprobs, rec.tail)
+                        _stats(counts_l, mass_l, ent_l, db._get("num_entries", j), rec.logprobs, rec.tail,
+                               m.meta.vocab_size, ent_hi_l)
                         seen += 1
                 if verify and (rows != s.rows or tokens != s.target_tokens):
                     raise StoreError(f"holds {rows} rows / {tokens} target tokens, the manifest says {s.rows} / {s.target_tokens}")
@@ -83,6 +101,11 @@ def inspect_store(store_dir: str | os.PathLike, verify: bool = False, sample_row
             problems.append({"shard": s.file, "problem": str(e).replace(f"{path}: ", "")})
         except (pa.ArrowInvalid, pa.ArrowException, OSError, ValueError, IndexError) as e:
             problems.append({"shard": s.file, "problem": f"unreadable ({type(e).__name__}: {e})"})
+
+    if verify:
+        from kdpipe.storage.tokenizer_files import verify_tokenizer_files
+
+        problems += [{"shard": "teacher_tokenizer", "problem": p} for p in verify_tokenizer_files(store_dir, m.raw.get("teacher_tokenizer"))]
 
     def mean(parts: list) -> float | None:
         return float(np.concatenate(parts).mean()) if parts and sum(len(p) for p in parts) else None
@@ -108,8 +131,11 @@ def inspect_store(store_dir: str | os.PathLike, verify: bool = False, sample_row
         "bytes_per_token": m.bytes / max(1, m.num_target_tokens),
         "mean_entries_per_position": mean(counts_l),
         "mean_kept_mass": mean(mass_l),
-        "teacher_entropy_nats": mean(ent_l),
+        "teacher_entropy_nats": mean(ent_l),  # lower bound (tail as one category), see ENTROPY_HOW
+        "teacher_entropy_nats_upper": mean(ent_hi_l),
+        "teacher_entropy_how": ENTROPY_HOW,
         "stats_rows": seen,
+        "teacher_tokenizer": "teacher_tokenizer" in m.raw,
         "problems": problems,
     }
 
@@ -138,7 +164,8 @@ def format_report(r: dict[str, Any]) -> str:
         ("bytes / target token", f(r["bytes_per_token"])),
         ("mean entries / position", f(r["mean_entries_per_position"])),
         ("mean kept mass", f(r["mean_kept_mass"])),
-        ("teacher entropy (nats, est.)", f(r["teacher_entropy_nats"])),
+        ("teacher entropy (nats)", f"{f(r['teacher_entropy_nats'])} .. {f(r.get('teacher_entropy_nats_upper'))} "
+         "(kept entries + tail: tail as one category .. spread evenly over the other ids)"),
         ("verified", "yes" if r["verified"] else "no (use --verify)"),
         ("ok", "yes" if r["ok"] else "NO"),
     ]

@@ -34,6 +34,7 @@ from kdpipe.pipeline.generate.engines import Engine, make_engine
 from kdpipe.pipeline.generate.recipes import Recipe, Result, make_recipe
 from kdpipe.storage import CodecConfig, ShardWriter, StoreMeta, tokenizer_fingerprint
 from kdpipe.storage.errors import ConfigError, KdpipeError
+from kdpipe.storage.tokenizer_files import save_teacher_tokenizer
 
 CONFIG_FILE = "generate-config.toml"
 # Keys of a model config that give its context length, in the order vLLM consults them.
@@ -313,6 +314,8 @@ def generate_logits(cfg: GenerateConfig, engine: Engine | None = None) -> Genera
     meta = build_meta(cfg, tokenizer, recipe, data.fingerprint, max_model_len)
 
     writer = ShardWriter(cfg.out, meta, task_index=task_index, num_tasks=num_tasks, shard_bytes=max(1, int(cfg.shard_mb * (1 << 20))))
+    # The teacher's tokenizer files travel with the store (cross-tokenizer KD, sequence-level decoding).
+    save_teacher_tokenizer(cfg.out, tokenizer)
     own_engine = False
     try:
         done = writer.done_ids()

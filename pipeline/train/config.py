@@ -29,6 +29,10 @@ class TrainConfig:
     jsd_beta: float = 0.5  # β of generalized_jsd, 0 < β < 1
     tail_mode: Literal["bucket", "renormalize"] = "bucket"
     loss_chunk_size: int = 1024  # target tokens per chunk of [chunk, V] logits
+    # ---- a student with another tokenizer than the teacher's (xtok.py, xtok_losses.py, docs/cross-tokenizer.md)
+    cross_tokenizer: Literal["none", "span", "uld", "hybrid"] = "none"  # logit KD on byte-aligned token groups when the tokenizers differ; none = refuse (or --alpha 1, sequence-level)
+    xtok_min_mapped_mass: float = 0.9  # hybrid: a 1:1 group takes the vocabulary-mapped KL when its mapped ids hold this share of the teacher's kept mass
+    teacher_tokenizer: str | None = None  # the teacher tokenizer's folder (default: STORE/teacher_tokenizer); checked against the store's fingerprint
 
     # ---- optimization (AdamW, linear warmup then cosine decay to lr·min_lr_ratio)
     lr: float = 5e-5
@@ -97,6 +101,8 @@ class TrainConfig:
             raise bad("temperature", f"{self.temperature} must be > 0")
         if self.divergence not in DIVERGENCES:
             raise bad("divergence", f"{self.divergence!r} is not one of {', '.join(DIVERGENCES)}")
+        if not (0.0 < self.xtok_min_mapped_mass <= 1.0):
+            raise bad("xtok_min_mapped_mass", f"{self.xtok_min_mapped_mass} must be in (0, 1]")
         if not (0.0 < self.jsd_beta < 1.0):
             raise bad("jsd_beta", f"{self.jsd_beta} must be strictly between 0 and 1")
         for key in ("loss_chunk_size", "steps", "tokens_per_batch", "grad_accum", "shuffle_buffer", "lora_r", "prefetch"):

@@ -120,6 +120,8 @@ class DataSpec:
     holdout_seed: int = 0
     # Optional record rewrite (sequence-level distillation retokenizes the teacher's text).
     transform: Callable[[Record], Record] | None = field(default=None, repr=False)
+    # Optional Records -> Batch (cross-tokenizer KD aligns in the collate stage, xtok.XCollate); None = storage collate.
+    collate: Callable[[list[Record]], Batch] | None = field(default=None, repr=False)
 
 
 class PartitionStream:
@@ -223,6 +225,8 @@ class TokenBudgetBatcher:
             longest = max(longest, L)
             if (len(recs) + 1) * longest > budget:
                 break  # even a shortest next row could not fit: close now, no pending needed
+        if self.stream.spec.collate is not None:
+            return self.stream.spec.collate(recs)
         return collate(recs, pad_id=self.stream.spec.pad_id)
 
     def state_dict(self) -> dict[str, Any]:

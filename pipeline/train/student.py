@@ -152,6 +152,7 @@ class Plan:
     sequence_level: bool  # tokenizers differ: CE on the teacher text retokenized (alpha must be 1)
     longest: int  # longest stored sequence
     num_sequences: int
+    cross_tokenizer: str | None = None  # tokenizers differ and cfg.cross_tokenizer is on: 'span' | 'uld' | 'hybrid'
 
 
 def check_inputs(cfg: TrainConfig, tokenizer, model: nn.Module) -> Plan:
@@ -175,19 +176,26 @@ def check_inputs(cfg: TrainConfig, tokenizer, model: nn.Module) -> Plan:
     codec = codecs.pop()
     store_vocab = metas[0].meta.vocab_size
     student_fp = tokenizer_fingerprint(tokenizer)
-    sequence_level = student_fp != metas[0].meta.tokenizer_fingerprint
+    differ = student_fp != metas[0].meta.tokenizer_fingerprint
+    # tokenizers differ: logit KD on byte-aligned groups (cross_tokenizer), else only sequence-level KD (alpha 1)
+    xtok = cfg.cross_tokenizer if differ and cfg.cross_tokenizer != "none" and cfg.alpha < 1.0 else None
+    sequence_level = differ and xtok is None
     if sequence_level and cfg.alpha < 1.0:
         raise ConfigError(
             f"student {cfg.student!r}: its tokenizer differs from the teacher's that wrote {metas[0].store_dir} "
             f"(fingerprint {student_fp[:12]}… vs {metas[0].meta.tokenizer_fingerprint[:12]}…), so the stored "
-            "token-level teacher distributions do not apply to it and logit distillation is refused. Pass "
-            "--alpha 1.0 for sequence-level distillation on the stored teacher text, retokenized for the student, "
-            "or use a student that shares the teacher's tokenizer"
+            "token-level teacher distributions do not apply to it as they are. Pass --cross-tokenizer span, uld or "
+            "hybrid for logit distillation on byte-aligned token groups (docs/cross-tokenizer.md), or --alpha 1.0 "
+            "for sequence-level distillation on the stored teacher text, retokenized for the student"
         )
+    if xtok is not None:
+        from kdpipe.pipeline.train.xtok import check_cross_tokenizer
+
+        check_cross_tokenizer(cfg, metas, tokenizer)  # teacher tokenizer files, byte offsets, the stores' recipes
     if cfg.alpha < 1.0:
         check_supported(codec, cfg.divergence, cfg.temperature)
     n_model_vocab = hf_model(model).get_output_embeddings().weight.shape[0]
-    vocab = len(tokenizer) if sequence_level else store_vocab
+    vocab = len(tokenizer) if (sequence_level or xtok) else store_vocab
     if n_model_vocab < vocab:
         raise ConfigError(
             f"student {cfg.student!r}: its lm_head has {n_model_vocab} rows but the vocabulary has {vocab} tokens; "
@@ -197,7 +205,7 @@ def check_inputs(cfg: TrainConfig, tokenizer, model: nn.Module) -> Plan:
     max_len = cfg.max_seq_len or ctx or longest
     if ctx is not None and max_len > ctx:
         raise ConfigError(f"max_seq_len: {max_len} exceeds the student's context of {ctx}")
-    if longest > max_len and not cfg.truncate and not sequence_level:
+    if longest > max_len and not cfg.truncate and not sequence_level and not xtok:
         raise ConfigError(
             f"stores: the longest stored sequence has {longest} tokens, more than the student's context of "
             f"{max_len}; pass --truncate to cut longer sequences (the number cut is logged), or use a student "
@@ -205,7 +213,7 @@ def check_inputs(cfg: TrainConfig, tokenizer, model: nn.Module) -> Plan:
         )
     if cfg.tokens_per_batch < 2:
         raise ConfigError("tokens_per_batch: must hold at least one sequence of two tokens")
-    return Plan(codec, vocab, max_len, sequence_level, longest, total)
+    return Plan(codec, vocab, max_len, sequence_level, longest, total, cross_tokenizer=xtok)
 
 
 class Retokenize:
@@ -242,7 +250,12 @@ class Retokenize:
 
 def teacher_tokenizer(cfg: TrainConfig):
     m = open_store(cfg.stores[0])
-    try:
+    from kdpipe.pipeline.train.xtok import load_teacher_tokenizer
+    from kdpipe.storage.tokenizer_files import teacher_tokenizer_dir
+
+    if cfg.teacher_tokenizer or teacher_tokenizer_dir(m.store_dir):  # the store's own files (checked), or the flag
+        return load_teacher_tokenizer(cfg, m)
+    try:  # stores written before phase one saved the tokenizer: the teacher by name
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(m.meta.teacher, revision=m.meta.teacher_revision,
@@ -264,19 +277,25 @@ class StudentLoss(nn.Module):
     and hands them with the lm_head weight to the chunked loss: no [B, T, V] logits exist.
     """
 
-    def __init__(self, model: nn.Module, vocab_size: int, spec: LossSpec) -> None:
+    def __init__(self, model: nn.Module, vocab_size: int, spec: LossSpec, cross_tokenizer: str | None = None) -> None:
         super().__init__()
         self.model = model
         self.vocab_size = vocab_size
         self.spec = spec
+        self.cross_tokenizer = cross_tokenizer  # None, or the xtok_losses option on aligned groups
 
     def forward(self, input_ids, attention_mask, pred_index, target_ids, teacher_ids=None, teacher_logprobs=None,
-                teacher_tail=None) -> dict[str, torch.Tensor]:
+                teacher_tail=None, xtok=None) -> dict[str, torch.Tensor]:
         hf = hf_model(self.model)
         out = hf.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         hidden = out[0]  # [B, T, H]
         h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, pred_index)  # [N, H]
         head = hf.get_output_embeddings()
+        if xtok is not None:  # another tokenizer than the teacher's: the loss on aligned groups
+            from kdpipe.pipeline.train.xtok_losses import xtok_chunked_loss_parts
+
+            return xtok_chunked_loss_parts(h, head.weight, self.vocab_size, target_ids, xtok, self.spec,
+                                           self.cross_tokenizer, bias=getattr(head, "bias", None))
         return chunked_loss_parts(
             h, head.weight, self.vocab_size, target_ids, teacher_ids, teacher_logprobs, teacher_tail,
             self.spec, bias=getattr(head, "bias", None),
@@ -342,7 +361,9 @@ def batch_inputs(batch, device: torch.device, with_teacher: bool) -> dict[str, A
     b = batch.to(device, non_blocking=True)
     out = {"input_ids": b.input_ids, "attention_mask": b.attention_mask, "pred_index": b.pred_index,
            "target_ids": b.target_ids}
-    if with_teacher:
+    if with_teacher and getattr(b, "xtok", None) is not None:  # xtok.XBatch: aligned groups, not teacher rows
+        out["xtok"] = b.xtok
+    elif with_teacher:
         out.update(teacher_ids=b.teacher_ids, teacher_logprobs=b.teacher_logprobs, teacher_tail=b.teacher_tail)
     return out
 

@@ -32,6 +32,7 @@ from kdpipe.pipeline.train.student import (
     no_sync, param_groups, setup_distributed, teacher_tokenizer, wrap_distributed,
 )
 from kdpipe.pipeline.train.validate import Validator, split_seed
+from kdpipe.pipeline.train.xtok import cross_tokenizer_collate
 from kdpipe.storage.errors import ConfigError
 
 # Settings that may change between a run and its resumption (they do not change what is computed).
@@ -158,8 +159,9 @@ def _train(cfg: TrainConfig, dist) -> TrainResult:
     model = load_student(cfg, weights_from=str(resume_from) if resume_from else None)
     plan = check_inputs(cfg, tokenizer, model)
     transform = Retokenize(tokenizer, teacher_tokenizer(cfg)) if plan.sequence_level else None
+    collate = cross_tokenizer_collate(cfg, plan, tokenizer) if plan.cross_tokenizer else None  # aligns groups (xtok.py)
     with_teacher = cfg.alpha < 1.0 and not plan.sequence_level
-    module = StudentLoss(model.to(dist.device), plan.vocab_size, loss_spec(cfg, plan, model))
+    module = StudentLoss(model.to(dist.device), plan.vocab_size, loss_spec(cfg, plan, model), plan.cross_tokenizer)
     wrapped = wrap_distributed(module, cfg, dist)
     optimizer = torch.optim.AdamW(param_groups(wrapped, cfg.weight_decay), lr=cfg.lr,
                                   betas=(cfg.adam_beta1, cfg.adam_beta2))
@@ -175,6 +177,7 @@ def _train(cfg: TrainConfig, dist) -> TrainResult:
         stores=cfg.stores, weights=cfg.weights, tokens_per_batch=cfg.tokens_per_batch, max_len=plan.max_len,
         truncate=cfg.truncate, pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
         shuffle=cfg.shuffle, shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed, transform=transform,
+        collate=collate,
         holdout_fraction=cfg.val_fraction, holdout_seed=split_seed(cfg),
     )
     data = StepData(spec, dist.rank, dist.world_size, cfg.grad_accum, cfg.prefetch, cursor)

@@ -1,0 +1,595 @@
+"""Cross-tokenizer alignment in the data path: byte offsets, aligned groups, the vocabulary map.
+
+A store written by a teacher with tokenizer A trains a student with tokenizer B. Each record is
+retokenized for the student and both target token sequences are cut into **aligned groups**;
+`xtok_losses.py` compares teacher and student on those groups. Everything here is numpy, runs
+in the collate stage (the data thread), and never touches the training loop.
+
+Bytes of a token
+----------------
+Every token id maps to a fixed byte string (`TokenBytes`), read from the tokenizer's decoder:
+* byte-level BPE (decoder `ByteLevel`: GPT-2, Llama-3, Qwen): the token's characters map back to
+  bytes through the GPT-2 byte alphabet;
+* SentencePiece-style (decoder `Metaspace`, or `Replace("▁", " ")` with optional `ByteFallback`,
+  `Fuse`, `Strip`: Llama-2, Mistral, Gemma, Unigram with byte fallback): `▁` is a space, a piece
+  `<0xNN>` is the byte NN.
+Special tokens (BOS, EOS, chat-template markers, padding) carry **no bytes**. A non-special
+added token carries its content's UTF-8 bytes. Any other decoder (WordPiece's `##`, BPE with an
+end-of-word suffix, CTC) or a slow tokenizer cannot give byte offsets: refused with ConfigError.
+
+The exact-bytes rule
+--------------------
+A row's target bytes are the concatenation of its target tokens' bytes. They must equal the
+row's stored text (`Record.text`, UTF-8) exactly, with one allowance: a tokenizer that adds a
+prefix space (Metaspace `prepend_scheme`, ByteLevel `add_prefix_space`, a `Strip` decoder) may
+have one leading space byte more than the text; that byte is the tokenizer's, not the text's, and
+is dropped from the first token. The student's tokens of the text must reproduce the text by
+the same rule. Anything else — a normalizer that lowercases or NFKC-folds, a recipe that
+stripped the text, an `<unk>`, bytes that are not UTF-8 — is refused with DataError naming the
+store and sample: alignment never runs on altered text.
+
+Aligned groups
+--------------
+Let e_t and e_s be the cumulative byte ends of the teacher's and the student's target tokens (the
+same byte string, so both end at B). The common boundaries are C = {e_t} ∩ {e_s} minus 0. A
+token with end e belongs to group g = the index of the first c ∈ C with c ≥ e; so a group is the
+shortest run of teacher tokens and the shortest run of student tokens ending at the same byte
+offset (1:1, n:1, 1:m or n:m), and groups cover every target byte exactly once. A token with no
+bytes (a special token inside the targets) joins the group of the token before it (the first
+group when it comes first). The one exception is the final EOS: when the teacher's last target
+is its EOS and the student has an EOS, the two form a last 1:1 group of their own, mapped onto
+each other. Only target positions take part; the prompt is retokenized like the sequence-level
+path does (decoded without special tokens, encoded with the student's) and carries no group.
+
+With the same tokenizer on both sides (equal fingerprints) the student's sequence *is* the
+teacher's: no retokenization, group i = token i, the map is the identity.
+
+Vocabulary map
+--------------
+Teacher id → the student id with the same byte string (−1 where no single student token has
+those bytes, and for special tokens except EOS → EOS). It is injective: where several teacher ids
+share a byte string (a SentencePiece piece and its byte-fallback twin), only the first maps.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, fields
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from kdpipe.storage.batch import Batch
+from kdpipe.storage.errors import ConfigError, DataError
+from kdpipe.storage.reader import Record
+
+CROSS_TOKENIZER_OPTIONS: tuple[str, ...] = ("span", "uld", "hybrid")
+
+
+# ------------------------------------------------------------------------------- bytes of tokens
+
+
+def _gpt2_byte_decoder() -> dict[str, int]:
+    """The GPT-2 byte alphabet inverted: printable character -> byte."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+def _flatten(node: Any) -> list[dict]:
+    if not node:
+        return []
+    if node.get("type") == "Sequence":
+        out = []
+        for key in ("decoders", "pretokenizers", "normalizers"):
+            for sub in node.get(key, []) or []:
+                out += _flatten(sub)
+        return out
+    return [node]
+
+
+@dataclass(frozen=True)
+class TokenBytes:
+    """The byte string of every token id of one tokenizer, and how it treats a prefix space."""
+
+    table: tuple[bytes, ...]  # id -> bytes (b"" for special tokens)
+    lengths: np.ndarray  # [V] int64 byte length per id
+    prefix_space: bool  # the tokenizer may add one leading space that is not in the text
+    scheme: str  # 'byte_level' | 'metaspace'
+    special_ids: frozenset[int]
+    eos_id: int | None
+
+    def concat(self, ids: Sequence[int]) -> bytes:
+        t = self.table
+        return b"".join([t[i] for i in ids])
+
+
+def token_bytes(tokenizer, name: str = "tokenizer") -> TokenBytes:
+    """The byte table of a Hugging Face fast tokenizer (see the module doc), or ConfigError."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise ConfigError(
+            f"{name}: {type(tokenizer).__name__} is a slow (Python) tokenizer, which cannot give byte offsets for "
+            "cross-tokenizer alignment; use its fast version (a tokenizer.json, `use_fast=True`)"
+        )
+    spec = json.loads(backend.to_str())
+    dec = _flatten(spec.get("decoder"))
+    types = [d.get("type") for d in dec]
+    pre = _flatten(spec.get("pre_tokenizer"))
+    norm = _flatten(spec.get("normalizer"))
+    if "ByteLevel" in types:
+        scheme = "byte_level"
+        prefix = any(p.get("type") == "ByteLevel" and p.get("add_prefix_space") for p in pre)
+    elif "Metaspace" in types or any(d.get("type") == "Replace" and (d.get("pattern") or {}).get("String") == "▁" for d in dec):
+        scheme = "metaspace"
+        prefix = (
+            any(d.get("type") == "Strip" and int(d.get("start", 0)) > 0 for d in dec)
+            or any(p.get("type") == "Metaspace" and p.get("prepend_scheme", "always") != "never" for p in pre + dec)
+            or any(n.get("type") == "Prepend" for n in norm)
+        )
+    else:
+        raise ConfigError(
+            f"{name}: its decoder ({', '.join(str(t) for t in types) or 'none'}) gives no byte string per token, so "
+            "cross-tokenizer alignment cannot compute byte offsets; supported are byte-level BPE (ByteLevel decoder) "
+            "and SentencePiece-style tokenizers (Metaspace / Replace('▁') + ByteFallback decoders)"
+        )
+    n = len(tokenizer)
+    pieces = tokenizer.convert_ids_to_tokens(list(range(n)))
+    added = {i: t for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items()}
+    special = set(int(i) for i in getattr(tokenizer, "all_special_ids", []) or [])
+    special |= {int(i) for i, t in added.items() if getattr(t, "special", False)}
+    byte_dec = _gpt2_byte_decoder() if scheme == "byte_level" else None
+    fallback = "ByteFallback" in types
+    table: list[bytes] = []
+    for i, p in enumerate(pieces):
+        if i in special or p is None:
+            table.append(b"")
+        elif i in added:
+            table.append(str(getattr(added[i], "content", p)).encode("utf-8"))
+        elif byte_dec is not None:
+            try:
+                table.append(bytes(byte_dec[c] for c in p))
+            except KeyError:
+                table.append(p.encode("utf-8"))  # not byte-level encoded (rare added pieces)
+        elif fallback and len(p) == 6 and p.startswith("<0x") and p.endswith(">"):
+            table.append(bytes([int(p[3:5], 16)]))
+        else:
+            table.append(p.replace("▁", " ").encode("utf-8"))
+    return TokenBytes(
+        table=tuple(table), lengths=np.fromiter((len(b) for b in table), np.int64, n), prefix_space=bool(prefix),
+        scheme=scheme, special_ids=frozenset(special), eos_id=getattr(tokenizer, "eos_token_id", None),
+    )
+
+
+def vocab_map(teacher: TokenBytes, student: TokenBytes) -> np.ndarray:
+    """[V_teacher] int64: the student id with the same byte string, −1 where none (module doc)."""
+    by_bytes: dict[bytes, int] = {}
+    for j, b in enumerate(student.table):
+        if b and j not in student.special_ids and b not in by_bytes:
+            by_bytes[b] = j
+    out = np.full(len(teacher.table), -1, np.int64)
+    taken: set[int] = set()
+    for i, b in enumerate(teacher.table):
+        j = by_bytes.get(b) if b and i not in teacher.special_ids else None
+        if j is not None and j not in taken:
+            out[i] = j
+            taken.add(j)
+    if teacher.eos_id is not None and student.eos_id is not None:
+        out[teacher.eos_id] = student.eos_id
+    return out
+
+
+def strip_prefix(tb: TokenBytes, got: bytes, text: bytes) -> int | None:
+    """0 if `got` is `text`, 1 if it is the tokenizer's prefix space + `text`, None otherwise."""
+    if got == text:
+        return 0
+    if tb.prefix_space and got[:1] == b" " and got[1:] == text:
+        return 1
+    return None
+
+
+def _first_diff(a: bytes, b: bytes) -> str:
+    i = next((k for k in range(min(len(a), len(b))) if a[k] != b[k]), min(len(a), len(b)))
+    return f"first difference at byte {i}: {a[max(0, i - 12):i + 12]!r} vs {b[max(0, i - 12):i + 12]!r}"
+
+
+# ------------------------------------------------------------------------------- alignment
+
+
+def byte_ends(tb: TokenBytes, ids: np.ndarray, drop_prefix: int = 0) -> np.ndarray:
+    """[P] int64 cumulative byte end of each token; `drop_prefix` leading bytes belong to no token."""
+    ends = np.cumsum(tb.lengths[ids]) if len(ids) else np.zeros(0, np.int64)
+    return np.maximum(ends - drop_prefix, 0) if drop_prefix else ends
+
+
+def align(teacher_ends: np.ndarray, student_ends: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """Aligned groups of two tokenizations of one byte string (module doc).
+
+    -> (teacher group [P_t] int64, student group [P_s] int64, number of groups G).
+    """
+    if len(teacher_ends) and len(student_ends) and teacher_ends[-1] != student_ends[-1]:
+        raise ValueError(f"the two tokenizations cover {teacher_ends[-1]} and {student_ends[-1]} bytes")
+    common = np.intersect1d(teacher_ends, student_ends)  # sorted, unique
+    common = common[common > 0]
+    if len(common) == 0:  # no bytes at all: everything is one group (if anything)
+        g = 1 if (len(teacher_ends) or len(student_ends)) else 0
+        return np.zeros(len(teacher_ends), np.int64), np.zeros(len(student_ends), np.int64), g
+    return (np.searchsorted(common, teacher_ends, "left").astype(np.int64),
+            np.searchsorted(common, student_ends, "left").astype(np.int64), len(common))
+
+
+@dataclass
+class Aligned:
+    """One record, retokenized for the student and aligned (numpy, target positions only)."""
+
+    sample_id: str
+    input_ids: np.ndarray  # [L_s] int64 the student's sequence
+    target_positions: np.ndarray  # [P_s] int64
+    teacher_ids: np.ndarray  # [P_t, K] int64 the stored kept ids (-1 padding)
+    teacher_logprobs: np.ndarray  # [P_t, K] float32 (-inf padding)
+    teacher_tail: np.ndarray  # [P_t] float32
+    teacher_actual: np.ndarray  # [P_t] int64 the teacher's target tokens
+    teacher_group: np.ndarray  # [P_t] int64
+    student_group: np.ndarray  # [P_s] int64
+    num_groups: int
+
+
+class Aligner:
+    """Record (teacher tokens) -> Aligned (student tokens + groups); see the module doc."""
+
+    def __init__(self, student_tok, teacher_tok, identical: bool, store: str = "store") -> None:
+        self.student_tok, self.teacher_tok, self.identical, self.store = student_tok, teacher_tok, identical, store
+        self.tb_t = token_bytes(teacher_tok, "teacher tokenizer")
+        self.tb_s = self.tb_t if identical else token_bytes(student_tok, "student tokenizer")
+        self.map = np.arange(len(self.tb_t.table), dtype=np.int64) if identical else vocab_map(self.tb_t, self.tb_s)
+
+    def _where(self, rec: Record) -> str:
+        return f"{self.store}: sample {rec.sample_id!r}"
+
+    def __call__(self, rec: Record) -> Aligned:
+        pos = rec.target_positions.astype(np.int64)
+        P = len(pos)
+        ids = rec.input_ids.astype(np.int64)
+        if P == 0:
+            raise DataError(f"{self._where(rec)} has no target positions; cross-tokenizer distillation needs targets")
+        t0 = int(pos[0])
+        if t0 < 1 or int(pos[-1]) - t0 + 1 != P:
+            raise DataError(
+                f"{self._where(rec)}: its target positions are not one contiguous run after a prompt (first {t0}, "
+                f"{P} targets up to {int(pos[-1])}); cross-tokenizer alignment needs a contiguous completion"
+            )
+        actual = ids[pos]  # [P_t]
+        if self.identical:
+            return Aligned(rec.sample_id, ids[: int(pos[-1]) + 1], pos, rec.ids.astype(np.int64), rec.logprobs,
+                           rec.tail, actual, np.arange(P, dtype=np.int64), np.arange(P, dtype=np.int64), P)
+        t_eos = self.tb_t.eos_id is not None and int(actual[-1]) == self.tb_t.eos_id and self.tb_s.eos_id is not None
+        body = actual[:-1] if t_eos else actual
+        got = self.tb_t.concat(body.tolist())
+        if rec.text is not None:
+            text = rec.text.encode("utf-8")
+            drop_t = strip_prefix(self.tb_t, got, text)
+            if drop_t is None:
+                raise DataError(
+                    f"{self._where(rec)}: the teacher's target tokens do not reproduce the stored text byte for byte "
+                    f"({_first_diff(got, text)}); the teacher tokenizer's normalizer or the recipe altered the text, so "
+                    "the student cannot be aligned to it. Regenerate the store without the alteration, or drop the sample"
+                )
+        else:
+            drop_t = 1 if (self.tb_t.prefix_space and got[:1] == b" ") else 0
+            text = got[drop_t:]
+        try:
+            s_text = text.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(
+                f"{self._where(rec)}: the teacher's target tokens are not valid UTF-8 ({e.reason} at byte {e.start}), "
+                "so no student can tokenize them exactly; drop the sample or regenerate it with a longer max_new_tokens"
+            ) from None
+        # The student's prompt: the sequence-level rule (decoded without special tokens, re-encoded).
+        prompt = self.teacher_tok.decode(ids[:t0].tolist(), skip_special_tokens=True)
+        p = self.student_tok(prompt, add_special_tokens=True)["input_ids"] if prompt else []
+        if not p:
+            start = next((x for x in (self.student_tok.bos_token_id, self.student_tok.eos_token_id,
+                                      self.student_tok.pad_token_id) if x is not None), None)
+            if start is None:
+                raise DataError(f"{self._where(rec)}: the prompt is empty and the student tokenizer has no BOS/EOS/PAD "
+                                "token to start the sequence with")
+            p = [start]
+        c = np.asarray(self.student_tok(s_text, add_special_tokens=False)["input_ids"], np.int64)
+        s_got = self.tb_s.concat(c.tolist())
+        drop_s = strip_prefix(self.tb_s, s_got, text)
+        if drop_s is None:
+            raise DataError(
+                f"{self._where(rec)}: the student tokenizer does not reproduce the text byte for byte "
+                f"({_first_diff(s_got, text)}); its normalizer alters the text or it lacks byte fallback (<unk>), "
+                "so the two tokenizations cannot be aligned. Use a student tokenizer with byte fallback and no "
+                "normalizer, or drop the sample"
+            )
+        te = byte_ends(self.tb_t, body, drop_t)
+        se = byte_ends(self.tb_s, c, drop_s)
+        tg, sg, G = align(te, se)
+        if t_eos:  # the final EOS pair: a 1:1 group of its own
+            tg = np.append(tg, G)
+            c = np.append(c, self.tb_s.eos_id)
+            sg = np.append(sg, G)
+            G += 1
+        s_ids = np.concatenate([np.asarray(p, np.int64), c])
+        s_pos = np.arange(len(p), len(s_ids), dtype=np.int64)
+        return Aligned(rec.sample_id, s_ids, s_pos, rec.ids.astype(np.int64), rec.logprobs, rec.tail, actual, tg, sg, G)
+
+
+# ------------------------------------------------------------------------------- collate
+
+
+@dataclass
+class XBatch(Batch):
+    """A student Batch (target_ids etc. over the student's N target tokens) + the cross-tokenizer tensors.
+
+    `xtok` holds (N = student target tokens, G = groups, M = 1:1 mapped groups, U = unmapped groups):
+      s_group [N] long              group of each student target token
+      kd_row [N] bool               the token is the whole student side of a mapped 1:1 group
+      kd_ids [N, K] long            student ids of the teacher's kept ids (0 where unmapped / not a kd row)
+      kd_logprobs [N, K] float32    the teacher's kept log-probs of that group (-inf padding)
+      kd_mapped [N, K] bool         the kept id maps onto a student id
+      kd_tail [N] float32           the teacher's stored tail
+      g_other [G] bool              the group is scored by span / uld (not mapped; tokens on both sides)
+      g_teacher_logp [G] float32    log P_T(group's bytes) by the teacher's chain rule at temperature T
+      u_srow [U] long               first student target token of each unmapped group
+      u_logprobs [U, K] float32     the teacher's kept log-probs at the group's first teacher token
+      u_tail [U] float32
+    `stats` (plain floats): groups, one_to_one, mapped_groups, teacher_rows, mapped_mass, unknown_actual.
+    """
+
+    xtok: dict = None  # type: ignore[assignment]
+    stats: dict = None  # type: ignore[assignment]
+
+    def to(self, device, non_blocking: bool = False) -> "XBatch":
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, torch.Tensor):
+                v = v.to(device, non_blocking=non_blocking)
+            elif f.name == "xtok":
+                v = {k: t.to(device, non_blocking=non_blocking) for k, t in v.items()}
+            out[f.name] = v
+        return XBatch(**out)
+
+
+def _logsumexp(a: np.ndarray, axis: int) -> np.ndarray:
+    m = np.max(a, axis=axis, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0.0)
+    with np.errstate(divide="ignore"):
+        return (np.log(np.exp(a - m).sum(axis=axis, keepdims=True)) + m).squeeze(axis)
+
+
+class XCollate:
+    """Records -> XBatch: align each record (`Aligner`), pad the student side, build the group tensors.
+
+    option: 'span' | 'uld' | 'hybrid'; a 1:1 group is scored by the vocabulary-mapped KL when every
+    kept teacher id maps (span, uld) or when the mapped ids hold >= min_mapped_mass of the kept mass
+    (hybrid). temperature: for the teacher's chain-rule log-probabilities.
+    """
+
+    def __init__(self, aligner: Aligner, option: str, temperature: float, min_mapped_mass: float, pad_id: int,
+                 max_len: int | None = None, truncate: bool = False) -> None:
+        if option not in CROSS_TOKENIZER_OPTIONS:
+            raise ConfigError(f"cross_tokenizer: {option!r} is not one of {', '.join(CROSS_TOKENIZER_OPTIONS)}")
+        self.aligner, self.option, self.T = aligner, option, float(temperature)
+        self.min_mass = 1.0 if option != "hybrid" else float(min_mapped_mass)
+        self.pad_id, self.max_len, self.truncate = pad_id, max_len, truncate
+        self.truncated = 0
+
+    def __call__(self, records: Sequence[Record]) -> XBatch:
+        al = [self._fit(self.aligner(r)) for r in records]
+        return self.collate(al)
+
+    def _fit(self, a: Aligned) -> Aligned:
+        """Refuse or cut a student sequence longer than max_len (whole groups only)."""
+        if self.max_len is None or len(a.input_ids) <= self.max_len:
+            return a
+        if not self.truncate:
+            raise DataError(
+                f"{self.aligner.store}: sample {a.sample_id!r} has {len(a.input_ids)} student tokens, more than the "
+                f"student's context of {self.max_len}; pass --truncate to cut such sequences, or a longer context"
+            )
+        self.truncated += 1
+        keep_s = a.target_positions < self.max_len
+        last = int(a.student_group[keep_s].max()) if keep_s.any() else -1
+        # keep only groups whose student tokens all fit
+        if keep_s.any() and not keep_s[a.student_group == last].all():
+            last -= 1
+        ks = a.student_group <= last
+        kt = a.teacher_group <= last
+        L = int(a.target_positions[ks][-1]) + 1 if ks.any() else int(a.target_positions[0])
+        return Aligned(a.sample_id, a.input_ids[:L], a.target_positions[ks], a.teacher_ids[kt], a.teacher_logprobs[kt],
+                       a.teacher_tail[kt], a.teacher_actual[kt], a.teacher_group[kt], a.student_group[ks], last + 1)
+
+    def collate(self, al: Sequence[Aligned]) -> XBatch:
+        B = len(al)
+        T = max(len(a.input_ids) for a in al) if al else 0
+        K = max((a.teacher_ids.shape[1] for a in al), default=0)
+        input_ids = np.full((B, T), self.pad_id, np.int64)
+        mask = np.zeros((B, T), np.int64)
+        pred, s_group, t_group = [], [], []
+        t_ids, t_lp, t_tail, t_act = [], [], [], []
+        goff = 0
+        for b, a in enumerate(al):
+            L = len(a.input_ids)
+            input_ids[b, :L] = a.input_ids
+            mask[b, :L] = 1
+            pred.append(a.target_positions + b * T - 1)
+            s_group.append(a.student_group + goff)
+            t_group.append(a.teacher_group + goff)
+            k = a.teacher_ids.shape[1]
+            ids = np.full((len(a.teacher_ids), K), -1, np.int64)
+            lp = np.full((len(a.teacher_ids), K), -np.inf, np.float32)
+            ids[:, :k], lp[:, :k] = a.teacher_ids, a.teacher_logprobs
+            t_ids.append(ids)
+            t_lp.append(lp)
+            t_tail.append(np.asarray(a.teacher_tail, np.float32))
+            t_act.append(a.teacher_actual)
+            goff += a.num_groups
+        G = goff
+        pred_index = np.concatenate(pred) if pred else np.zeros(0, np.int64)
+        sg = np.concatenate(s_group) if s_group else np.zeros(0, np.int64)
+        tg = np.concatenate(t_group) if t_group else np.zeros(0, np.int64)
+        ids = np.concatenate(t_ids) if t_ids else np.zeros((0, K), np.int64)
+        lp = np.concatenate(t_lp) if t_lp else np.zeros((0, K), np.float32)
+        tail = np.concatenate(t_tail) if t_tail else np.zeros(0, np.float32)
+        act = np.concatenate(t_act) if t_act else np.zeros(0, np.int64)
+        N, Nt = len(pred_index), len(tg)
+        target_ids = input_ids.reshape(-1)[pred_index + 1] if N else np.zeros(0, np.int64)
+
+        # ---- group shapes: sizes, and the single row of each side of a 1:1 group
+        n_t = np.bincount(tg, minlength=G)
+        n_s = np.bincount(sg, minlength=G)
+        first_t = np.full(G, -1, np.int64)
+        first_s = np.full(G, -1, np.int64)
+        first_t[tg[::-1]] = np.arange(Nt - 1, -1, -1)  # the smallest row index wins
+        first_s[sg[::-1]] = np.arange(N - 1, -1, -1)
+        one = (n_t == 1) & (n_s == 1)
+
+        # ---- vocabulary map on 1:1 groups
+        valid = lp > -np.inf  # [Nt, K]
+        m_ids = np.where(ids >= 0, self.aligner.map[np.clip(ids, 0, None)], -1)  # [Nt, K] student ids
+        mapped = valid & (m_ids >= 0)
+        p = np.where(valid, np.exp(lp.astype(np.float64)), 0.0)  # [Nt, K]
+        kept = p.sum(1)
+        share = np.where(kept > 0, (p * mapped).sum(1) / np.where(kept > 0, kept, 1.0), 0.0)  # [Nt]
+        full = (mapped == valid).all(1)
+        ok_row = full if self.min_mass >= 1.0 else share >= self.min_mass  # [Nt]
+        g_mapped = one.copy()
+        g_mapped[one] = ok_row[first_t[one]]
+        m_groups = np.flatnonzero(g_mapped)
+        tr, sr = first_t[m_groups], first_s[m_groups]
+        kd_row = np.zeros(N, bool)
+        kd_row[sr] = True
+        kd_ids = np.zeros((N, K), np.int64)
+        kd_lp = np.full((N, K), -np.inf, np.float32)
+        kd_mapped = np.zeros((N, K), bool)
+        kd_tail = np.zeros(N, np.float32)
+        kd_ids[sr] = np.where(mapped[tr], m_ids[tr], 0)
+        kd_lp[sr] = lp[tr]
+        kd_mapped[sr] = mapped[tr]
+        kd_tail[sr] = tail[tr]
+
+        # ---- the teacher's chain rule: log p_T(actual) per teacher row, summed per group
+        eq = ids == act[:, None]
+        found = eq.any(1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            la = np.where(eq, lp, -np.inf).max(1).astype(np.float64) if K else np.full(Nt, -np.inf)
+            p_min = np.where(valid, lp, np.inf).min(1) if K else np.full(Nt, np.inf)
+            log_tail = np.log(np.clip(tail.astype(np.float64), 0.0, None))
+            # an actual token outside the kept ids: at most min(tail, smallest kept p) — its upper bound
+            la = np.where(found, la, np.minimum(log_tail, p_min))
+            lpT = np.concatenate([np.where(valid, lp / self.T, -np.inf), (log_tail / self.T)[:, None]], 1)
+            logZ = _logsumexp(lpT, 1)
+            laT = la / self.T - logZ
+        g_logp = np.bincount(tg, weights=laT, minlength=G) if G else np.zeros(0)
+
+        # ---- unmapped groups: ULD at the groups' first tokens
+        g_other = ~g_mapped & (n_t > 0) & (n_s > 0)  # (a group without tokens on one side has nothing to score)
+        u = np.flatnonzero(g_other)
+        x = {
+            "s_group": torch.from_numpy(sg), "kd_row": torch.from_numpy(kd_row), "kd_ids": torch.from_numpy(kd_ids),
+            "kd_logprobs": torch.from_numpy(kd_lp), "kd_mapped": torch.from_numpy(kd_mapped),
+            "kd_tail": torch.from_numpy(kd_tail), "g_other": torch.from_numpy(g_other),
+            "g_teacher_logp": torch.from_numpy(g_logp.astype(np.float32)),
+            "u_srow": torch.from_numpy(first_s[u]), "u_logprobs": torch.from_numpy(lp[first_t[u]]),
+            "u_tail": torch.from_numpy(tail[first_t[u]]),
+        }
+        mass_mapped = float((p * mapped)[tr].sum())
+        stats = {"groups": float(G), "one_to_one": float(one.sum()), "mapped_groups": float(len(m_groups)),
+                 "teacher_rows": float(Nt), "teacher_mass": float(kept.sum() + tail.astype(np.float64).sum()),
+                 "mapped_mass": mass_mapped, "unknown_actual": float((~found).sum())}
+        input_t = torch.from_numpy(input_ids)
+        return XBatch(
+            input_ids=input_t, attention_mask=torch.from_numpy(mask), pred_index=torch.from_numpy(pred_index),
+            target_ids=torch.from_numpy(np.asarray(target_ids, np.int64)),
+            teacher_ids=torch.zeros((N, 0), dtype=torch.long), teacher_logprobs=torch.zeros((N, 0)),
+            teacher_tail=torch.zeros(N), num_targets=N, sample_ids=[a.sample_id for a in al], xtok=x, stats=stats,
+        )
+
+
+def alignment_summary(batches_stats: Sequence[dict]) -> dict[str, float]:
+    """Shares over collated batches: 1:1 groups of all groups, mapped groups, mapped teacher mass."""
+    tot = {k: sum(s[k] for s in batches_stats) for k in (batches_stats[0] if batches_stats else {})}
+    g = max(tot.get("groups", 0.0), 1.0)
+    return {
+        "groups": int(tot.get("groups", 0)), "teacher_rows": int(tot.get("teacher_rows", 0)),
+        "one_to_one_share": tot.get("one_to_one", 0.0) / g, "mapped_group_share": tot.get("mapped_groups", 0.0) / g,
+        "mapped_mass": tot.get("mapped_mass", 0.0) / max(tot.get("teacher_mass", 0.0), 1e-12),
+        "unknown_actual": int(tot.get("unknown_actual", 0)),
+    }
+
+
+def check_min_mapped_mass(v: float) -> None:
+    if not (0.0 < v <= 1.0) or math.isnan(v):
+        raise ConfigError(f"xtok_min_mapped_mass: {v} must be in (0, 1]")
+
+
+# ------------------------------------------------------------------------------- train-student hooks
+
+
+def load_teacher_tokenizer(cfg, manifest):
+    """The teacher's tokenizer: --teacher-tokenizer, else STORE/teacher_tokenizer; checked against the fingerprint."""
+    from transformers import AutoTokenizer
+
+    from kdpipe.storage.errors import StoreError
+    from kdpipe.storage.manifest import tokenizer_fingerprint
+    from kdpipe.storage.tokenizer_files import TEACHER_TOKENIZER_DIR, check_tokenizer_folder, teacher_tokenizer_dir
+
+    path = cfg.teacher_tokenizer or teacher_tokenizer_dir(manifest.store_dir)
+    if path is None:
+        raise ConfigError(
+            f"{manifest.store_dir}: the store carries no {TEACHER_TOKENIZER_DIR}/ (written by a kdpipe before phase one "
+            "saved the teacher's tokenizer) and no --teacher-tokenizer was given; pass --teacher-tokenizer PATH, the "
+            f"folder of the tokenizer of {manifest.meta.teacher!r}"
+        )
+    path = check_tokenizer_folder(path)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"teacher_tokenizer: cannot load a tokenizer from {str(path)!r} ({e})") from None
+    fp = tokenizer_fingerprint(tok)
+    if fp != manifest.meta.tokenizer_fingerprint:
+        raise StoreError(
+            f"{path}: this tokenizer is not the one that wrote {manifest.store_dir} (fingerprint {fp[:12]}… vs the "
+            f"store's {manifest.meta.tokenizer_fingerprint[:12]}…); pass --teacher-tokenizer with the tokenizer of "
+            f"{manifest.meta.teacher!r}"
+        )
+    return tok
+
+
+def check_cross_tokenizer(cfg, manifests, student_tok) -> None:
+    """Every refusal specific to cross-tokenizer KD, before training (train-student's check_inputs)."""
+    codecs = {m.meta.codec.name for m in manifests}
+    if codecs != {"topk"}:
+        raise ConfigError(
+            f"cross_tokenizer: {cfg.cross_tokenizer!r} needs 'topk' stores (the teacher's log-probs of its kept ids); "
+            f"{', '.join(str(m.store_dir) for m in manifests)} use {', '.join(sorted(codecs))}"
+        )
+    if getattr(cfg, "val_stores", ()) or getattr(cfg, "val_fraction", 0.0):
+        raise ConfigError("cross_tokenizer: validation (val_stores / val_fraction) does not align groups yet; "
+                          "train without validation and evaluate the saved student with `kdpipe evaluate`")
+    teacher = load_teacher_tokenizer(cfg, manifests[0])
+    token_bytes(teacher, f"teacher tokenizer of {manifests[0].store_dir}")
+    token_bytes(student_tok, f"student tokenizer of {cfg.student!r}")
+
+
+def cross_tokenizer_collate(cfg, plan, student_tok) -> XCollate:
+    """The collate stage of train-student for a student with another tokenizer (DataSpec.collate)."""
+    from kdpipe.storage.manifest import open_store
+
+    m = open_store(cfg.stores[0])
+    aligner = Aligner(student_tok, load_teacher_tokenizer(cfg, m), identical=False, store=", ".join(cfg.stores))
+    pad = student_tok.pad_token_id if student_tok.pad_token_id is not None else 0
+    return XCollate(aligner, plan.cross_tokenizer, cfg.temperature, cfg.xtok_min_mapped_mass, pad,
+                    max_len=plan.max_len, truncate=cfg.truncate)
