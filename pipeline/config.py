@@ -179,6 +179,8 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     os.replace(tmp, path)
 
 
-def write_resolved(cfg: Any, path: str | os.PathLike) -> None:
-    """Save the resolved config as TOML (loadable again with --config)."""
-    atomic_write_text(path, tomli_w.dumps(config_to_dict(cfg)))
+def write_resolved(cfg: Any, path: str | os.PathLike, header: str = "") -> None:
+    """Save the resolved config as TOML (loadable again with --config); `header`: comment lines on top
+    (what a value such as "auto" resolved to, where the weights came from)."""
+    comments = "".join(f"# {line}\n" for line in header.splitlines())
+    atomic_write_text(path, comments + tomli_w.dumps(config_to_dict(cfg)))

@@ -12,7 +12,7 @@ from typing import Literal
 
 from kdpipe.storage.errors import ConfigError
 
-RECIPES = ("summarize", "score", "basic-reading")
+RECIPES = ("summarize", "score", "basic-reading", "on-policy")
 
 DEFAULT_SUMMARIZE_TEMPLATE = "Summarize the following text in a few sentences.\n\nText: {text}\n\nSummary:"
 
@@ -53,7 +53,7 @@ class GenerateConfig:
     teacher: str  # hub id or local directory of the teacher model
     data: str  # hub dataset id or local .json/.jsonl/.csv/.parquet file
     out: str  # store directory (created; an existing store must have the same teacher/codec/recipe)
-    recipe: Literal["summarize", "score", "basic-reading"] = "summarize"
+    recipe: Literal["summarize", "score", "basic-reading", "on-policy"] = "summarize"
     engine: Literal["vllm", "hf"] = "vllm"  # hf = plain transformers reference backend (slow; ground truth)
 
     # --- dataset
@@ -86,6 +86,11 @@ class GenerateConfig:
     sampling_top_p: float = 1.0  # nucleus sampling of the generated text (not the codec's top_p)
     too_long: Literal["truncate", "skip"] = "truncate"  # documents that do not fit max_model_len
 
+    # --- on-policy (recipe on-policy, see onpolicy.py): the student writes, the teacher scores
+    sampler: str | None = None  # the model that samples completions: a model dir / hub id, or a RUN (= RUN/final)
+    samples_per_prompt: int = 1  # N completions per prompt, each its own store row "<id>#<j>"
+    sampling_temperature: float = 1.0  # the sampler's temperature (1.0 = its own distribution)
+
     # --- targets (the store's codec)
     codec: Literal["topk", "sampled"] = "topk"
     top_k: int = 64
@@ -113,6 +118,22 @@ class GenerateConfig:
             raise ConfigError(
                 "recipe 'score' scores a given target but target_field is not set; "
                 "pass --target-field FIELD (the column holding the reference text)"
+            )
+        if self.recipe == "on-policy" and not (self.sampler or "").strip():
+            raise ConfigError(
+                "recipe 'on-policy' scores the sampler's completions but sampler is not set; pass --sampler "
+                "MODEL_OR_RUN (the current student: a model directory, a hub id, or a training run directory)"
+            )
+        if self.sampler is not None and self.recipe != "on-policy":
+            raise ConfigError(f"sampler: only recipe 'on-policy' uses a sampler; remove --sampler or pass --recipe on-policy")
+        if self.samples_per_prompt < 1:
+            raise ConfigError(f"samples_per_prompt: {self.samples_per_prompt} must be >= 1 (completions sampled per prompt)")
+        if self.sampling_temperature < 0:
+            raise ConfigError(f"sampling_temperature: {self.sampling_temperature} must be >= 0 (0 = greedy)")
+        if self.sampling_temperature == 0 and self.samples_per_prompt > 1:
+            raise ConfigError(
+                f"samples_per_prompt={self.samples_per_prompt} with sampling_temperature=0: greedy decoding gives "
+                "the same completion every time; use samples_per_prompt = 1 or a temperature > 0"
             )
         if self.limit is not None and self.limit < 1:
             raise ConfigError(f"limit: {self.limit} must be >= 1 (or unset for the whole split)")

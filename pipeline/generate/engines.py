@@ -44,6 +44,9 @@ class TeacherOutput:
     top_ids: np.ndarray  # [P, K] int32, sorted by log-prob desc, -1 padding
     top_logprobs: np.ndarray  # [P, K] float32, full-vocabulary log-probs, -inf padding
     finish_reason: str | None = None
+    # score: [P] float32 log p(token_ids[t] | token_ids[:t]) of the scored token itself, in or out
+    # of the top-K (the on-policy recipe stores it, see onpolicy.py); None for generate.
+    target_logprobs: np.ndarray | None = None
 
 
 class Engine(Protocol):
@@ -108,6 +111,15 @@ def flat_to_arrays(fl, positions: list[int] | None, k: int, vocab_size: int) -> 
         ids[j, :n] = tok[s + 1 : s + 1 + n]
         lps[j, :n] = lp[s + 1 : s + 1 + n]
     return drop_untokenizable(ids, lps, vocab_size)
+
+
+def flat_actual_logprobs(fl, positions: list[int]) -> np.ndarray:
+    """vLLM prompt FlatLogprobs -> [P] float32 log-prob of the actual token at each of `positions`.
+
+    Each position's first entry is the actual (prompt) token, whatever its rank.
+    """
+    starts = np.asarray(fl.start_indices, dtype=np.int64)[np.asarray(positions, dtype=np.int64)]
+    return np.asarray(fl.logprobs, dtype=np.float32)[starts]
 
 
 def torch_topk(logits, k: int, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -242,7 +254,7 @@ class VllmEngine(_BatchHelpers):
             ids, lps = flat_to_arrays(c.logprobs, None, self.top_k, self.vocab_size)
             return TeacherOutput(list(c.token_ids), ids, lps, c.finish_reason)
         ids, lps = flat_to_arrays(o.prompt_logprobs, req.positions, self.top_k, self.vocab_size)
-        return TeacherOutput([], ids, lps, "score")
+        return TeacherOutput([], ids, lps, "score", flat_actual_logprobs(o.prompt_logprobs, req.positions))
 
     def abort(self) -> None:
         if self._inflight:
@@ -328,7 +340,8 @@ class HfEngine(_BatchHelpers):
                 logits = self.model(input_ids=ids).logits[0]  # [T, V]
                 pos = torch.tensor(req.positions, dtype=torch.long, device=device)
                 top_ids, top_lps = torch_topk(logits[pos - 1], self.top_k, self.vocab_size)  # [P, K]
-                return TeacherOutput([], top_ids, top_lps, "score")
+                actual = torch.log_softmax(logits[pos - 1].float(), dim=-1).gather(-1, ids[0, pos].unsqueeze(-1))  # [P, 1]
+                return TeacherOutput([], top_ids, top_lps, "score", actual.squeeze(-1).cpu().numpy())
             sample = self.temperature > 0
             if sample and req.seed is not None:
                 torch.manual_seed(req.seed)

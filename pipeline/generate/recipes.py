@@ -300,4 +300,8 @@ RECIPE_CLASSES = {r.name: r for r in (Summarize, Score, BasicReading)}
 
 
 def make_recipe(cfg, tokenizer, max_model_len: int, stats: Counter) -> Recipe:
+    if cfg.recipe == "on-policy":  # two engines per task: its own module (onpolicy.py)
+        from kdpipe.pipeline.generate.onpolicy import OnPolicy
+
+        return OnPolicy(cfg, tokenizer, max_model_len, stats)
     return RECIPE_CLASSES[cfg.recipe](cfg, tokenizer, max_model_len, stats)

@@ -135,7 +135,9 @@ def build_meta(cfg: GenerateConfig, tokenizer, recipe: Recipe, dataset_fingerpri
         vocab_size=len(tokenizer),
         recipe=cfg.recipe,
         recipe_params=recipe.params(),
-        codec=CodecConfig(name=cfg.codec, top_k=cfg.top_k, top_p=cfg.top_p, draws=cfg.draws, seed=cfg.seed),
+        # on-policy keeps the scored token as one entry beyond the top-K (onpolicy.py)
+        codec=CodecConfig(name=cfg.codec, top_k=cfg.top_k + getattr(recipe, "extra_entries", 0), top_p=cfg.top_p,
+                          draws=cfg.draws, seed=cfg.seed),
         dataset_fingerprint=dataset_fingerprint,
         generation_params={
             "engine": cfg.engine,
@@ -296,8 +298,9 @@ def check_engine(cfg: GenerateConfig, engine: Engine, vocab_size: int) -> None:
     engine.sampling_top_p = cfg.sampling_top_p
 
 
-def generate_logits(cfg: GenerateConfig, engine: Engine | None = None) -> GenerateSummary:
-    """Phase one for one array task (see the module doc). `engine`: reuse a running engine."""
+def generate_logits(cfg: GenerateConfig, engine: Engine | None = None, sampler_engine: Engine | None = None) -> GenerateSummary:
+    """Phase one for one array task (see the module doc). `engine`: reuse a running engine
+    (`sampler_engine`: the on-policy sampler's)."""
     task_index, num_tasks = cfg.resolved_tasks()
     tokenizer = load_tokenizer(cfg)
     if cfg.top_k > len(tokenizer):
@@ -319,8 +322,15 @@ def generate_logits(cfg: GenerateConfig, engine: Engine | None = None) -> Genera
     own_engine = False
     try:
         done = writer.done_ids()
-        todo = [s for s in data.samples if s.id not in done]
-        summary = GenerateSummary(cfg.out, task_index, num_tasks, len(data.samples), len(data.samples) - len(todo))
+        samples = data.samples
+        if cfg.recipe == "on-policy":  # the sampler draws (or a rerun reloads) N completions per prompt first
+            from kdpipe.pipeline.generate.onpolicy import sample_task
+            from kdpipe.storage import cache_key
+
+            samples = sample_task(cfg, recipe, samples, done, max_model_len, tokenizer, task_index, cache_key(meta),
+                                  sampler_engine)
+        todo = [s for s in samples if s.id not in done]
+        summary = GenerateSummary(cfg.out, task_index, num_tasks, len(samples), len(samples) - len(todo))
         write_resolved(dataclasses.replace(cfg, task_index=None, num_tasks=num_tasks), Path(cfg.out) / CONFIG_FILE)
         if todo and engine is None:
             engine = make_engine(cfg, max_model_len, tokenizer)

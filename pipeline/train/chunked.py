@@ -133,7 +133,7 @@ def chunked_loss_parts(
         d = kd_divergence_from_kept(
             kept, ids, teacher_logprobs, teacher_tail,
             divergence=spec.divergence, tail_mode=spec.tail_mode, temperature=spec.temperature,
-            jsd_beta=spec.jsd_beta, codec=spec.codec,
+            jsd_beta=spec.jsd_beta, codec=spec.codec, target_ids=target_ids,
         )  # [N]
         kd = spec.temperature**2 * d.sum()
     else:

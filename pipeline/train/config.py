@@ -10,7 +10,7 @@ import dataclasses
 import math
 from typing import Literal
 
-from kdpipe.pipeline.train.losses import DIVERGENCES
+from kdpipe.pipeline.train.losses import DIVERGENCES, TARGET_ENTRY_DIVERGENCES
 from kdpipe.storage.errors import ConfigError
 
 
@@ -25,7 +25,7 @@ class TrainConfig:
     # ---- the loss: α·CE + (1−α)·T²·D(teacher_T ‖ student_T), see losses.py
     alpha: float = 0.5  # weight of the CE on the target tokens; 1.0 = no logit distillation
     temperature: float = 1.0  # T, applied to the student's logits and to the stored teacher distribution
-    divergence: Literal["forward_kl", "reverse_kl", "generalized_jsd", "total_variation"] = "forward_kl"
+    divergence: Literal["auto", "forward_kl", "reverse_kl", "generalized_jsd", "total_variation", "reverse_kl_sampled_token"] = "auto"  # auto = reverse_kl on on-policy stores, else forward_kl (losses.py)
     jsd_beta: float = 0.5  # β of generalized_jsd, 0 < β < 1
     tail_mode: Literal["bucket", "renormalize"] = "bucket"
     loss_chunk_size: int = 1024  # target tokens per chunk of [chunk, V] logits
@@ -99,8 +99,8 @@ class TrainConfig:
             raise bad("alpha", f"{self.alpha} is outside [0, 1]; 1.0 = CE only, 0.0 = KD only")
         if not (self.temperature > 0 and math.isfinite(self.temperature)):
             raise bad("temperature", f"{self.temperature} must be > 0")
-        if self.divergence not in DIVERGENCES:
-            raise bad("divergence", f"{self.divergence!r} is not one of {', '.join(DIVERGENCES)}")
+        if self.divergence != "auto" and self.divergence not in DIVERGENCES + TARGET_ENTRY_DIVERGENCES:
+            raise bad("divergence", f"{self.divergence!r} is not one of auto, {', '.join(DIVERGENCES + TARGET_ENTRY_DIVERGENCES)}")
         if not (0.0 < self.xtok_min_mapped_mass <= 1.0):
             raise bad("xtok_min_mapped_mass", f"{self.xtok_min_mapped_mass} must be in (0, 1]")
         if not (0.0 < self.jsd_beta < 1.0):

@@ -54,6 +54,27 @@ H(P) − E[H(P̂)], which does not depend on the student); tail draws are an app
 the tail token is unknown. Reverse KL, JSD and TV need P at ids the student puts mass on, or
 |P − Q| — nonlinear in P — so no unbiased estimate exists from counts: `check_supported` refuses
 them, and refuses T ≠ 1 (p^(1/T) is not linear in p either).
+
+On-policy stores and which estimator is unbiased for what
+----------------------------------------------------------
+An on-policy store (recipe ``on-policy``) holds the teacher's scores of completions x that the
+*student* sampled (q = the sampler, the student at the start of the round), and every position's
+entries include the sampled token x_t itself (top-K ∪ {x_t}, exact tail). With ``divergence =
+"auto"`` (the default) such a store trains on ``reverse_kl`` (mode-seeking, GKD with λ = 1),
+every other store on ``forward_kl``.
+* ``reverse_kl`` over the stored categories: Σ_c Q_c (log Q_c − log P_c) on the K+1 (bucket) or
+  K (renormalize) categories at each position of the student's own text. Exact per position
+  for the partition into kept ids + tail (no sampling in the value); biased low relative to the
+  full-vocabulary KL(q‖p) by the within-tail term (0 at k = V), like every top-k divergence.
+* ``reverse_kl_sampled_token``: the single-sample estimator at the student's own token,
+  ``k(x_t) = log q(x_t) − log p(x_t)`` (T = 1). Its *value* is unbiased for the per-token
+  KL(q‖p) = E_{x~q}[log q(x) − log p(x)] when x_t was drawn from q itself (sampling temperature
+  1, top-p 1, and the sampler's weights = the student's: exact at a round's first step, drifting
+  as the student trains within the round). Differentiating k directly gives E_q[∇ log q] = 0 — no
+  signal — so the loss uses the score-function form: value k, gradient ``sg(k)·∇ log q(x_t)``,
+  whose expectation is ∇_θ KL(q_θ‖p) at the token (the per-token "advantage" of on-policy
+  distillation, no credit to earlier tokens for later ones). It needs only log p(x_t), which the
+  on-policy store keeps exactly as an entry; its variance is much higher than ``reverse_kl``'s.
 """
 
 from __future__ import annotations
@@ -68,14 +89,35 @@ from kdpipe.storage.errors import ConfigError
 Divergence = Literal["forward_kl", "reverse_kl", "generalized_jsd", "total_variation"]
 TailMode = Literal["bucket", "renormalize"]
 DIVERGENCES: tuple[str, ...] = ("forward_kl", "reverse_kl", "generalized_jsd", "total_variation")
+# Sampled-token estimators (not divergences over categories): they need log p at the target token
+# itself, which only on-policy stores (recipe_params.target_entry) keep as an entry.
+TARGET_ENTRY_DIVERGENCES: tuple[str, ...] = ("reverse_kl_sampled_token",)
+
+
+def default_divergence(codec: str, on_policy: bool) -> str:
+    """What divergence = "auto" means: reverse KL for on-policy topk stores, forward KL otherwise
+    (a sampled store supports only the forward KL, see check_supported)."""
+    return "reverse_kl" if on_policy and codec == "topk" else "forward_kl"
 TAIL_MODES: tuple[str, ...] = ("bucket", "renormalize")
 TAIL_FLOOR_EPS = 8.0
 
 
 def check_supported(codec: str, divergence: str, temperature: float) -> None:
     """Refuse (divergence, temperature) combinations a store's codec cannot support, saying why."""
-    if divergence not in DIVERGENCES:
-        raise ConfigError(f"divergence: {divergence!r} is not one of {', '.join(DIVERGENCES)}")
+    if divergence not in DIVERGENCES + TARGET_ENTRY_DIVERGENCES:
+        raise ConfigError(f"divergence: {divergence!r} is not one of {', '.join(DIVERGENCES + TARGET_ENTRY_DIVERGENCES)}")
+    if divergence in TARGET_ENTRY_DIVERGENCES:
+        if codec != "topk":
+            raise ConfigError(
+                f"divergence: {divergence!r} needs the teacher's exact log-prob at the student's sampled token, which "
+                "a 'sampled' store does not hold (its counts estimate p, not log p); use an on-policy 'topk' store"
+            )
+        if temperature != 1.0:
+            raise ConfigError(
+                f"temperature: {temperature} != 1 with divergence {divergence!r}: the estimator log q(x) − log p(x) is "
+                "unbiased only for the untempered distributions the token was sampled from; use temperature = 1.0"
+            )
+        return
     if codec == "sampled":
         if divergence != "forward_kl":
             raise ConfigError(
@@ -139,6 +181,16 @@ def total_variation(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     p, _ = _safe(log_p)
     q, _ = _safe(log_q)
     return 0.5 * (p - q).abs().sum(-1)
+
+
+def sampled_token_reverse_kl(log_q_x: torch.Tensor, log_p_x: torch.Tensor) -> torch.Tensor:
+    """Per-token estimator at the sampled token x ~ q: value log q(x) − log p(x), gradient sg(·)·∇ log q(x).
+
+    log_q_x [N] (carries the student's gradient), log_p_x [N] (teacher, no gradient) -> [N].
+    E_{x~q}[value] = KL(q‖p) and E_{x~q}[gradient] = ∇ KL(q‖p) (see the module doc).
+    """
+    k = (log_q_x - log_p_x).detach()
+    return k + k * (log_q_x - log_q_x.detach())
 
 
 def divergence_fn(name: str, beta: float = 0.5):
@@ -224,14 +276,22 @@ def kd_divergence_from_kept(
     temperature: float = 1.0,
     jsd_beta: float = 0.5,
     codec: str = "topk",
+    target_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """D(teacher_T ‖ student_T) per token [N], from the student's log q_T gathered at the kept ids.
 
     kept_log_q [N, K] = log_softmax(z / T)[teacher_ids]; teacher_ids [N, K] (padding: any id, with
-    teacher_logprobs = -inf); teacher_logprobs [N, K]; teacher_tail [N]. Not multiplied by T².
+    teacher_logprobs = -inf); teacher_logprobs [N, K]; teacher_tail [N]; target_ids [N] (only the
+    sampled-token estimator reads them: the target must be one of the kept ids, as in on-policy
+    stores; a position where it is not contributes 0). Not multiplied by T².
     """
-    del teacher_ids  # the ids are only needed to gather kept_log_q; kept for a readable signature
     valid = teacher_logprobs > -math.inf  # [N, K]
+    if divergence == "reverse_kl_sampled_token":
+        hit = valid & (teacher_ids == target_ids.unsqueeze(-1))  # [N, K] the sampled token's entry
+        log_q_x = torch.where(hit, kept_log_q, torch.zeros_like(kept_log_q)).sum(-1)  # [N]
+        log_p_x = torch.where(hit, teacher_logprobs, torch.zeros_like(teacher_logprobs)).sum(-1).to(kept_log_q.dtype)
+        d = sampled_token_reverse_kl(log_q_x, log_p_x)
+        return torch.where(hit.any(-1), d, torch.zeros_like(d))
     with torch.no_grad():  # the teacher side carries no gradient
         if codec == "sampled":
             log_p = sampled_teacher_categories(teacher_logprobs, teacher_tail, tail_mode)
@@ -306,6 +366,7 @@ def distillation_loss_parts(
         d = kd_divergence(
             log_qt, teacher_ids, teacher_logprobs, teacher_tail,
             divergence=divergence, tail_mode=tail_mode, temperature=temperature, jsd_beta=jsd_beta, codec=codec,
+            target_ids=target_ids,
         )
         kd = temperature**2 * d.sum()
     return {"ce": ce, "kd": kd, "loss": alpha * ce + (1.0 - alpha) * kd}

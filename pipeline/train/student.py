@@ -19,7 +19,7 @@ from torch import nn
 from kdpipe.pipeline.train.chunked import LossSpec, chunked_loss_parts, logit_transform_of
 from kdpipe.pipeline.train.config import TrainConfig
 from kdpipe.pipeline.train.data import store_max_sequence_length
-from kdpipe.pipeline.train.losses import check_supported
+from kdpipe.pipeline.train.losses import TARGET_ENTRY_DIVERGENCES, check_supported, default_divergence
 from kdpipe.storage.manifest import open_store, tokenizer_fingerprint
 from kdpipe.storage.reader import Record
 from kdpipe.storage.errors import ConfigError, StoreError
@@ -152,6 +152,7 @@ class Plan:
     sequence_level: bool  # tokenizers differ: CE on the teacher text retokenized (alpha must be 1)
     longest: int  # longest stored sequence
     num_sequences: int
+    divergence: str = "forward_kl"  # the resolved divergence (cfg.divergence, or what "auto" means for these stores)
     cross_tokenizer: str | None = None  # tokenizers differ and cfg.cross_tokenizer is on: 'span' | 'uld' | 'hybrid'
 
 
@@ -192,8 +193,17 @@ def check_inputs(cfg: TrainConfig, tokenizer, model: nn.Module) -> Plan:
         from kdpipe.pipeline.train.xtok import check_cross_tokenizer
 
         check_cross_tokenizer(cfg, metas, tokenizer)  # teacher tokenizer files, byte offsets, the stores' recipes
+    # divergence "auto": reverse KL when every store is on-policy (the student's own text), else forward KL.
+    on_policy = all(m.meta.recipe == "on-policy" for m in metas)
+    divergence = default_divergence(codec, on_policy) if cfg.divergence == "auto" else cfg.divergence
     if cfg.alpha < 1.0:
-        check_supported(codec, cfg.divergence, cfg.temperature)
+        check_supported(codec, divergence, cfg.temperature)
+        if divergence in TARGET_ENTRY_DIVERGENCES and not all(m.meta.recipe_params.get("target_entry") for m in metas):
+            raise ConfigError(
+                f"divergence: {divergence!r} needs the teacher's log-prob at each target token as a stored entry, which "
+                "only on-policy stores keep (recipe 'on-policy'); "
+                + ", ".join(f"{m.store_dir} is recipe {m.meta.recipe!r}" for m in metas if not m.meta.recipe_params.get("target_entry"))
+            )
     n_model_vocab = hf_model(model).get_output_embeddings().weight.shape[0]
     vocab = len(tokenizer) if (sequence_level or xtok) else store_vocab
     if n_model_vocab < vocab:
@@ -213,7 +223,20 @@ def check_inputs(cfg: TrainConfig, tokenizer, model: nn.Module) -> Plan:
         )
     if cfg.tokens_per_batch < 2:
         raise ConfigError("tokens_per_batch: must hold at least one sequence of two tokens")
-    return Plan(codec, vocab, max_len, sequence_level, longest, total, cross_tokenizer=xtok)
+    return Plan(codec, vocab, max_len, sequence_level, longest, total, divergence, cross_tokenizer=xtok)
+
+
+def resolution_notes(cfg: TrainConfig, plan: Plan, resume_from) -> str:
+    """What the resolved config cannot say in its values: written as comments atop RUN/train_config.toml."""
+    lines = []
+    if cfg.divergence == "auto":
+        why = "every store is on-policy (the student's own text)" if plan.divergence == "reverse_kl" else "off-policy stores"
+        lines.append(f"divergence = \"auto\" resolved to \"{plan.divergence}\": {why}")
+    if resume_from is None:
+        lines.append(f"start: the weights of student = {cfg.student}; a fresh AdamW state and learning-rate schedule from step 0")
+    else:
+        lines.append(f"resumed from {resume_from}: weights, AdamW state, schedule and data cursor restored")
+    return "\n".join(lines)
 
 
 class Retokenize:
@@ -304,7 +327,7 @@ class StudentLoss(nn.Module):
 
 def loss_spec(cfg: TrainConfig, plan: Plan, model: nn.Module) -> LossSpec:
     return LossSpec(
-        alpha=cfg.alpha, temperature=cfg.temperature, divergence=cfg.divergence, tail_mode=cfg.tail_mode,
+        alpha=cfg.alpha, temperature=cfg.temperature, divergence=plan.divergence, tail_mode=cfg.tail_mode,
         jsd_beta=cfg.jsd_beta, codec=plan.codec, chunk_size=cfg.loss_chunk_size,
         **logit_transform_of(hf_model(model).config),
     )

@@ -28,7 +28,7 @@ from kdpipe.pipeline.train.checkpoint import latest_checkpoint, load_training_st
 from kdpipe.pipeline.train.config import TrainConfig
 from kdpipe.pipeline.train.data import DataSpec, StepData
 from kdpipe.pipeline.train.student import (
-    Retokenize, StudentLoss, autocast_context, batch_inputs, check_inputs, load_student, load_tokenizer, loss_spec,
+    Retokenize, StudentLoss, resolution_notes, autocast_context, batch_inputs, check_inputs, load_student, load_tokenizer, loss_spec,
     no_sync, param_groups, setup_distributed, teacher_tokenizer, wrap_distributed,
 )
 from kdpipe.pipeline.train.validate import Validator, split_seed
@@ -183,7 +183,7 @@ def _train(cfg: TrainConfig, dist) -> TrainResult:
     data = StepData(spec, dist.rank, dist.world_size, cfg.grad_accum, cfg.prefetch, cursor)
     validator = Validator(cfg, plan, spec, dist, run, model, tokenizer, with_teacher, state)
     if dist.is_main:
-        write_resolved(cfg, run / "train_config.toml")
+        write_resolved(cfg, run / "train_config.toml", header=resolution_notes(cfg, plan, resume_from))
     metrics = MetricsLog(run / "metrics.jsonl", step if resume_from else None, dist.is_main)
     sigterm = _Sigterm()
     bar = tqdm(total=cfg.steps, initial=step, disable=not dist.is_main, desc="train-student", unit="step")
