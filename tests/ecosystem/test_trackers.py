@@ -1,0 +1,156 @@
+"""--report-to: a real train-student run (then resumed) logs to TensorBoard, W&B (offline), MLflow
+(file store) and trackio (local db); each is read back with the library's own reader and compared
+with metrics.jsonl: scalar names, steps and values. Plus the refusals."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from kdpipe.pipeline.train.config import TrainConfig
+from kdpipe.storage.errors import ConfigError
+
+from eco_helpers import build_store, expected_scalars, metrics, topk_store, tracker_env  # noqa: F401
+from kdtest import require
+
+import readers
+
+ALL = ("tensorboard", "wandb", "mlflow", "trackio")
+
+
+def cfg_for(student, store, out, **kw) -> TrainConfig:
+    values = dict(student=str(student), stores=(str(store),), out=str(out), steps=4, tokens_per_batch=160, lr=2e-3,
+                  save_every=2, shuffle_buffer=4, alpha=0.5, temperature=2.0, seed=3, report_to=ALL,
+                  val_fraction=0.25, eval_every=2)
+    values.update(kw)
+    return TrainConfig(**values)
+
+
+def _same(got: dict[str, dict[int, float]], want: dict[str, dict[int, float]], what: str) -> None:
+    assert set(got) == set(want), f"{what}: scalar names {sorted(got)} != metrics.jsonl {sorted(want)}"
+    for name, steps in want.items():
+        assert sorted(got[name]) == sorted(steps), f"{what}: {name} steps {sorted(got[name])} != {sorted(steps)}"
+        for s, v in steps.items():
+            assert math.isclose(got[name][s], v, rel_tol=1e-6, abs_tol=1e-6), f"{what}: {name}@{s} {got[name][s]} != {v}"
+
+
+@pytest.fixture(scope="module")
+def tracked_run(tmp_path_factory, tiny_student, topk_store):
+    """4 steps with checkpoints every 2, then --resume to 6 steps: the same tracker runs continue."""
+    for m in ALL:
+        require(m, "--report-to tests read back with each tracker's own library")
+    from kdpipe.pipeline.train.trainer import train
+
+    mp = pytest.MonkeyPatch()
+    root = tmp_path_factory.mktemp("trackers")
+    tracker_env(mp, root)
+    out = root / "run"
+    try:
+        first = train(cfg_for(tiny_student, topk_store, out))
+        state_first = json.loads((out / "trackers" / "state.json").read_text())
+        second = train(cfg_for(tiny_student, topk_store, out, steps=6, resume=True))
+    finally:
+        mp.undo()
+    assert first.steps == 4 and second.steps == 6
+    return out, state_first, json.loads((out / "trackers" / "state.json").read_text()), root
+
+
+def test_every_tracker_holds_metrics_jsonl(tracked_run, monkeypatch):
+    out, first, state, root = tracked_run
+    want = expected_scalars(out)
+    assert "validation/loss" in want and "train/grad_norm" in want and max(want["train/loss"]) == 6
+    # a resumed run continues the same tracker runs: ids / log dir kept in RUN/trackers/state.json
+    assert first["trackers"] == state["trackers"]
+    t = state["trackers"]
+
+    _same(readers.tensorboard_scalars(Path(t["tensorboard"]["logdir"])), want, "tensorboard")
+
+    got, params, tags, _ = readers.mlflow_run(t["mlflow"]["tracking_uri"], t["mlflow"]["run_id"])
+    _same(got, want, "mlflow")
+    assert params["alpha"] == "0.5" and params["stores"] == str(out.parent.parent / "store" / "topk") or params["stores"]
+    assert len(tags["kdpipe.store.cache_key"]) == 64 and tags["kdpipe.store.teacher"]
+
+    hist, config = readers.wandb_history(Path(t["wandb"]["dir"]), t["wandb"]["id"])
+    _same(hist, want, "wandb")
+    assert config["temperature"] == 2.0 and len(config["kdpipe.store.cache_key"]) == 64
+
+    monkeypatch.setenv("TRACKIO_DIR", str(root / "trackio"))
+    logs, tconfig = readers.trackio_logs(t["trackio"]["project"], t["trackio"]["name"])
+    _same(logs, want, "trackio")
+
+
+def test_evaluation_headline_and_plots_reach_the_run(tracked_run, tmp_path, monkeypatch):
+    """What `kdpipe evaluate --report-to` does at its end, on a report of the evaluated run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from kdpipe.pipeline.trackers import evaluation_to_trackers
+
+    out, _, state, root = tracked_run
+    tracker_env(monkeypatch, root)
+    fig = plt.figure(figsize=(2, 2))
+    plt.plot([0, 1], [1, 0])
+    fig.savefig(tmp_path / "quality.png")
+    plt.close(fig)
+    report = {"plots": ["quality.png"], "models": [
+        {"name": "teacher", "role": "teacher", "run": None, "quality": {"rougeL": {"mean": 0.5}}, "latency": {"p50_s": 0.1}},
+        {"name": "kd", "role": "student", "run": str(out), "quality": {"rougeL": {"mean": 0.4}},
+         "latency": {"p50_s": 0.05, "tokens_per_s": 100.0}, "retention_vs_teacher_pct": {"rougeL": 80.0}},
+    ]}
+    evaluation_to_trackers(ALL, report, tmp_path, {"data": "heldout.jsonl"})
+    t = state["trackers"]
+    tb = readers.tensorboard_scalars(Path(t["tensorboard"]["logdir"]))
+    assert tb["eval/rougeL"] == {6: pytest.approx(0.4)} and tb["eval/retention_rougeL_pct"] == {6: pytest.approx(80.0)}
+    assert "eval/quality" in readers.tensorboard_images(Path(t["tensorboard"]["logdir"]))
+    got, _, _, artifacts = readers.mlflow_run(t["mlflow"]["tracking_uri"], t["mlflow"]["run_id"])
+    assert got["eval/rougeL"] == {6: pytest.approx(0.4)} and artifacts == ["plots/quality.png"]
+    hist, _ = readers.wandb_history(Path(t["wandb"]["dir"]), t["wandb"]["id"])
+    assert hist["eval/rougeL"] == {6: pytest.approx(0.4)} and hist["eval/quality"][6]["_type"] == "image-file"
+    logs, _ = readers.trackio_logs(t["trackio"]["project"], t["trackio"]["name"])
+    assert logs["eval/rougeL"] == {6: pytest.approx(0.4)} and "eval/quality" in logs
+    # the training metrics are untouched by the evaluation
+    _same({k: v for k, v in tb.items() if not k.startswith("eval/")}, expected_scalars(out), "tensorboard after eval")
+
+
+# ------------------------------------------------------------------------------------ refusals
+
+
+def test_unknown_tracker_name_suggests(monkeypatch):
+    from kdpipe.pipeline.trackers import parse_report_to
+
+    with pytest.raises(ConfigError, match=r"report_to: unknown tracker 'tensorbord' \(did you mean 'tensorboard'\?\)"):
+        TrainConfig(student="s", stores=("x",), out="o", report_to=("tensorbord",))
+    monkeypatch.setenv("KDPIPE_REPORT_TO", "wandb,mlfow")
+    with pytest.raises(ConfigError, match=r"KDPIPE_REPORT_TO.*'mlfow' \(did you mean 'mlflow'\?\)"):
+        TrainConfig(student="s", stores=("x",), out="o")
+    monkeypatch.setenv("KDPIPE_REPORT_TO", "tensorboard, wandb")
+    assert TrainConfig(student="s", stores=("x",), out="o").report_to == ("tensorboard", "wandb")
+    assert TrainConfig(student="s", stores=("x",), out="o", report_to=("none",)).report_to == ()
+    assert parse_report_to("all") == ALL
+
+
+def test_missing_library_names_the_extra_before_training(monkeypatch, tmp_path, tiny_student, topk_store):
+    from kdpipe.pipeline import trackers
+    from kdpipe.pipeline.train.trainer import train
+
+    monkeypatch.setitem(trackers.TRACKERS, "wandb", ("kdpipe_no_such_module", "wandb"))
+    with pytest.raises(ConfigError, match=r"wandb requested but not installed; pip install 'kdpipe\[wandb\]'"):
+        train(cfg_for(tiny_student, topk_store, tmp_path / "run", report_to=("wandb",)))
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # refused before anything ran
+
+
+def test_tracker_dir_of_another_run_is_refused(tracked_run, tmp_path, tiny_student, topk_store):
+    import shutil
+
+    from kdpipe.pipeline.train.trainer import train
+
+    out = tmp_path / "reuse"
+    out.mkdir()
+    shutil.copytree(tracked_run[0] / "trackers", out / "trackers")  # trackers, but no checkpoint to resume
+    with pytest.raises(ConfigError, match=r"reuse/trackers: holds the tracker runs of another run \(.*wandb [0-9a-f]+"):
+        train(cfg_for(tiny_student, topk_store, out, report_to=("tensorboard",)))
