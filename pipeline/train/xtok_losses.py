@@ -144,7 +144,8 @@ def _xchunk(h, weight, bias, target_ids, kd_ids, uld_rows, k_uld: int, spec: Los
         del log_q1
         log_qt = torch.log_softmax(z / spec.temperature, dim=-1)  # [c, V]
         g = log_qt.gather(-1, cols)
-    top = log_qt.index_select(0, uld_rows).topk(k_uld, dim=-1).values if k_uld else g.new_zeros((0, 0))  # [u, k]
+    k = min(k_uld, log_qt.shape[-1])
+    top = log_qt.index_select(0, uld_rows).topk(k, dim=-1).values if k else g.new_zeros((0, 0))  # [u, k]
     return ce, g, top
 
 
