@@ -20,8 +20,8 @@ def lines(run: Path) -> tuple[list[dict], list[dict]]:
 
 def cfg_of(student, store, out, **kw) -> TrainConfig:
     values = dict(student=str(student), stores=(str(store),), out=str(out), steps=6, tokens_per_batch=160,
-                  lr=3e-3, save_every=2, shuffle_buffer=4, alpha=0.5, temperature=2.0, seed=3, schedule="constant",
-                  prefetch=1)
+                  lr=3e-3, save_every=2, shuffle_buffer=4, alpha=0.5, temperature=2.0, divergence="forward_kl", seed=3,
+                  schedule="constant", prefetch=1)
     values.update(kw)
     return TrainConfig(**values)
 
@@ -42,8 +42,8 @@ def best_run(tmp_path_factory, tiny_student, topk_store, val_store):
     cfg = cfg_of(tiny_student, topk_store, out, val_stores=(str(val_store),), eval_every=2, save_best=True)
     args = ["train-student", "--student", cfg.student, "--store", cfg.stores[0], "--out", str(out),
             "--val-store", str(val_store), "--eval-every", "2", "--save-best"]
-    for key in ("steps", "tokens_per_batch", "lr", "save_every", "shuffle_buffer", "alpha", "temperature", "seed",
-                "schedule", "prefetch"):
+    for key in ("steps", "tokens_per_batch", "lr", "save_every", "shuffle_buffer", "alpha", "temperature", "divergence",
+                "seed", "schedule", "prefetch"):
         args += ["--" + key.replace("_", "-"), str(getattr(cfg, key))]
     res = CliRunner().invoke(cli, args, catch_exceptions=False)
     assert res.exit_code == 0, res.output
@@ -233,3 +233,44 @@ def test_job_file_student_takes_validation_keys(tmp_path):
     run = expand_students(job, train_list_fields())[0]
     cfg = train_config(job, run, tmp_path / "run" / "runs" / run.name)
     assert cfg.val_stores == (str(tmp_path / "stores" / "val"),) and cfg.eval_every == 50 and cfg.save_best
+
+
+def test_two_process_fsdp_validation_matches_one_process(best_run, val_store, tmp_path):
+    """FSDP2 on 2 ranks (gloo): each rank validates its part, ranks with fewer batches join the collectives with
+    a dummy batch; the figures equal the 1-process run with the same global batch (2 micro-batches)."""
+    import os
+    import subprocess
+    import sys
+
+    import torch
+
+    from kdpipe.pipeline.config import write_resolved
+    from kdpipe.pipeline.train.student import Dist
+    from kdpipe.pipeline.train.trainer import train
+    from kdpipe.pipeline.train.validate import ValidationData
+
+    from kdpipe.pipeline.train.data import DataSpec
+
+    cfg, _, _ = best_run
+    one = TrainConfig(**{**cfg.__dict__, "out": str(tmp_path / "one"), "grad_accum": 2, "steps": 4, "save_every": 0,
+                         "tokens_per_batch": 64})
+    spec = DataSpec(stores=one.stores, weights=(1.0,), tokens_per_batch=64, max_len=1024, truncate=False, pad_id=0)
+    counts = [sum(1 for _ in ValidationData(one, spec, Dist(r, 2, r, torch.device("cpu"), None)).batches())
+              for r in range(2)]
+    assert counts[0] != counts[1]  # the ranks run out of validation batches at different times
+    train(one)
+    toml = tmp_path / "cfg.toml"
+    write_resolved(TrainConfig(**{**one.__dict__, "out": str(tmp_path / "fsdp"), "grad_accum": 1, "fsdp": True}), toml)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "--master_port",
+                        str(29700 + os.getpid() % 200), "-m", "kdpipe.pipeline.cli", "train-student", "--config", str(toml)],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    got, want = lines(tmp_path / "fsdp")[1], lines(tmp_path / "one")[1]
+    assert [r["step"] for r in got] == [r["step"] for r in want] == [2, 4]
+    for g, w in zip(got, want):
+        assert g["target_tokens"] == w["target_tokens"] and g["sequences"] == w["sequences"] == 8
+        for k in ("loss", "loss_ce", "loss_kd"):
+            assert g[k] == pytest.approx(w[k], rel=1e-5)
+    assert json.loads((tmp_path / "fsdp" / "best" / "best.json").read_text())["step"] == \
+        json.loads((tmp_path / "one" / "best" / "best.json").read_text())["step"]
