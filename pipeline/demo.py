@@ -303,3 +303,6 @@ def demo(out, budget, seed, config_path, use_jobs):
     click.echo("")
     click.echo(headline_table(report))
     click.echo(f"\nreport: {Path(cfg.out).resolve() / 'report' / 'report.md'}  (demo took {report['demo_seconds']:.0f} s)")
+    from kdpipe.pipeline.shutdown import exit_process
+
+    exit_process(0)  # everything is written: exit 0 whatever vLLM's teardown would do (shutdown.py)

@@ -51,3 +51,6 @@ def evaluate(models, names, config_path, stores, **flags):
     report = run_command(run_evaluate, cfg)
     click.echo(headline_table(report))
     click.echo(f"report: {cfg.out}/report.md (numbers in {cfg.out}/report.json)")
+    from kdpipe.pipeline.shutdown import exit_process
+
+    exit_process(0)  # the report is written: exit 0 whatever vLLM's teardown would do (shutdown.py)

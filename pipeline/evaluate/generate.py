@@ -206,11 +206,7 @@ def generate_outputs(spec: ModelSpec, tokenizer, prompts: list[list[int]], cfg, 
 
 
 def _shutdown(llm) -> None:
-    """Stop the engine's worker processes now, so the next model's engine gets the cores and memory."""
-    try:
-        core = getattr(llm.llm_engine, "engine_core", None)
-        if core is not None and hasattr(core, "shutdown"):
-            core.shutdown()
-    finally:
-        del llm
-        gc.collect()
+    """Stop the engine now, its processes joined, so the next model's engine gets the cores and memory."""
+    from kdpipe.pipeline.shutdown import shutdown_llm
+
+    shutdown_llm(llm)

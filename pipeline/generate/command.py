@@ -113,8 +113,10 @@ def generate_logits(config_path: str | None, **flags) -> None:
         cfg = load_generate_config(config_path, flags)
         return run(cfg)
 
+    from kdpipe.pipeline.shutdown import exit_process
+
     summary = run_command(go)
     click.echo(summary.line())
-    if summary.interrupted:
-        # Non-zero so a job chain does not go on to `kdpipe finalize`; the rerun resumes.
-        sys.exit(143)
+    # 143 after SIGTERM, so a job chain does not go on to `kdpipe finalize` (the rerun resumes);
+    # 0 once the task is done, whatever vLLM's teardown would do (see kdpipe.pipeline.shutdown).
+    exit_process(143 if summary.interrupted else 0)

@@ -103,6 +103,7 @@ class GenerateConfig:
 
     # --- throughput
     max_inflight: int = 512  # requests kept queued in the engine (continuous batching stays full)
+    score_mode: Literal["prefix-cache", "full"] = "prefix-cache"  # teacher-forced scoring under vLLM (score, basic-reading): prefix-cache prefills the prompt, then computes log-probs only past the cached prefix (same targets, faster); full computes every row (the reference)
     writer_queue: int = 256  # records buffered between the engine loop and the writer thread
     shard_mb: float = 256.0  # shard size (MiB) before rolling to the next one
     store_text: bool = True  # keep generated text (summaries, assembled paragraphs) in the store

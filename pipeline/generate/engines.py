@@ -21,6 +21,7 @@ tokenizer defines.
 from __future__ import annotations
 
 import itertools
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -160,7 +161,23 @@ class _BatchHelpers:
 
 @dataclass
 class VllmEngine(_BatchHelpers):
-    """vLLM `LLM` with raw log-probs and the flat, undetokenized fast path."""
+    """vLLM `LLM` with raw log-probs and the flat, undetokenized fast path.
+
+    Score requests (teacher forcing) take one of two routes (`score_mode`):
+      full          one request with prompt log-probs over the whole sequence; vLLM then skips
+                    reading the prefix cache, so every row is computed (the reference path).
+      prefix-cache  (default) two requests: a plain prefill of `seq[:t0-1]`, t0 the first target
+                    position, which leaves the prefix's full KV blocks in vLLM's prefix cache;
+                    then the scoring request with `skip_reading_prefix_cache=False`, which
+                    computes only the rows after the cached blocks. vLLM 0.32 has no "log-probs
+                    from position t0 on" for arbitrary top-K (`prompt_logprob_start` needs fixed
+                    token ids and the V2 runner), so this is the route that skips the prompt rows.
+    Rows served from the cache come back uninitialised, so a scoring request is kept only when
+    vLLM reports `num_cached_tokens <= t0 - 1` (every target row computed) and no preemption
+    (a resumed request may read blocks cached in between, which the first-schedule count does
+    not show); otherwise it is rescored on the full route, counted in `stats["score_fallbacks"]`.
+    Both routes run the same kernels on the same rows, so their targets are identical (tested).
+    """
 
     teacher: str
     max_model_len: int
@@ -170,11 +187,19 @@ class VllmEngine(_BatchHelpers):
     temperature: float = 0.0
     sampling_top_p: float = 1.0
     llm: object = None
-    _inflight: dict = field(default_factory=dict)
+    score_mode: str = "full"  # "prefix-cache" | "full" (see the class doc)
+    prefix_cache_ok: bool = False  # built with prefix caching and per-request stats: "prefix-cache" may be used
+    block_size: int = 0  # KV block size: only whole blocks are cached
+    kv_tokens: int = 0  # KV cache capacity in tokens
+    stats: Counter = field(default_factory=Counter)  # score_fallbacks, score_rows, score_rows_computed
+    _inflight: dict = field(default_factory=dict)  # vLLM request id -> (key, request, route)
+    _waiting: deque = field(default_factory=deque)  # prefix-cache score requests not yet admitted
+    _admitted_tokens: int = 0
     _counter: itertools.count = field(default_factory=itertools.count)
 
     @classmethod
-    def from_config(cls, cfg, max_model_len: int, vocab_size: int) -> "VllmEngine":
+    def from_config(cls, cfg, max_model_len: int, vocab_size: int, **llm_overrides) -> "VllmEngine":
+        """`llm_overrides`: extra `vllm.LLM` arguments (tests and benchmarks: block_size, num_gpu_blocks_override)."""
         try:
             from vllm import LLM
         except ImportError as e:
@@ -182,7 +207,9 @@ class VllmEngine(_BatchHelpers):
                 f"engine 'vllm' is not installed ({e}); install kdpipe[vllm] (GPU) or kdpipe[cpu], "
                 f"or use --engine hf (plain transformers, slow)"
             ) from None
-        llm = LLM(
+        score_mode = getattr(cfg, "score_mode", "full")
+        fast = score_mode == "prefix-cache"
+        kwargs = dict(
             model=cfg.teacher,
             revision=cfg.teacher_revision,
             trust_remote_code=cfg.trust_remote_code,
@@ -196,6 +223,15 @@ class VllmEngine(_BatchHelpers):
             seed=cfg.seed,
             enforce_eager=cfg.enforce_eager,
         )
+        if fast:
+            # Per-request stats carry the preemption count the prefix-cache check needs.
+            kwargs.update(enable_prefix_caching=True, disable_log_stats=False)
+        kwargs.update(llm_overrides)
+        llm = LLM(**kwargs)
+        cache = llm.llm_engine.vllm_config.cache_config
+        prefix_cache_ok = fast and bool(cache.enable_prefix_caching) and not kwargs.get("disable_log_stats", True)
+        if not prefix_cache_ok:
+            score_mode = "full"  # e.g. the platform turned prefix caching off (MLA on CPU): nothing to reuse
         return cls(
             teacher=cfg.teacher,
             max_model_len=max_model_len,
@@ -205,13 +241,17 @@ class VllmEngine(_BatchHelpers):
             temperature=cfg.temperature,
             sampling_top_p=cfg.sampling_top_p,
             llm=llm,
+            score_mode=score_mode,
+            prefix_cache_ok=prefix_cache_ok,
+            block_size=int(cache.block_size or 0),
+            kv_tokens=int(cache.num_gpu_blocks or 0) * int(cache.block_size or 0),
         )
 
-    def _params(self, req: Request):
+    def _params(self, req: Request, route: str):
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
-        if req.kind == "generate":
+        if route == "generate":
             sp = SamplingParams(
                 max_tokens=req.max_new_tokens,
                 temperature=self.temperature,
@@ -221,20 +261,52 @@ class VllmEngine(_BatchHelpers):
                 flat_logprobs=True,
                 detokenize=False,
             )
-        else:
-            sp = SamplingParams(max_tokens=1, prompt_logprobs=self.top_k, flat_logprobs=True, detokenize=False)
+        elif route == "prefill":  # fills the prefix cache; its one sampled token is ignored
+            sp = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False)
+        else:  # "full" reads no cached rows (vLLM's default for prompt log-probs); "cached" does
+            sp = SamplingParams(max_tokens=1, prompt_logprobs=self.top_k, flat_logprobs=True, detokenize=False,
+                                skip_reading_prefix_cache=True if route == "full" else False)
         sp.output_kind = RequestOutputKind.FINAL_ONLY  # one output per request, when it is done
         return sp
 
-    def submit(self, key: int, req: Request) -> None:
+    def _add(self, key: int, req: Request, route: str, token_ids: list[int] | None = None) -> None:
         from vllm.inputs import TokensPrompt
 
         rid = f"kd{next(self._counter)}"
-        self._inflight[rid] = (key, req)
-        self.llm.llm_engine.add_request(rid, TokensPrompt(prompt_token_ids=req.token_ids), self._params(req))
+        self._inflight[rid] = (key, req, route)
+        prompt = TokensPrompt(prompt_token_ids=req.token_ids if token_ids is None else token_ids)
+        self.llm.llm_engine.add_request(rid, prompt, self._params(req, route))
+
+    def submit(self, key: int, req: Request) -> None:
+        if req.kind == "score" and self.score_mode == "prefix-cache":
+            self._waiting.append((key, req))
+            self._admit()
+        else:
+            self._add(key, req, "generate" if req.kind == "generate" else "full")
+
+    def _admit(self) -> None:
+        """Start waiting prefix-cache requests while their sequences fit half the KV cache.
+
+        A prefilled prefix must still be cached when its scoring request runs; bounding the
+        tokens between the two keeps eviction rare (an evicted prefix is only slower: fewer rows
+        come from the cache, and the check still holds).
+        """
+        budget = max(self.kv_tokens // 2, 1)
+        while self._waiting:
+            key, req = self._waiting[0]
+            n = len(req.token_ids)
+            if self._admitted_tokens and self._admitted_tokens + n > budget:
+                return
+            self._waiting.popleft()
+            self._admitted_tokens += n
+            prefix = min(req.positions) - 1  # rows >= t0 - 1 are needed; KV of seq[:t0-1] may be cached
+            if prefix >= max(self.block_size, 1):
+                self._add(key, req, "prefill", req.token_ids[:prefix])
+            else:  # no whole block to cache: score at once (a shared template prefix may still hit)
+                self._add(key, req, "cached")
 
     def num_inflight(self) -> int:
-        return len(self._inflight)
+        return len(self._inflight) + len(self._waiting)  # one vLLM request per key at a time
 
     def poll(self) -> list[tuple[int, TeacherOutput]]:
         """Step the engine until at least one request finishes; [] when nothing is in flight."""
@@ -244,9 +316,31 @@ class VllmEngine(_BatchHelpers):
             for o in engine.step():
                 if not o.finished or o.request_id not in self._inflight:
                     continue
-                key, req = self._inflight.pop(o.request_id)
+                key, req, route = self._inflight.pop(o.request_id)
+                if route == "prefill":
+                    self._add(key, req, "cached")
+                    continue
+                if route == "cached":
+                    self._admitted_tokens -= len(req.token_ids)
+                    self._admit()
+                    if not self._cached_rows_ok(o, req):
+                        self.stats["score_fallbacks"] += 1
+                        self._add(key, req, "full")
+                        continue
+                if req.kind == "score":
+                    rows = len(req.token_ids) - 1
+                    self.stats["score_rows"] += rows
+                    cached = (o.num_cached_tokens or 0) if route == "cached" else 0
+                    self.stats["score_rows_computed"] += rows - cached
                 done.append((key, self._convert(o, req)))
         return done
+
+    @staticmethod
+    def _cached_rows_ok(o, req: Request) -> bool:
+        """Every target row was computed: cached tokens <= t0 - 1, and no preemption (class doc)."""
+        cached = o.num_cached_tokens
+        preempted = getattr(getattr(o, "metrics", None), "num_preemptions", None)
+        return cached is not None and cached <= min(req.positions) - 1 and preempted == 0
 
     def _convert(self, o, req: Request) -> TeacherOutput:
         if req.kind == "generate":
@@ -257,6 +351,8 @@ class VllmEngine(_BatchHelpers):
         return TeacherOutput([], ids, lps, "score", flat_actual_logprobs(o.prompt_logprobs, req.positions))
 
     def abort(self) -> None:
+        self._waiting.clear()
+        self._admitted_tokens = 0
         if self._inflight:
             try:
                 self.llm.llm_engine.abort_request(list(self._inflight), internal=False)
@@ -265,13 +361,12 @@ class VllmEngine(_BatchHelpers):
             self._inflight.clear()
 
     def close(self) -> None:
+        """Abort what is in flight, then stop the engine with its processes joined (shutdown.py)."""
+        from kdpipe.pipeline.shutdown import shutdown_llm
+
         self.abort()
         llm, self.llm = self.llm, None
-        if llm is not None:
-            engine_core = getattr(llm.llm_engine, "engine_core", None)
-            if engine_core is not None and hasattr(engine_core, "shutdown"):
-                engine_core.shutdown()
-            del llm
+        shutdown_llm(llm)
 
 
 @dataclass

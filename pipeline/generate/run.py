@@ -296,6 +296,8 @@ def check_engine(cfg: GenerateConfig, engine: Engine, vocab_size: int) -> None:
     engine.top_k = cfg.top_k
     engine.temperature = cfg.temperature
     engine.sampling_top_p = cfg.sampling_top_p
+    if hasattr(engine, "score_mode"):  # an engine built without prefix caching scores on the full route
+        engine.score_mode = cfg.score_mode if getattr(engine, "prefix_cache_ok", False) else "full"
 
 
 def generate_logits(cfg: GenerateConfig, engine: Engine | None = None, sampler_engine: Engine | None = None) -> GenerateSummary:
@@ -336,8 +338,12 @@ def generate_logits(cfg: GenerateConfig, engine: Engine | None = None, sampler_e
             engine = make_engine(cfg, max_model_len, tokenizer)
             own_engine = True
         t0 = time.perf_counter()
+        engine_stats = Counter(getattr(engine, "stats", None) or {})  # a shared engine counts across runs
         interrupted = _run(cfg, engine, recipe, todo, writer, summary) if todo else False
         summary.seconds = time.perf_counter() - t0
+        # Scoring requests rescored on the full route (engines.py, prefix-cache check): the run's stats.
+        stats.update({k: v for k, v in (Counter(getattr(engine, "stats", None) or {}) - engine_stats).items()
+                      if k == "score_fallbacks"})
         summary.stats = dict(stats)
         summary.interrupted = interrupted
         if interrupted:

@@ -1,0 +1,136 @@
+"""The prefix-cache route of teacher-forced scoring stores exactly what full scoring stores (issue 11 §2).
+
+One real vLLM CPU engine with 32-token KV blocks and a small KV cache (48 blocks = 1,536 tokens),
+so a cached prefix is a few blocks of a ~150-token prompt and a prefilled prefix can be evicted
+before its scoring request runs. The full route (`score_mode = "full"`) is the reference; the
+prefix-cache route must give byte-identical stores (both codecs) when the cache is
+  cold       (reset: every scoring request reads only the blocks its own prefill left),
+  warm       (the full sequences are cached: the check num_cached_tokens <= t0 - 1 fails, the
+              fallback rescoring is taken and counted in the run's stats),
+  partially warm (half the documents cached, half cold),
+  evicted    (the admission window opened wide on the small cache: prefixes are evicted,
+              requests may be preempted, the rows that are not cached are recomputed),
+and for basic-reading's scoring pass.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from kdtest import require
+from gen_helpers import make_docs, read_records, write_jsonl
+
+from kdpipe.pipeline.generate.config import GenerateConfig
+from kdpipe.pipeline.generate.run import generate_logits
+
+pytestmark = pytest.mark.vllm
+
+K = 8
+MAX_LEN = 512
+BLOCK = 32
+BLOCKS = 48
+
+
+def cfg_for(teacher, data, out, **kw) -> GenerateConfig:
+    base = dict(teacher=str(teacher), data=str(data), out=str(out), top_k=K, max_model_len=MAX_LEN, dtype="float32",
+                enforce_eager=True, id_field="id", progress=False, recipe="score", target_field="ref", draws=20)
+    base.update(kw)
+    return GenerateConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_teacher):
+    require("vllm", "the prefix-cache route is vLLM's")
+    from transformers import AutoTokenizer
+
+    from kdpipe.pipeline.generate.engines import VllmEngine
+
+    cfg = cfg_for(tiny_teacher, "-", "-", score_mode="prefix-cache")
+    eng = VllmEngine.from_config(cfg, MAX_LEN, len(AutoTokenizer.from_pretrained(tiny_teacher)),
+                                 block_size=BLOCK, num_gpu_blocks_override=BLOCKS)
+    assert eng.prefix_cache_ok and eng.score_mode == "prefix-cache" and eng.block_size == BLOCK
+    yield eng
+    eng.close()
+
+
+@pytest.fixture(scope="module")
+def docs(tmp_path_factory):
+    rows = [{"id": f"p{i}", "text": t, "ref": r}
+            for i, (t, r) in enumerate(zip(make_docs(24, seed=21, sentences=10), make_docs(24, seed=22, sentences=2)))]
+    return write_jsonl(tmp_path_factory.mktemp("pcdata") / "docs.jsonl", rows)
+
+
+def assert_same_store(a: dict, b: dict) -> None:
+    """Byte-for-byte the same targets: sequences, positions, ids, decoded log-probs, tails."""
+    assert sorted(a) == sorted(b)
+    for sid in a:
+        ra, rb = a[sid], b[sid]
+        for name in ("input_ids", "target_positions", "ids", "logprobs", "tail"):
+            assert np.array_equal(getattr(ra, name), getattr(rb, name)), (sid, name)
+
+
+def run(engine, teacher, data, out, mode, **kw):
+    s = generate_logits(cfg_for(teacher, data, out, score_mode=mode, **kw), engine=engine)
+    assert not s.interrupted and s.written > 0
+    return s
+
+
+@pytest.mark.parametrize("codec", ["topk", "sampled"])
+def test_prefix_cache_equals_full_cold_warm_partial_evicted(engine, tiny_teacher, docs, tmp_path, codec):
+    llm = engine.llm
+    rows = [json.loads(x) for x in docs.read_text().splitlines()]
+    first4 = write_jsonl(tmp_path / "first4.jsonl", rows[:4])
+    run(engine, tiny_teacher, docs, tmp_path / "full", "full", codec=codec)
+    ref = read_records(tmp_path / "full")  # full scoring: the reference
+
+    # cold: only the blocks each request's own prefill left are read
+    assert llm.reset_prefix_cache()
+    before = dict(engine.stats)
+    s = run(engine, tiny_teacher, docs, tmp_path / "cold", "prefix-cache", codec=codec)
+    assert "score_fallbacks" not in s.stats
+    n_rows = engine.stats["score_rows"] - before.get("score_rows", 0)
+    computed = engine.stats["score_rows_computed"] - before.get("score_rows_computed", 0)
+    assert computed < 0.7 * n_rows, (computed, n_rows)  # the prompt rows came from the cache
+    assert_same_store(ref, read_records(tmp_path / "cold"))
+
+    # warm: the whole sequences are cached (full scoring of the same 4 documents just before):
+    # rows past t0 - 1 would come back uninitialised, so the check rescored them on the full
+    # route, and the run counts it
+    assert llm.reset_prefix_cache()
+    run(engine, tiny_teacher, first4, tmp_path / "full4", "full", codec=codec)
+    s = run(engine, tiny_teacher, first4, tmp_path / "warm", "prefix-cache", codec=codec)
+    assert s.stats.get("score_fallbacks", 0) >= 2, s.stats
+    assert f"score_fallbacks {s.stats['score_fallbacks']}" in s.line()
+    warm = read_records(tmp_path / "warm")
+    assert_same_store({k: ref[k] for k in warm}, warm)
+
+    # partially warm: 4 documents cached whole, 20 cold
+    assert llm.reset_prefix_cache()
+    run(engine, tiny_teacher, first4, tmp_path / "full4b", "full", codec=codec)
+    s = run(engine, tiny_teacher, docs, tmp_path / "partial", "prefix-cache", codec=codec)
+    assert 0 < s.stats.get("score_fallbacks", 0) <= 4, s.stats
+    assert_same_store(ref, read_records(tmp_path / "partial"))
+
+    # evicted: admit every request at once on the small cache, so prefills run far ahead of
+    # their scoring requests and their blocks are reused by later ones before they are read
+    assert llm.reset_prefix_cache()
+    kv_tokens, engine.kv_tokens = engine.kv_tokens, 10**9
+    try:
+        before = dict(engine.stats)
+        run(engine, tiny_teacher, docs, tmp_path / "evicted", "prefix-cache", codec=codec)
+        computed_ev = engine.stats["score_rows_computed"] - before.get("score_rows_computed", 0)
+    finally:
+        engine.kv_tokens = kv_tokens
+    assert computed_ev > computed, "nothing was evicted: the test did not exercise eviction"
+    assert_same_store(ref, read_records(tmp_path / "evicted"))
+
+
+def test_basic_reading_scoring_pass_prefix_cache_equals_full(engine, tiny_teacher, tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", [{"id": f"r{i}", "text": t} for i, t in enumerate(make_docs(4, seed=23, sentences=3))])
+    kw = dict(recipe="basic-reading", target_field=None, max_new_tokens=8, reading_template="Sentence: {sentence}\nEntities:")
+    run(engine, tiny_teacher, data, tmp_path / "full", "full", **kw)
+    assert engine.llm.reset_prefix_cache()
+    run(engine, tiny_teacher, data, tmp_path / "fast", "prefix-cache", **kw)
+    assert_same_store(read_records(tmp_path / "full"), read_records(tmp_path / "fast"))
