@@ -59,6 +59,7 @@ class Plan:
     steps: tuple[Step, ...]
     python: str  # interpreter the commands run with
     skipped: tuple[str, ...] = ()  # steps left out because their output already exists (why)
+    rounds: tuple = ()  # jobs.onpolicy.RoundPlan per on-policy round ([on_policy])
 
     def step(self, name: str) -> Step:
         for s in self.steps:
@@ -155,18 +156,21 @@ def make_plan(job: JobSpec, python: str | None = None) -> Plan:
     python = python or job.slurm.python or sys.executable
     cfgdir = job.run_dir / "configs"
 
-    gen_cfg = phases.generate_config(job)
-    # The key needs the teacher's tokenizer and the dataset: compute it only when a store exists
-    # to compare with (a new store gets its key from the generate tasks).
-    if (job.generation.store / "meta.json").exists():
-        expected, note = phases.expected_cache_key(gen_cfg)
+    if not job.students:  # an [on_policy] chain from a start_model: no off-policy store at all
+        store = StoreState(job.generation.store, "new", None, None, "not used (no [[students]])")
     else:
-        expected, note = None, "no store yet"
-    store = inspect_store(job.generation.store, job.generation.num_tasks, expected, phases.comparable_meta(gen_cfg), note)
+        gen_cfg = phases.generate_config(job)
+        # The key needs the teacher's tokenizer and the dataset: compute it only when a store exists
+        # to compare with (a new store gets its key from the generate tasks).
+        if (job.generation.store / "meta.json").exists():
+            expected, note = phases.expected_cache_key(gen_cfg)
+        else:
+            expected, note = None, "no store yet"
+        store = inspect_store(job.generation.store, job.generation.num_tasks, expected, phases.comparable_meta(gen_cfg), note)
 
     steps: list[Step] = []
     after_store: tuple[str, ...] = ()
-    if store.status != "finalized":
+    if store.status != "finalized" and job.students:  # without [[students]] nothing reads this store
         missing = tuple(i for i in range(job.generation.num_tasks) if i not in store.done_tasks)
         if missing:
             steps.append(Step(
@@ -183,7 +187,7 @@ def make_plan(job: JobSpec, python: str | None = None) -> Plan:
         after_store = ("finalize",)
 
     runs = expand_students(job, phases.train_list_fields())
-    if not runs:
+    if not runs and job.on_policy is None:
         raise ConfigError(f"{job.path}: the [[students]] entries expand to zero runs; give at least one student")
     evaluated = _evaluated_runs(job, runs)
     skipped: list[str] = []
@@ -217,7 +221,15 @@ def make_plan(job: JobSpec, python: str | None = None) -> Plan:
                 after=() if trained else (f"train-{run.name}",), gpus=_eval_gpus(job, eval_cfg),
                 config=epath, config_text=eval_text, run=run,
             ))
-    return Plan(job=job, store=store, runs=tuple(runs), steps=tuple(steps), python=python, skipped=tuple(skipped))
+    rounds: list = []
+    if job.on_policy is not None:  # the round chain, after the off-policy steps (jobs/onpolicy.py)
+        from kdpipe.jobs.onpolicy import round_steps
+
+        op_steps, op_skipped, rounds = round_steps(job, python, runs, steps, _toml)
+        steps += op_steps
+        skipped += op_skipped
+    return Plan(job=job, store=store, runs=tuple(runs), steps=tuple(steps), python=python, skipped=tuple(skipped),
+                rounds=tuple(rounds))
 
 
 def _same_config(saved: Path, text: str, ignore: set[str] = frozenset()) -> bool:
@@ -316,6 +328,9 @@ def describe(plan: Plan) -> str:
         if s.after:
             what += f"  after {', '.join(s.after)}"
         lines.append(what)
+    from kdpipe.jobs.onpolicy import describe_rounds
+
+    lines += describe_rounds(plan)
     lines.append(f"runs: {len(plan.runs)}")
     for r in plan.runs:
         swept = ", ".join(f"{k}={v}" for k, v in r.swept.items()) or "no sweep"

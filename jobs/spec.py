@@ -44,7 +44,7 @@ MEM_RE = re.compile(r"^\d+[KMGT]?$")
 SLURM_WORD_RE = re.compile(r"^[A-Za-z0-9_.,+-]+$")
 
 PHASE_NAMES = ("generate", "finalize", "train", "evaluate")
-TOP_KEYS = ("name", "run_dir", "teacher", "data", "generation", "students", "evaluation", "slurm")
+TOP_KEYS = ("name", "run_dir", "teacher", "data", "generation", "students", "evaluation", "slurm", "on_policy")
 
 
 def suggest(key: str, allowed) -> str:
@@ -148,6 +148,7 @@ class JobSpec:
     students: tuple[StudentSpec, ...]
     evaluation: Mapping[str, Any] | None
     slurm: SlurmSpec
+    on_policy: Any = None  # jobs.onpolicy.OnPolicySpec: the [on_policy] round chain, if any
 
     def resolve_path(self, value: str | os.PathLike) -> Path:
         return resolve_path(self.base_dir, value)
@@ -283,9 +284,11 @@ def parse_job(data: Mapping[str, Any], path: Path, run_dir: str | os.PathLike | 
     )
 
     students_raw = data.get("students")
-    if students_raw is None:
+    if students_raw is None and "on_policy" in data:
+        students_raw = []  # an on-policy chain from a given start_model needs no off-policy student
+    elif students_raw is None:
         raise ConfigError(f"{where}: missing required [[students]] (at least one student entry)")
-    if not isinstance(students_raw, list) or not students_raw:
+    if not isinstance(students_raw, list) or (not students_raw and "on_policy" not in data):
         raise ConfigError(f"{where}: students must be one or more [[students]] tables")
     students = tuple(_parse_student(s, i, where) for i, s in enumerate(students_raw))
 
@@ -302,7 +305,16 @@ def parse_job(data: Mapping[str, Any], path: Path, run_dir: str | os.PathLike | 
         students=students,
         evaluation=evaluation,
         slurm=slurm,
+        on_policy=_parse_on_policy(data, where),
     )
+
+
+def _parse_on_policy(data: Mapping[str, Any], where: str) -> Any:
+    if "on_policy" not in data:
+        return None
+    from kdpipe.jobs.onpolicy import parse_on_policy  # the round chain's own module
+
+    return parse_on_policy(data["on_policy"], where)
 
 
 def load_job(path: str | os.PathLike, run_dir: str | os.PathLike | None = None) -> JobSpec:

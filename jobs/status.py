@@ -130,6 +130,10 @@ def collect_status(run_dir: str | Path) -> dict[str, Any]:
         {"name": r["name"], "dir": r["dir"], "last_metrics": last_metrics(Path(r["dir"])),
          "last_validation": last_metrics(Path(r["dir"]), "validation")} for r in doc.get("runs", [])
     ]
+    if doc.get("on_policy"):
+        from kdpipe.jobs.onpolicy import rounds_status
+
+        status["rounds"] = rounds_status(doc["on_policy"])
     return status
 
 
@@ -154,6 +158,10 @@ def format_status(st: dict[str, Any]) -> str:
     if store:
         state = "finalized" if store["finalized"] else f"{len(store['tasks_complete'])}/{store['num_tasks']} tasks complete"
         lines.append(f"store {store['path']}: {state}, {store['shards']} shard(s)" + (" (reused)" if store.get("reused") else ""))
+    if st.get("rounds"):
+        from kdpipe.jobs.onpolicy import format_rounds
+
+        lines += format_rounds(st["rounds"])
     for r in st.get("runs", []):
         m = r["last_metrics"]
         lines.append(f"run {r['name']}: " + (json.dumps(m, sort_keys=True) if m else "no metrics yet"))

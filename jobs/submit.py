@@ -18,6 +18,7 @@ import subprocess
 from pathlib import Path
 from typing import Callable
 
+from kdpipe.jobs.onpolicy import rounds_doc
 from kdpipe.jobs.plan import Plan, Step, array_spec, write_configs
 from kdpipe.jobs.render import events_block, render, shell_command
 from kdpipe.pipeline.config import atomic_write_text
@@ -137,11 +138,12 @@ def _write_submission(plan: Plan, jobs: list[dict], complete: bool, error: str |
             "path": str(plan.store.path),
             "state_at_submit": plan.store.status,
             "num_tasks": job.generation.num_tasks,
-            "tasks_submitted": list(plan.step("generate").tasks or ()) if any(s.kind == "generate" for s in plan.steps) else [],
+            "tasks_submitted": list(plan.step("generate").tasks or ()) if any(s.name == "generate" for s in plan.steps) else [],
             "reused": plan.store.status == "finalized",
         },
         "runs": [{"name": r.name, "dir": str(plan.run_dir_of(r)), "swept": dict(r.swept)} for r in plan.runs],
         "jobs": jobs,
+        "on_policy": rounds_doc(plan),  # [on_policy] rounds (kdpipe status shows them)
     }
     path = job.run_dir / SUBMISSION_FILE
     atomic_write_text(path, json.dumps(doc, indent=2, default=str) + "\n")

@@ -1,0 +1,313 @@
+"""On-policy rounds in a job chain: the `[on_policy]` section of a job file.
+
+    [on_policy]
+    rounds = 3                     # R >= 1
+    samples_per_prompt = 2         # N completions per prompt per round
+    temperature = 1.0              # the sampler's temperature
+    steps_per_round = 200          # student optimizer steps per round
+    start = "student-a"            # a [[students]] run trained off-policy first (round 0), or:
+    # start_model = "models/sft"   # a given model (directory or hub id)
+    evaluate_every_round = false   # with [evaluation]: evaluate after every round, not only the last
+    prompts = { dataset = "prompts.jsonl", text_field = "text", id_field = "id" }   # like [data]
+    train = { alpha = 0.0, lr = 1e-5, tokens_per_batch = 4096 }   # phase-two keys of every round
+    generation = { max_new_tokens = 128 }   # phase-one keys over [generation] for the rounds
+
+Round r (1..R), under RUN_DIR/onpolicy/round-r/:
+
+    generate (array; recipe on-policy, sampler = round r−1's RUN/final, or the start model)
+      --afterok--> finalize --afterok--> train (student = the same weights; fresh optimizer and
+      schedule, steps_per_round) --afterok--> round r+1's generate ... --> evaluate (last round)
+
+The teacher, engine and codec settings are the job's [teacher]/[generation] ones; only the
+dataset (prompts), the recipe and the sampling settings change. Resubmission continues from
+the last finished round: a round whose RUN/final holds this round's config is skipped with its
+store; a finalized round store is reused only if it was sampled from the weights now in its
+sampler's folder; a partial one resumes its missing tasks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Mapping
+
+from kdpipe.jobs.spec import RunSpec, suggest, unknown_key_error
+from kdpipe.storage.errors import ConfigError
+
+KEYS = ("rounds", "samples_per_prompt", "temperature", "steps_per_round", "start", "start_model", "evaluate_every_round",
+        "prompts", "train", "generation", "nodes", "gpus")
+PROMPT_KEYS = {"dataset": "data", "data": "data", "split": "split", "text_field": "text_field", "id_field": "id_field",
+               "limit": "limit"}
+# [generation] keys that describe the off-policy store's dataset/recipe, not the rounds'.
+NOT_INHERITED = ("recipe", "target_field", "sampler", "samples_per_prompt", "sampling_temperature")
+
+
+@dataclasses.dataclass(frozen=True)
+class OnPolicySpec:
+    rounds: int
+    steps_per_round: int
+    prompts: Mapping[str, Any]
+    samples_per_prompt: int = 1
+    temperature: float = 1.0
+    start: str | None = None  # a [[students]] run name
+    start_model: str | None = None
+    evaluate_every_round: bool = False
+    train: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    generation: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    nodes: int = 1
+    gpus: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundPlan:
+    index: int  # 1..R
+    store: Path
+    run: Path  # the round's RUN (its final/ is the next round's sampler and student)
+    model: str  # the weights this round samples from and starts training from
+    state: str  # "done" | "to run" | "store reused" | "store partial"
+
+
+def parse_on_policy(t: Any, where: str) -> OnPolicySpec:
+    w = f"{where} [on_policy]"
+    if not isinstance(t, Mapping):
+        raise ConfigError(f"{w}: must be a table of keys, got {t!r}")
+    for k in t:
+        if k not in KEYS:
+            raise unknown_key_error(w, k, KEYS)
+
+    def integer(key: str, minimum: int, default: Any = dataclasses.MISSING) -> int:
+        if key not in t:
+            if default is dataclasses.MISSING:
+                raise ConfigError(f"{w}: missing required key '{key}'")
+            return default
+        v = t[key]
+        if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
+            raise ConfigError(f"{w}.{key}: expected an integer >= {minimum}, got {v!r}")
+        return v
+
+    rounds = integer("rounds", 1)
+    steps = integer("steps_per_round", 1)
+    n = integer("samples_per_prompt", 1, 1)
+    temp = t.get("temperature", 1.0)
+    if not isinstance(temp, (int, float)) or isinstance(temp, bool) or temp < 0:
+        raise ConfigError(f"{w}.temperature: expected a number >= 0 (the sampler's temperature), got {temp!r}")
+    start, start_model = t.get("start"), t.get("start_model")
+    if (start is None) == (start_model is None):
+        raise ConfigError(
+            f"{w}: give exactly one start: start = \"<a [[students]] run name>\" (trained off-policy first, round 0) "
+            "or start_model = \"<model directory or hub id>\""
+        )
+    for key, v in (("start", start), ("start_model", start_model)):
+        if v is not None and (not isinstance(v, str) or not v.strip()):
+            raise ConfigError(f"{w}.{key}: expected a non-empty string, got {v!r}")
+    prompts = t.get("prompts")
+    if not isinstance(prompts, Mapping) or not (prompts.get("dataset") or prompts.get("data")):
+        raise ConfigError(f"{w}.prompts: expected a table with at least dataset = \"<prompts file or hub id>\", got {prompts!r}")
+    for k in prompts:
+        if k not in PROMPT_KEYS:
+            raise unknown_key_error(f"{w}.prompts", k, PROMPT_KEYS)
+    for key in ("train", "generation"):
+        if not isinstance(t.get(key, {}), Mapping):
+            raise ConfigError(f"{w}.{key}: expected a table of phase keys, got {t[key]!r}")
+    for key in ("stores", "out", "student", "model", "steps", "resume"):
+        if key in t.get("train", {}):
+            raise ConfigError(f"{w}.train.{key}: set by the round chain (student = the previous round's final weights, "
+                              "stores = the round's store, steps = steps_per_round); remove it")
+    for key in ("out", "store", "data", "dataset", "task_index", "num_tasks") + NOT_INHERITED:
+        if key in t.get("generation", {}):
+            raise ConfigError(f"{w}.generation.{key}: set by the round chain (or by [on_policy] itself); remove it")
+    every = t.get("evaluate_every_round", False)
+    if not isinstance(every, bool):
+        raise ConfigError(f"{w}.evaluate_every_round: expected true or false, got {every!r}")
+    return OnPolicySpec(
+        rounds=rounds, steps_per_round=steps, prompts=dict(prompts), samples_per_prompt=n, temperature=float(temp),
+        start=start, start_model=start_model, evaluate_every_round=every, train=dict(t.get("train", {})),
+        generation=dict(t.get("generation", {})), nodes=integer("nodes", 1, 1), gpus=integer("gpus", 0, 0),
+    )
+
+
+def round_dir(job, r: int) -> Path:
+    return job.run_dir / "onpolicy" / f"round-{r}"
+
+
+def start_model(job, runs: list[RunSpec]) -> tuple[str, RunSpec | None]:
+    """(the round-1 weights, the [[students]] run that produces them or None); refuses a missing start."""
+    op = job.on_policy
+    w = f"{job.path} [on_policy]"
+    if op.start is not None:
+        by_name = {r.name: r for r in runs}
+        if op.start not in by_name:
+            raise ConfigError(
+                f"{w}.start: no [[students]] run named {op.start!r}{suggest(op.start, by_name)}; runs are "
+                f"{', '.join(sorted(by_name))}. The start model must exist: a run of this job (trained off-policy first) "
+                "or start_model = a model directory / hub id"
+            )
+        run = by_name[op.start]
+        return str(job.run_dir / "runs" / run.name / "final"), run
+    p = job.resolve_path(op.start_model)
+    if p.exists():
+        if not (p / "config.json").is_file() and not (p / "final" / "config.json").is_file():
+            raise ConfigError(f"{w}.start_model: {p} holds no model (config.json) and no finished run (final/config.json)")
+        return str(p / "final") if not (p / "config.json").is_file() else str(p), None
+    looks_local = op.start_model.startswith((".", "/", "~")) or op.start_model.count("/") != 1
+    if looks_local:
+        raise ConfigError(
+            f"{w}.start_model: {op.start_model!r} does not exist (resolved to {p}); the round chain starts from this model, "
+            "so point start_model at an existing model directory (or a hub id such as org/name), or use start = a [[students]] run"
+        )
+    return op.start_model, None  # a hub id
+
+
+def _gen_config(job, base_gen, sampler: str, store: Path):
+    from kdpipe.pipeline.config import build_config, config_to_dict
+
+    op = job.on_policy
+    values = {k: v for k, v in config_to_dict(base_gen).items() if k not in NOT_INHERITED}
+    values.update(op.generation)
+    values.update(recipe="on-policy", sampler=sampler, samples_per_prompt=op.samples_per_prompt,
+                  sampling_temperature=op.temperature, out=str(store))
+    return build_config(type(base_gen), values, where=f"{job.path} [on_policy] (round generate)")
+
+
+def _train_config(job, model: str, store: Path, run: Path):
+    from kdpipe.jobs.phases import phase_class
+    from kdpipe.pipeline.config import build_config
+
+    op = job.on_policy
+    values = dict(op.train)
+    values.setdefault("alpha", 0.0)  # CE on the student's own samples would be self-imitation
+    values.update(student=model, stores=(str(store),), out=str(run), steps=op.steps_per_round, resume=True)
+    return build_config(phase_class("train"), values, where=f"{job.path} [on_policy].train")
+
+
+def _sampled_from_other_weights(store: Path, sampler: str) -> str | None:
+    """Why a finalized round store no longer matches its sampler's weights (None when it does / cannot tell)."""
+    from kdpipe.pipeline.generate.run import local_model_revision
+    from kdpipe.storage import open_store
+
+    if not Path(sampler).is_dir():
+        return None
+    have = open_store(store).meta.recipe_params.get("sampler_revision")
+    now = local_model_revision(Path(sampler))
+    return None if have == now else f"sampled from weights {str(have)[:22]}…, but {sampler} now holds {now[:22]}…"
+
+
+def round_steps(job, python: str, runs: list[RunSpec], steps: list, toml) -> tuple[list, list[str], list[RoundPlan]]:
+    """The round chain's steps (appended after the off-policy ones), the skipped ones (why), and each round's state."""
+    from kdpipe.jobs import phases
+    from kdpipe.jobs.plan import Step, _same_config, inspect_store
+
+    op = job.on_policy
+    cfgdir = job.run_dir / "configs"
+    model, start_run = start_model(job, runs)
+    names = {s.name for s in steps}
+    prev_train = f"train-{start_run.name}" if start_run is not None and f"train-{start_run.name}" in names else None
+    # The teacher/engine/codec settings of [teacher]/[generation], on the prompts dataset (none of
+    # [data]'s keys carry over: the rounds read other text).
+    base_gen = phases.generate_config(dataclasses.replace(job, data=dict(op.prompts)))
+    gpus = op.gpus if job.slurm.gpus_per_node else 0
+    out, skipped, rounds = [], [], []
+    num_tasks = job.generation.num_tasks
+    for r in range(1, op.rounds + 1):
+        rd = round_dir(job, r)
+        store, run = rd / "store", rd / "run"
+        tag = f"onpolicy-r{r}"
+        gen = _gen_config(job, base_gen, model, store)
+        tr = _train_config(job, model, store, run)
+        note = (f"# on-policy round {r}/{op.rounds}: student = {model} (the {'start model' if r == 1 else f'round {r - 1} final weights'}),\n"
+                "# a fresh AdamW state and learning-rate schedule (only the weights carry over between rounds)\n")
+        train_text = note + toml(tr)
+        run_spec = RunSpec(name=tag, student=start_run.student if start_run else 0, nodes=op.nodes, gpus=gpus,
+                           procs_per_node=max(gpus, 1), values={}, swept={"round": r})
+        done = _same_config(run / "final" / "train_config.toml", train_text, ignore={"resume"})
+        after_prev = (prev_train,) if prev_train else ()
+        if done:
+            skipped.append(f"{tag}-train: {run / 'final'} exists with the same config (round {r} done)")
+            rounds.append(RoundPlan(r, store, run, model, "done"))
+            prev_train = None
+        else:
+            st = inspect_store(store, num_tasks, None)
+            why = _sampled_from_other_weights(store, model) if st.status == "finalized" else None
+            if why:
+                raise ConfigError(f"on-policy round {r}: the finalized store {store} was {why}; delete {rd} to redo the round")
+            missing = tuple(i for i in range(num_tasks) if i not in st.done_tasks) if st.status != "finalized" else ()
+            if st.status != "finalized":
+                if missing:
+                    out.append(Step(kind="generate", name=f"{tag}-generate",
+                                    argv=tuple(phases.generate_argv(python, cfgdir / f"{tag}-generate.toml")),
+                                    after=after_prev, tasks=missing, gpus=job.teacher.tensor_parallel_size if job.slurm.gpus_per_node else 0,
+                                    config=cfgdir / f"{tag}-generate.toml", config_text=toml(gen)))
+                out.append(Step(kind="finalize", name=f"{tag}-finalize",
+                                argv=tuple(phases.finalize_argv(python, store, num_tasks)),
+                                after=(f"{tag}-generate",) if missing else after_prev))
+                after_train = (f"{tag}-finalize",)
+            else:
+                skipped.append(f"{tag}-generate + finalize: {store} is finalized (sampled from {model})")
+                after_train = after_prev
+            out.append(Step(kind="train", name=f"{tag}-train", argv=tuple(phases.train_argv(python, cfgdir / f"{tag}-train.toml")),
+                            after=after_train, nodes=op.nodes, gpus=gpus, procs=max(gpus, 1),
+                            config=cfgdir / f"{tag}-train.toml", config_text=train_text, run=run_spec))
+            state = "store reused" if st.status == "finalized" else ("store partial" if st.status == "partial" else "to run")
+            rounds.append(RoundPlan(r, store, run, model, state))
+            prev_train = f"{tag}-train"
+        if job.evaluation is not None and (r == op.rounds or op.evaluate_every_round):
+            ev = phases.eval_config(job, run_spec, run)
+            ev_text = toml(ev)
+            if done and (run / "eval" / "report.json").is_file() and _same_config(run / "eval" / "eval_config.toml", ev_text):
+                skipped.append(f"{tag}-evaluate: {run / 'eval' / 'report.json'} exists with the same config")
+            else:
+                out.append(Step(kind="evaluate", name=f"{tag}-evaluate", argv=tuple(phases.eval_argv(python, cfgdir / f"{tag}-evaluate.toml")),
+                                after=(f"{tag}-train",) if not done else (), gpus=phases_eval_gpus(job, ev),
+                                config=cfgdir / f"{tag}-evaluate.toml", config_text=ev_text, run=run_spec))
+        model = str(run / "final")
+    return out, skipped, rounds
+
+
+def phases_eval_gpus(job, ev) -> int:
+    from kdpipe.jobs.plan import _eval_gpus
+
+    return _eval_gpus(job, ev)
+
+
+def describe_rounds(plan) -> list[str]:
+    """The round chain as `kdpipe check` prints it."""
+    if not plan.rounds:
+        return []
+    op = plan.job.on_policy
+    lines = [f"on-policy rounds: {op.rounds} x ({op.samples_per_prompt} samples/prompt at temperature {op.temperature}, "
+             f"{op.steps_per_round} steps), prompts {op.prompts.get('dataset') or op.prompts.get('data')}"]
+    for rp in plan.rounds:
+        lines.append(f"  round {rp.index}: {rp.state:<13} sampler/student {rp.model}")
+        lines.append(f"           generate -> {rp.store} -> finalize -> train -> {rp.run / 'final'}")
+    return lines
+
+
+def rounds_doc(plan) -> list[dict[str, Any]]:
+    """The rounds as submission.json / run.json record them (kdpipe status reads this)."""
+    return [{"round": rp.index, "store": str(rp.store), "run": str(rp.run), "model": rp.model, "state_at_start": rp.state,
+             "num_tasks": plan.job.generation.num_tasks} for rp in plan.rounds]
+
+
+def rounds_status(rounds: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    from kdpipe.jobs.status import last_metrics, store_progress
+
+    out = []
+    for rd in rounds:
+        run, num_tasks = Path(rd["run"]), int(rd.get("num_tasks", 1))
+        store = store_progress(Path(rd["store"]), num_tasks)
+        state = ("done" if (run / "final").is_dir() else "training" if (run / "metrics.jsonl").exists()
+                 else "store finalized" if store["finalized"] else f"generating ({len(store['tasks_complete'])}/{num_tasks} tasks)"
+                 if store["tasks_started"] else "waiting")
+        out.append({**rd, "state": state, "store_progress": store, "last_metrics": last_metrics(run)})
+    return out
+
+
+def format_rounds(rounds: list[dict[str, Any]]) -> list[str]:
+    import json
+
+    lines = []
+    for rd in rounds:
+        m = rd.get("last_metrics")
+        lines.append(f"round {rd['round']}: {rd['state']}" + (f"  step {m['step']} loss {m['loss']:.4f} loss_kd {m['loss_kd']:.4f}" if m else "")
+                     + f"  ({rd['run']})")
+    return lines or [json.dumps(rounds)]
