@@ -22,7 +22,7 @@ from typing import Any
 from kdpipe.jobs import phases
 from kdpipe.jobs.spec import JobSpec, RunSpec, expand_students
 from kdpipe.pipeline.config import atomic_write_text
-from kdpipe.storage.errors import ConfigError, StoreError
+from kdpipe.storage.errors import ConfigError, KdpipeError, StoreError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -335,7 +335,19 @@ def describe(plan: Plan) -> str:
     for r in plan.runs:
         swept = ", ".join(f"{k}={v}" for k, v in r.swept.items()) or "no sweep"
         lines.append(f"  {r.name:<28} student #{r.student + 1}  ({swept})  -> {plan.run_dir_of(r)}")
+        lines += _cross_tokenizer_lines(plan, r)
     return "\n".join(lines)
+
+
+def _cross_tokenizer_lines(plan: Plan, run: RunSpec) -> list[str]:
+    """A run with cross_tokenizer set: its alignment, loss and share of 1:1 groups on a store sample."""
+    from kdpipe.pipeline.train.xtok import cross_tokenizer_plan
+
+    try:
+        cfg = phases.train_config(plan.job, run, plan.run_dir_of(run))
+    except KdpipeError:
+        return []
+    return cross_tokenizer_plan(cfg)
 
 
 def _ranges(ids: tuple[int, ...]) -> str:

@@ -593,3 +593,53 @@ def cross_tokenizer_collate(cfg, plan, student_tok) -> XCollate:
     pad = student_tok.pad_token_id if student_tok.pad_token_id is not None else 0
     return XCollate(aligner, plan.cross_tokenizer, cfg.temperature, cfg.xtok_min_mapped_mass, pad,
                     max_len=plan.max_len, truncate=cfg.truncate)
+
+
+LOSS_LINES = {
+    "span": "vocabulary-mapped KL on fully mapped 1:1 groups, span (chain-rule string probabilities, Bernoulli D) elsewhere",
+    "uld": "vocabulary-mapped KL on fully mapped 1:1 groups, ULD (W1 of sorted probabilities) elsewhere",
+    "hybrid": "vocabulary-mapped KL on 1:1 groups whose mapped ids hold >= {m:g} of the kept mass, span elsewhere",
+}
+
+
+def cross_tokenizer_plan(cfg, sample_rows: int = 64) -> list[str]:
+    """`kdpipe check`: the cross-tokenizer plan of one run config, measured on a sample of its store."""
+    if getattr(cfg, "cross_tokenizer", "none") == "none":
+        return []
+    from transformers import AutoTokenizer
+
+    from kdpipe.storage import StoreReader
+    from kdpipe.storage.errors import KdpipeError
+    from kdpipe.storage.manifest import open_store, tokenizer_fingerprint
+
+    lines = [f"    cross-tokenizer {cfg.cross_tokenizer}: "
+             + LOSS_LINES[cfg.cross_tokenizer].format(m=cfg.xtok_min_mapped_mass)]
+    try:
+        student = AutoTokenizer.from_pretrained(cfg.student, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        return lines + [f"      student tokenizer {cfg.student!r} not loadable here ({str(e)[:120]}); checked when training starts"]
+    try:
+        m = open_store(cfg.stores[0])
+    except KdpipeError:
+        return lines + ["      alignment: measured here once the store is finalized (train-student checks it again)"]
+    if tokenizer_fingerprint(student) == m.meta.tokenizer_fingerprint:
+        return lines + ["      the student shares the teacher's tokenizer: same-tokenizer KD (cross_tokenizer has no effect)"]
+    try:
+        teacher = load_teacher_tokenizer(cfg, m)
+        aligner = Aligner(student, teacher, identical=False, store=str(m.store_dir))
+        xc = XCollate(aligner, cfg.cross_tokenizer, cfg.temperature, cfg.xtok_min_mapped_mass, 0)
+        recs = []
+        for rec in StoreReader(str(m.store_dir), shuffle=False):
+            recs.append(rec)
+            if len(recs) >= sample_rows:
+                break
+        stats = [xc(recs[i:i + 16]).stats for i in range(0, len(recs), 16)]
+    except KdpipeError as e:
+        return lines + [f"      REFUSED: {e}"]
+    s = alignment_summary(stats)
+    return lines + [
+        f"      alignment: byte offsets (teacher {aligner.tb_t.scheme}, student {aligner.tb_s.scheme}); groups = the "
+        "shortest token runs of both ending at the same byte offset (docs/cross-tokenizer.md)",
+        f"      measured on {len(recs)} sequences: {s['groups']} groups, {s['one_to_one_share']:.1%} 1:1, "
+        f"{s['mapped_group_share']:.1%} scored by the mapped KL, {s['mapped_mass']:.1%} of the teacher's mass mapped",
+    ]

@@ -298,3 +298,15 @@ def test_sample_whose_decode_does_not_reproduce_its_text(tok_a, tok_b, tiny_teac
     xc = XCollate(Aligner(tok_b, tok_a, identical=False, store="STORE"), "span", 1.0, 0.9, 0)
     with pytest.raises(DataError, match=r"STORE: sample 'bad-7'.*do not reproduce the stored text byte for byte"):
         xc([rec])
+
+
+def test_check_shows_the_plan_measured_on_the_store(student_b, store_with_files, tiny_teacher, tmp_path):
+    from kdpipe.pipeline.train.xtok import cross_tokenizer_plan
+
+    text = "\n".join(cross_tokenizer_plan(_cfg(student_b, store_with_files, tmp_path / "r", cross_tokenizer="hybrid")))
+    assert "cross-tokenizer hybrid" in text and ">= 0.9 of the kept mass" in text
+    assert "byte offsets (teacher byte_level, student metaspace)" in text
+    assert "measured on 6 sequences" in text and "1:1" in text and "teacher's mass mapped" in text
+    # the same tokenizer: nothing to align
+    same = "\n".join(cross_tokenizer_plan(_cfg(tiny_teacher, store_with_files, tmp_path / "r")))
+    assert "shares the teacher's tokenizer" in same
