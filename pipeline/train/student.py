@@ -20,6 +20,7 @@ from kdpipe.pipeline.train.chunked import LossSpec, chunked_loss_parts, logit_tr
 from kdpipe.pipeline.train.config import TrainConfig
 from kdpipe.pipeline.train.data import store_max_sequence_length
 from kdpipe.pipeline.train.losses import TARGET_ENTRY_DIVERGENCES, check_supported, default_divergence
+from kdpipe.storage.interop import check_tail_known
 from kdpipe.storage.manifest import open_store, tokenizer_fingerprint
 from kdpipe.storage.reader import Record
 from kdpipe.storage.errors import ConfigError, StoreError
@@ -175,6 +176,8 @@ def check_inputs(cfg: TrainConfig, tokenizer, model: nn.Module) -> Plan:
     if len(fps) > 1:
         raise StoreError("stores: " + ", ".join(str(m.store_dir) for m in metas) + " come from different tokenizers; mix only stores of one teacher tokenizer")
     codec = codecs.pop()
+    if codec == "topk" and cfg.alpha < 1.0:
+        check_tail_known(metas, cfg.tail_mode)  # a renormalized import has no tail for tail_mode = bucket
     store_vocab = metas[0].meta.vocab_size
     student_fp = tokenizer_fingerprint(tokenizer)
     differ = student_fp != metas[0].meta.tokenizer_fingerprint

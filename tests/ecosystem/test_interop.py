@@ -1,0 +1,275 @@
+"""kdpipe export / import: Parquet through `datasets`, axolotl's KD layout both ways (round trip within
+the codec's bound), vLLM server log-prob JSON, a real phase-one store through export -> import ->
+inspect --verify -> train-student, renormalized sources, and every bad input naming file and row."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from kdpipe.pipeline.cli import main as kdpipe
+from kdpipe.storage.errors import ConfigError, DataError, StoreError
+
+from eco_helpers import build_store, topk_store  # noqa: F401
+from kdtest import require
+
+
+def records(store) -> dict:
+    from kdpipe.storage import StoreReader
+
+    return {r.sample_id: r for r in StoreReader(str(store), shuffle=False)}
+
+
+def cli(*args: str) -> str:
+    r = CliRunner().invoke(kdpipe, [str(a) for a in args], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    return r.output
+
+
+def assert_same_targets(a, b, codec) -> None:
+    """b's targets equal a's within the codec's bound (b was re-encoded from a's decoded values)."""
+    from kdpipe.storage.codecs import switch_prob
+
+    assert set(a) == set(b)
+    h, k = codec.sqrt_step, codec.top_k
+    for sid, ra in a.items():
+        rb = b[sid]
+        np.testing.assert_array_equal(ra.input_ids, rb.input_ids)
+        np.testing.assert_array_equal(ra.target_positions, rb.target_positions)
+        np.testing.assert_array_equal(ra.ids, rb.ids)
+        v = ra.ids >= 0
+        bound = codec.logprob_error_bound(ra.logprobs[v])
+        assert (np.abs(rb.logprobs[v] - ra.logprobs[v]) <= bound).all()
+        # the tail is recomputed from the decoded log-probs: within the codec's L1 bound of the exact one
+        assert np.abs(rb.tail - ra.tail).max() <= h * np.sqrt(k) + k * h * h / 4 + switch_prob(codec) * k + 1e-6
+
+
+# ------------------------------------------------------------------------------------ export
+
+
+def test_parquet_export_loads_through_datasets(topk_store, tmp_path):
+    import datasets
+
+    out = tmp_path / "pq"
+    assert "format parquet" in cli("export", topk_store, out, "--format", "parquet", "--rows-per-file", "10")
+    files = sorted(str(p) for p in out.glob("data-*.parquet"))
+    assert len(files) == 3  # 24 rows, 10 per file
+    ds = datasets.load_dataset("parquet", data_files=files, split="train")
+    side = json.loads((out / "kdpipe_meta.json").read_text())
+    recs = records(topk_store)
+    assert len(ds) == len(recs) == side["rows"] and side["cache_key"] == json.loads((topk_store / "manifest.json").read_text())["cache_key"]
+    for row in ds:
+        r = recs[row["sample_id"]]
+        assert row["input_ids"] == r.input_ids.tolist() and row["target_positions"] == r.target_positions.tolist()
+        assert row["target_token_ids"] == [ids[ids >= 0].tolist() for ids in r.ids]
+        np.testing.assert_allclose(row["target_logprobs"][0], r.logprobs[0][r.ids[0] >= 0], rtol=1e-6)
+        np.testing.assert_allclose(row["tail"], r.tail, rtol=1e-6)
+        assert row["text"] == r.text
+
+
+def test_axolotl_round_trip_within_codec_bound(topk_store, tiny_teacher, tmp_path):
+    import datasets
+
+    from kdpipe.storage import open_store
+
+    out = tmp_path / "axo"
+    cli("export", topk_store, out, "--format", "axolotl")
+    ds = datasets.load_dataset("parquet", data_files=str(out / "data-00000.parquet"), split="train")
+    recs = records(topk_store)
+    row = ds[0]
+    r = recs[row["sample_id"]]
+    L, p = len(row["input_ids"]), int(r.target_positions[0])
+    assert len(row["target_token_ids"]) == len(row["target_logprobs"]) == len(row["target_mask"]) == len(row["labels"]) == L
+    # axolotl pairs row t with the next token: kdpipe's target position p is row p-1
+    assert row["target_token_ids"][p - 1] == r.ids[0].tolist() and all(row["target_mask"][p - 1])
+    assert not any(row["target_mask"][p - 2]) and row["labels"][p] == row["input_ids"][p] and row["labels"][p - 1] == -100
+
+    imported = tmp_path / "store-back"
+    cli("import", out, imported, "--format", "axolotl", "--tokenizer", tiny_teacher)
+    a, b = open_store(topk_store), open_store(imported)
+    assert_same_targets(recs, records(imported), a.meta.codec)
+    for key in ("teacher", "teacher_revision", "tokenizer_fingerprint", "vocab_size", "recipe", "recipe_params",
+                "dataset_fingerprint"):
+        assert getattr(b.meta, key) == getattr(a.meta, key), key
+    assert b.meta.codec == a.meta.codec
+    assert b.meta.generation_params == {**a.meta.generation_params, "imported_from": "axolotl", "tail": "exact"}
+    # a rerun of the import skips what is stored (same writer: resume), the store stays valid
+    cli("import", out, imported, "--format", "axolotl", "--tokenizer", tiny_teacher)
+    assert len(records(imported)) == len(recs)
+
+
+# ------------------------------------------------------------------- a real phase-one store
+
+
+@pytest.fixture(scope="module")
+def phase_one(tiny_teacher, tmp_path_factory):
+    """A store written by phase one on vLLM (score recipe, int32 ids), and the same engine's
+    prompt_logprobs serialized as vLLM's OpenAI-compatible server returns them."""
+    require("vllm", "a real phase-one store")
+    from transformers import AutoTokenizer
+    from vllm import SamplingParams
+    from vllm.entrypoints.openai.completion.protocol import CompletionResponse, CompletionResponseChoice
+    from vllm.entrypoints.serve.engine.protocol import UsageInfo
+    from vllm.inputs import TokensPrompt
+
+    from kdpipe.pipeline.generate.config import GenerateConfig
+    from kdpipe.pipeline.generate.engines import VllmEngine
+    from kdpipe.pipeline.generate.run import generate_logits
+
+    root = tmp_path_factory.mktemp("phase1")
+    words = "the city council approved a new budget for parks and schools on monday".split()
+    rng = np.random.default_rng(0)
+    rows = [{"id": f"d{i}", "text": " ".join(rng.choice(words, 8)), "ref": " ".join(rng.choice(words, 6))} for i in range(8)]
+    data = root / "docs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = GenerateConfig(teacher=str(tiny_teacher), data=str(data), out=str(root / "store"), recipe="score",
+                         target_field="ref", id_field="id", top_k=8, max_model_len=256, dtype="float32",
+                         enforce_eager=True, progress=False)
+    eng = VllmEngine.from_config(cfg, 256, len(AutoTokenizer.from_pretrained(tiny_teacher)))
+    try:
+        generate_logits(cfg, engine=eng)
+        if not (root / "store" / "manifest.json").exists():
+            cli("finalize", root / "store")
+        recs = records(root / "store")
+        params = SamplingParams(max_tokens=1, prompt_logprobs=8, detokenize=False)
+        outs = eng.llm.generate([TokensPrompt(prompt_token_ids=r.input_ids.tolist()) for r in recs.values()], params,
+                                use_tqdm=False)
+        lines = []
+        for sid, o in zip(recs, outs):
+            choice = CompletionResponseChoice(index=0, text="", prompt_token_ids=list(o.prompt_token_ids),
+                                              prompt_logprobs=[None if p is None else dict(p) for p in o.prompt_logprobs])
+            resp = CompletionResponse(id=f"cmpl-{sid}", model=str(tiny_teacher), choices=[choice],
+                                      usage=UsageInfo(prompt_tokens=len(o.prompt_token_ids), total_tokens=len(o.prompt_token_ids)))
+            lines.append(resp.model_dump_json())
+        (root / "vllm.jsonl").write_text("\n".join(lines) + "\n")
+    finally:
+        eng.close()
+    return root / "store", root / "vllm.jsonl"
+
+
+@pytest.mark.vllm
+def test_phase_one_store_export_import_verify_train(phase_one, tiny_teacher, tiny_student, tmp_path):
+    from kdpipe.pipeline.train.config import TrainConfig
+    from kdpipe.pipeline.train.trainer import train
+
+    store, _ = phase_one
+    cli("export", store, tmp_path / "axo", "--format", "axolotl")
+    back = tmp_path / "back"
+    cli("import", tmp_path / "axo", back, "--format", "axolotl", "--tokenizer", tiny_teacher)
+    from kdpipe.storage import open_store
+
+    assert_same_targets(records(store), records(back), open_store(store).meta.codec)
+    assert "ok" in cli("inspect", back, "--verify").lower()
+    result = train(TrainConfig(student=str(tiny_student), stores=(str(back),), out=str(tmp_path / "run"), steps=2,
+                               tokens_per_batch=256, save_every=0, alpha=0.5, tail_mode="bucket"))
+    assert result.steps == 2 and (result.final / "model.safetensors").is_file()
+
+
+@pytest.mark.vllm
+def test_vllm_server_logprobs_import_matches_phase_one(phase_one, tiny_teacher, tmp_path):
+    """The same engine's prompt_logprobs in the server's JSON: the import keeps exactly the top-K (vLLM
+    adds the actual token when it ranks lower) and computes the tail as phase one does."""
+    store, jsonl = phase_one
+    out = tmp_path / "imported"
+    assert "top-8, tail exact" in cli("import", jsonl, out, "--format", "vllm-logprobs", "--tokenizer", tiny_teacher)
+    p1, imp = records(store), records(out)
+    assert set(imp) == {f"cmpl-{sid}-0" for sid in p1}
+    for sid, r in p1.items():
+        q = imp[f"cmpl-{sid}-0"]
+        np.testing.assert_array_equal(q.input_ids, r.input_ids)
+        at = np.searchsorted(q.target_positions, r.target_positions)  # every position vs the scored ones
+        assert (q.target_positions[at] == r.target_positions).all()
+        same = (q.ids[at] == r.ids).all(axis=1)
+        assert same.mean() >= 0.9  # ids can swap where two log-probs tie
+        np.testing.assert_allclose(q.tail[at], r.tail, atol=1e-4)
+        np.testing.assert_allclose(q.logprobs[at][same], r.logprobs[same], atol=1e-3)
+    from kdpipe.storage import open_store
+
+    meta = open_store(out).meta
+    assert meta.teacher == str(tiny_teacher) and meta.generation_params["tail"] == "exact" and meta.codec.top_k == 8
+
+
+# -------------------------------------------------------------- renormalized sources, bad input
+
+
+def _axolotl_row(ids, lps, mask=None, input_ids=(1, 2, 3), **extra) -> dict:
+    L = len(input_ids)
+    K = len(ids[0])
+    return {"input_ids": list(input_ids), "target_token_ids": ids + [list(range(K))] * (L - len(ids)),
+            "target_logprobs": lps + [[-1e9] * K] * (L - len(lps)),
+            "target_mask": (mask or [[1] * K] * len(ids)) + [[0] * K] * (L - len(ids)), **extra}
+
+
+def _write(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_renormalized_source_refuses_tail_bucket(tmp_path, tiny_teacher, tiny_student):
+    from kdpipe.pipeline.train.config import TrainConfig
+    from kdpipe.pipeline.train.trainer import train
+    from kdpipe.storage import open_store
+
+    lp = np.log([0.5, 0.3, 0.2]).tolist()
+    src = _write(tmp_path / "renorm.jsonl", [_axolotl_row([[5, 6, 7], [8, 9, 10]], [lp, lp], input_ids=(1, 2, 3, 4), sample_id=f"r{i}")
+                                            for i in range(4)])
+    assert "tail unknown" in cli("import", src, tmp_path / "s", "--format", "axolotl", "--tokenizer", tiny_teacher)
+    assert open_store(tmp_path / "s").meta.generation_params["tail"] == "unknown"
+    with pytest.raises(ConfigError, match=r"tail_mode: 'bucket' needs the teacher's tail mass, but .*/s was imported "
+                                          r"from axolotl with renormalized top-k lists.*--tail-mode renormalize"):
+        train(TrainConfig(student=str(tiny_student), stores=(str(tmp_path / "s"),), out=str(tmp_path / "run"), steps=1,
+                          tail_mode="bucket", alpha=0.5))
+
+
+@pytest.mark.parametrize("case, row, message", [
+    ("inconsistent", _axolotl_row([[5, 6]], [[-1.0, -2.0, -3.0]]),
+     r"row 1: position 0: target_token_ids has 2 entries, target_logprobs 3, target_mask 2; the per-position lists are inconsistent"),
+    ("lengths", {"input_ids": [1, 2, 3], "target_token_ids": [[5]], "target_logprobs": [[-1.0]], "target_mask": [[1]]},
+     r"row 1: the per-position lists are inconsistent \(lengths"),
+    ("duplicate", _axolotl_row([[5, 5]], [[-1.0, -2.0]]), r"row 1: position 0: token id 5 is listed twice"),
+    ("positive", _axolotl_row([[5, 6]], [[0.5, -2.0]]), r"row 1: position 0: log-prob 0.5 > 0 is not a log-probability"),
+    ("vocab", _axolotl_row([[5, 99999]], [[-1.0, -2.0]]), r"row 1: position 0: token id 99999 is outside the tokenizer's vocabulary"),
+])
+def test_bad_axolotl_rows_name_file_and_row(tmp_path, tiny_teacher, case, row, message):
+    from kdpipe.storage.interop import import_source
+
+    good = _axolotl_row([[5, 6]], [[-1.0, -2.0]], sample_id="ok")
+    src = _write(tmp_path / f"{case}.jsonl", [good, row])
+    with pytest.raises(DataError, match=f"{case}.jsonl: " + message):
+        import_source(src, tmp_path / "store", "axolotl", str(tiny_teacher))
+    assert not (tmp_path / "store").exists()  # validated first: nothing written
+
+
+def test_bad_vllm_logprobs_name_file_and_row(tmp_path, tiny_teacher):
+    from kdpipe.storage.interop import import_source
+
+    def resp(plp, ids=(1, 2, 3)):
+        return {"id": "c", "model": "t", "choices": [{"index": 0, "text": "", "prompt_token_ids": list(ids), "prompt_logprobs": plp}]}
+
+    ok = [None, {"5": {"logprob": -0.1, "rank": 1}}, {"6": {"logprob": -0.2, "rank": 1}}]
+    cases = {
+        "inconsistent": (json.dumps(resp(ok[:2])), r"row 1: prompt_logprobs has 2 positions but prompt_token_ids 3"),
+        "duplicate": ('{"id": "c", "choices": [{"index": 0, "prompt_token_ids": [1, 2], "prompt_logprobs": '
+                      '[null, {"5": {"logprob": -0.1, "rank": 1}, "5": {"logprob": -0.2, "rank": 2}}]}]}',
+                      r"line 2: token id 5 is listed twice at one position"),
+        "positive": (json.dumps(resp([None, {"5": {"logprob": 0.3, "rank": 1}}, ok[2]])), r"row 1: position 1: log-prob 0.3 > 0"),
+        "vocab": (json.dumps(resp([None, {"70000": {"logprob": -0.1, "rank": 1}}, ok[2]])),
+                  r"row 1: position 1: token id 70000 is outside the tokenizer's vocabulary"),
+    }
+    for case, (line, message) in cases.items():
+        src = tmp_path / f"{case}.jsonl"
+        src.write_text(json.dumps(resp(ok)) + "\n" + line + "\n")
+        with pytest.raises(DataError, match=f"{case}.jsonl: " + message):
+            import_source(src, tmp_path / "store", "vllm-logprobs", str(tiny_teacher))
+        assert not (tmp_path / "store").exists()
+
+
+def test_export_of_unfinalized_store_is_refused(tmp_path, tiny_teacher):
+    build_store(tiny_teacher, tmp_path / "raw", n_seqs=2, finalize=False)
+    r = CliRunner().invoke(kdpipe, ["export", str(tmp_path / "raw"), str(tmp_path / "o"), "--format", "parquet"])
+    assert r.exit_code != 0 and "export: " in r.output and "raw/manifest.json: manifest not found; the store is not finalized" in r.output
+    assert not (tmp_path / "o").exists()
