@@ -58,8 +58,12 @@ class EvalConfig:
     bootstrap_samples: int = 1000
     confidence: float = 0.95
     plots: bool = True
+    report_to: tuple[str, ...] | None = None  # trackers for the headline + plots: tensorboard,wandb,mlflow,trackio or none (unset: $KDPIPE_REPORT_TO)
 
     def __post_init__(self) -> None:
+        from kdpipe.pipeline.trackers import parse_report_to
+
+        object.__setattr__(self, "report_to", parse_report_to(self.report_to, "report_to"))
         if not self.models:
             raise ConfigError("models: give at least one model (--model MODEL_OR_RUN)")
         if not self.data:

@@ -11,9 +11,11 @@ from typing import Any
 
 import numpy as np
 
+from kdpipe.pipeline.card import update_run_cards
 from kdpipe.pipeline.config import atomic_write_text, config_to_dict, write_resolved
 from kdpipe.pipeline.evaluate import metrics as M
 from kdpipe.pipeline.evaluate.config import EvalConfig
+from kdpipe.pipeline.trackers import check_installed, evaluation_to_trackers
 from kdpipe.pipeline.evaluate.generate import (
     ModelOutputs, build_prompt_ids, generate_outputs, load_examples, load_tokenizers, resolve_model, summarize_template,
 )
@@ -78,6 +80,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     t_idx, b_idx = cfg.teacher_index(), cfg.baseline_index()
 
     # --- everything that can be wrong is checked before the first engine starts
+    check_installed(cfg.report_to)  # --report-to: a tracker that is not installed stops here
     examples = load_examples(cfg)
     specs = [resolve_model(m, n) for m, n in zip(cfg.models, names)]
     toks = load_tokenizers(specs, cfg)
@@ -193,4 +196,6 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     from kdpipe.pipeline.evaluate.report import write_report
 
     write_report(report, out, plots=cfg.plots)
+    update_run_cards(report)  # each evaluated run's RUN/final/README.md gains the headline
+    evaluation_to_trackers(cfg.report_to, report, out, config_to_dict(cfg))  # --report-to
     return report
