@@ -29,7 +29,7 @@ def write_docs(path: Path, n: int, seed: int = 0) -> Path:
 def onpolicy_cfg(teacher, sampler, data, out, **kw):
     from kdpipe.pipeline.generate.config import GenerateConfig
 
-    base = dict(teacher=str(teacher), sampler=str(sampler), data=str(data), out=str(out), recipe="on-policy", top_k=K,
+    base = dict(teacher=str(teacher), sampler=None if sampler is None else str(sampler), data=str(data), out=str(out), recipe="on-policy", top_k=K,
                 max_model_len=MAX_LEN, dtype="float32", enforce_eager=True, max_new_tokens=NEW, id_field="id",
                 progress=False, shard_mb=0.002, samples_per_prompt=2, sampling_temperature=1.0, seed=5)
     base.update(kw)
