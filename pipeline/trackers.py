@@ -22,8 +22,10 @@ not installed is a ConfigError naming the extra, raised before training starts.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib.util
+import io
 import json
 import math
 import os
@@ -229,8 +231,9 @@ class _Trackio:
         self.trackio = trackio
         project = state.get("project") or os.environ.get("TRACKIO_PROJECT", "kdpipe")
         name = state.get("name") or f"{run_name}-{int(time.time())}"
-        self.run = trackio.init(project=project, name=name, config=params, resume="allow" if state else "never",
-                                embed=False, auto_log_cpu=False, auto_log_gpu=False)
+        with contextlib.redirect_stdout(io.StringIO()):  # its banner would interleave with the progress bar
+            self.run = trackio.init(project=project, name=name, config=params, resume="allow" if state else "never",
+                                    embed=False, auto_log_cpu=False, auto_log_gpu=False)
         self.state = {"project": project, "name": name, "dir": str(TRACKIO_DIR)}
 
     def log(self, values: dict[str, float], step: int) -> None:
@@ -240,7 +243,8 @@ class _Trackio:
         self.run.log({k: self.trackio.Image(str(p)) for k, p in paths.items()}, step=step)
 
     def close(self) -> None:
-        self.run.finish()
+        with contextlib.redirect_stdout(io.StringIO()):
+            self.run.finish()
 
 
 _BACKENDS = {b.name: b for b in (_TensorBoard, _WandB, _MLflow, _Trackio)}

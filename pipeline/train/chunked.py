@@ -8,20 +8,32 @@ tokens runs  h @ W[:V].T -> log_softmax -> gather(target, teacher ids) -> CE, D 
 tensors are recomputed there: at most one chunk's [chunk, V] tensors are alive at any time,
 in forward or backward.
 
-With T = 1 the CE and the KD term share one log-softmax and one gather of [chunk, 1 + K] ids, so
-the KD term adds only [N, K]-sized work to what CE alone already does; that work runs once per
-micro-batch on the gathered values, outside the checkpointed chunks.
+With T = 1 the CE and the KD term share one logsumexp and one gather of [chunk, 1 + K] ids
+(log q at an id = z[id] − logsumexp(z): no [chunk, V] log-softmax is written), so the KD term adds
+only [N, K]-sized work to what CE alone already does; that work runs once per micro-batch on the
+gathered values, outside the checkpointed chunks.
+
+On CUDA the per-chunk function is `torch.compile`d (LossSpec.compile, TrainConfig.compile_loss:
+"auto" = on where Triton is available, off on CPU): the float32 upcast, logit transforms,
+logsumexp and gathers fuse into a few kernels around the lm_head matmul. A chunk function that
+fails to compile falls back to eager with one warning. Nothing in the chunk loop reads a tensor
+value on the host (no .item(), no branch on tensor values): the loop bounds come from shapes,
+and the chunk boundaries are fixed multiples of `chunk_size` target tokens of the micro-batch,
+whatever the world size; each token's terms are computed row by row, so the sums do not depend
+on where the boundaries fall (up to float summation order).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from kdpipe.pipeline.train.losses import cross_entropy, kd_divergence_from_kept
+from kdpipe.pipeline.train.losses import kd_divergence_from_kept
 
 
 @dataclass(frozen=True)
@@ -35,6 +47,8 @@ class LossSpec:
     jsd_beta: float = 0.5
     codec: str = "topk"  # the store's codec: 'topk' or 'sampled'
     chunk_size: int = 1024  # target tokens per chunk of logits
+    compile: str = "off"  # torch.compile the per-chunk function: "auto" (CUDA with Triton), "on", "off"
+    compile_backend: str = "inductor"  # torch.compile backend ("aot_eager" compiles without a C compiler / Triton)
     # Transform applied to the raw lm_head logits by some architectures (see logit_transform_of).
     logit_scale: float = 1.0  # logits * logit_scale
     logit_softcap: float | None = None  # cap * tanh(logits / cap)
@@ -81,17 +95,68 @@ def _chunk_loss(
         z = z * spec.logit_scale
     if spec.logit_softcap:
         z = spec.logit_softcap * torch.tanh(z / spec.logit_softcap)
-    log_q1 = torch.log_softmax(z, dim=-1)  # [c, V]
+    # log q(id) = z[id] - logsumexp(z): a [c] reduction and gathers, no [c, V] log-softmax tensor.
+    lse = torch.logsumexp(z, dim=-1, keepdim=True)  # [c, 1]
     if teacher_ids is None:
-        return cross_entropy(log_q1, target_ids).sum(), log_q1.new_zeros((h.shape[0], 0))
+        return (lse.squeeze(-1) - z.gather(-1, target_ids.unsqueeze(-1)).squeeze(-1)).sum(), z.new_zeros((h.shape[0], 0))
     if spec.temperature == 1.0:
         # One gather for both parts: column 0 is the target, columns 1.. the teacher's kept ids.
-        g = log_q1.gather(-1, torch.cat([target_ids.unsqueeze(-1), teacher_ids], dim=-1))  # [c, 1+K]
+        g = z.gather(-1, torch.cat([target_ids.unsqueeze(-1), teacher_ids], dim=-1)) - lse  # [c, 1+K]
         return -g[:, 0].sum(), g[:, 1:]
-    ce = cross_entropy(log_q1, target_ids).sum()
-    del log_q1  # free before the tempered [c, V] log-softmax
-    kept = torch.log_softmax(z / spec.temperature, dim=-1).gather(-1, teacher_ids)  # [c, K]
+    ce = (lse.squeeze(-1) - z.gather(-1, target_ids.unsqueeze(-1)).squeeze(-1)).sum()
+    zt = z / spec.temperature  # [c, V]
+    kept = zt.gather(-1, teacher_ids) - torch.logsumexp(zt, dim=-1, keepdim=True)  # [c, K] log q_T at the kept ids
     return ce, kept
+
+
+# Compiled chunk functions by backend; backends that failed to compile here (eager from then on).
+_COMPILED: dict[str, Callable] = {}
+_FAILED: set[str] = set()
+
+
+def compile_wanted(spec: LossSpec, device: torch.device) -> bool:
+    """Whether the chunk function runs compiled: "on", or "auto" on CUDA with Triton; never after a failure."""
+    if spec.compile == "off" or spec.compile_backend in _FAILED:
+        return False
+    if spec.compile == "on":
+        return True
+    from torch.utils._triton import has_triton
+
+    return device.type == "cuda" and has_triton()
+
+
+def chunk_function(spec: LossSpec, device: torch.device) -> Callable:
+    """`_chunk_loss`, or its torch.compile'd twin (one per backend; dynamo specializes per spec and shape)."""
+    if not compile_wanted(spec, device):
+        return _chunk_loss
+    fn = _COMPILED.get(spec.compile_backend)
+    if fn is None:
+        try:
+            # dynamic=None: the first new chunk length (the last, shorter chunk) recompiles once with a symbolic length.
+            fn = torch.compile(_chunk_loss, backend=spec.compile_backend, dynamic=None)
+        except Exception as e:  # noqa: BLE001 - e.g. an unknown backend: eager is always correct
+            _compile_failed(spec, e)
+            return _chunk_loss
+        _COMPILED[spec.compile_backend] = fn
+    return fn
+
+
+def _compile_failed(spec: LossSpec, e: BaseException) -> None:
+    _FAILED.add(spec.compile_backend)
+    first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+    warnings.warn(f"loss: torch.compile (backend {spec.compile_backend!r}) of the per-chunk loss failed "
+                  f"({type(e).__name__}: {first}); running it eagerly (set compile_loss = 'off' to skip the attempt)",
+                  RuntimeWarning, stacklevel=4)
+
+
+def _run_chunk(fn: Callable, args: tuple, spec: LossSpec, checkpointed: bool):
+    try:
+        return checkpoint(fn, *args, use_reentrant=False) if checkpointed else fn(*args)
+    except Exception as e:  # noqa: BLE001 - a compiler failure of any kind: eager is always correct
+        if fn is _chunk_loss:
+            raise
+        _compile_failed(spec, e)
+        return checkpoint(_chunk_loss, *args, use_reentrant=False) if checkpointed else _chunk_loss(*args)
 
 
 def chunked_loss_parts(
@@ -118,14 +183,15 @@ def chunked_loss_parts(
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     ce_sum = hidden.new_zeros((), dtype=acc)
     kept_chunks = []
+    fn = chunk_function(spec, hidden.device)
+    # One chunk: its [N, V] tensors live until backward either way, so recomputing them would only cost time.
+    checkpointed = use_checkpoint and n > spec.chunk_size and torch.is_grad_enabled()
     for start in range(0, n, spec.chunk_size):
         sl = slice(start, min(start + spec.chunk_size, n))
         args = (hidden[sl], w, b, target_ids[sl], ids[sl] if with_kd else None, spec)
-        # One chunk: its [N, V] tensors live until backward either way, so recomputing them would only cost time.
-        if use_checkpoint and n > spec.chunk_size and torch.is_grad_enabled():
-            ce, kept = checkpoint(_chunk_loss, *args, use_reentrant=False)
-        else:
-            ce, kept = _chunk_loss(*args)
+        ce, kept = _run_chunk(fn, args, spec, checkpointed)
+        if fn is not _chunk_loss and not compile_wanted(spec, hidden.device):
+            fn = _chunk_loss  # it just fell back: the remaining chunks run eagerly too
         ce_sum = ce_sum + ce
         kept_chunks.append(kept)
     if with_kd and n > 0:

@@ -29,7 +29,8 @@ class TrainConfig:
     divergence: Literal["auto", "forward_kl", "reverse_kl", "generalized_jsd", "total_variation", "reverse_kl_sampled_token"] = "auto"  # auto = reverse_kl on on-policy stores, else forward_kl (losses.py)
     jsd_beta: float = 0.5  # β of generalized_jsd, 0 < β < 1
     tail_mode: Literal["bucket", "renormalize"] = "bucket"
-    loss_chunk_size: int = 1024  # target tokens per chunk of [chunk, V] logits
+    loss_chunk_size: int = 1024  # target tokens per chunk of [chunk, V] logits (tune per device: benchmarks/bench_gpu.py)
+    compile_loss: Literal["auto", "on", "off"] = "auto"  # torch.compile the per-chunk loss; auto = on CUDA with Triton, off on CPU
     # ---- a student with another tokenizer than the teacher's (xtok.py, xtok_losses.py, docs/cross-tokenizer.md)
     cross_tokenizer: Literal["none", "span", "uld", "hybrid"] = "none"  # logit KD on byte-aligned token groups when the tokenizers differ; none = refuse (or --alpha 1, sequence-level)
     xtok_min_mapped_mass: float = 0.9  # hybrid: a 1:1 group takes the vocabulary-mapped KL when its mapped ids hold this share of the teacher's kept mass
@@ -143,6 +144,8 @@ class TrainConfig:
             raise bad("val_split_seed", "only applies to a --val-fraction split; set val_fraction or drop val_split_seed")
         if self.best_metric == "loss_kd" and self.alpha == 1.0:
             raise bad("best_metric", "'loss_kd' is always 0 with alpha = 1.0 (no logit distillation); use 'loss' or 'loss_ce'")
+        if self.compile_loss not in ("auto", "on", "off"):
+            raise bad("compile_loss", f"{self.compile_loss!r} is not one of auto (on CUDA with Triton), on, off")
         if self.device == "cpu" and self.backend == "nccl":
             raise bad("backend", "'nccl' needs CUDA but device = 'cpu'; use backend = 'gloo' or 'auto'")
         # resolved here, once: the written train_config.toml records the trackers actually used

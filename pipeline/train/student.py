@@ -331,7 +331,7 @@ class StudentLoss(nn.Module):
 def loss_spec(cfg: TrainConfig, plan: Plan, model: nn.Module) -> LossSpec:
     return LossSpec(
         alpha=cfg.alpha, temperature=cfg.temperature, divergence=plan.divergence, tail_mode=cfg.tail_mode,
-        jsd_beta=cfg.jsd_beta, codec=plan.codec, chunk_size=cfg.loss_chunk_size,
+        jsd_beta=cfg.jsd_beta, codec=plan.codec, chunk_size=cfg.loss_chunk_size, compile=cfg.compile_loss,
         **logit_transform_of(hf_model(model).config),
     )
 
