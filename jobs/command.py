@@ -10,7 +10,7 @@ from kdpipe.pipeline.cli import run_command
 
 JOB = click.argument("job_file", type=click.Path(dir_okay=False))
 RUN_DIR = click.option("--run-dir", type=click.Path(file_okay=False), default=None,
-                       help="Override the job file's run_dir (scripts, configs, logs, submission.json).")
+                       help="Override the job file's run_dir (scripts, configs, logs, submission.json).  [default: the job file's run_dir]")
 
 
 def _plan(job_file: str, run_dir: str | None):
@@ -34,16 +34,33 @@ def check(job_file: str, run_dir: str | None) -> None:
     run_command(_check, job_file, run_dir)
 
 
+def outputs_summary(plan) -> str:
+    """Where a finished chain's outputs are (printed at the end of `kdpipe run`)."""
+    from kdpipe.jobs.local import logs_dir
+
+    lines = [f"done: job {plan.job.name}", f"  store    {plan.store.path}"]
+    for r in plan.runs:
+        out = plan.run_dir_of(r)
+        lines.append(f"  run      {out}  (student: {out / 'final'})")
+        report = out / "eval" / "report.md"
+        if report.is_file():
+            lines.append(f"  report   {report}")
+    lines.append(f"  logs     {logs_dir(plan)}  (summary: {plan.job.run_dir / 'run.json'})")
+    return "\n".join(lines)
+
+
 def _run(job_file: str, run_dir: str | None, stream: bool) -> None:
     from kdpipe.jobs.local import run_plan
 
-    run_plan(_plan(job_file, run_dir), stream=stream, echo=click.echo)
+    plan = _plan(job_file, run_dir)
+    run_plan(plan, stream=stream, echo=click.echo)
+    click.echo(outputs_summary(plan))
 
 
 @click.command()
 @JOB
 @RUN_DIR
-@click.option("--stream/--quiet", default=False, help="Also print each step's output here (it always goes to RUN_DIR/logs).")
+@click.option("--stream/--quiet", default=False, help="Also print each step's output here (it always goes to RUN_DIR/logs).  [default: --quiet]")
 def run(job_file: str, run_dir: str | None, stream: bool) -> None:
     """Run JOB_FILE's chain on this machine, in order (generate tasks, finalize, students, evaluation)."""
     run_command(_run, job_file, run_dir, stream)
@@ -58,7 +75,7 @@ def _submit(job_file: str, run_dir: str | None, dry_run: bool, sbatch: str) -> N
 @click.command()
 @JOB
 @RUN_DIR
-@click.option("--dry-run", is_flag=True, help="Print the sbatch scripts; write and submit nothing.")
+@click.option("--dry-run", is_flag=True, help="Print the plan and the sbatch scripts; write and submit nothing.  [default: off]")
 @click.option("--sbatch", default="sbatch", show_default=True, help="The sbatch program to call.")
 def submit(job_file: str, run_dir: str | None, dry_run: bool, sbatch: str) -> None:
     """Submit JOB_FILE to Slurm: generation array -> finalize -> student runs -> evaluations (afterok)."""
@@ -74,7 +91,7 @@ def _status(run_dir: str, as_json: bool) -> None:
 
 @click.command()
 @click.argument("run_dir", type=click.Path(file_okay=False))
-@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.  [default: off]")
 def status(run_dir: str, as_json: bool) -> None:
     """The state of each job of a chain, the store's progress and each run's last metrics."""
     run_command(_status, run_dir, as_json)

@@ -72,12 +72,22 @@ def _collect(
     cls: type,
     sections: list[tuple[str, Mapping[str, Any]]],
     injected: Mapping[str, Any],
+    job_keys: tuple[str, ...] = (),
 ) -> dict[str, Any]:
-    """Merge job sections into one phase mapping; unknown/duplicate/reserved keys are errors."""
+    """Merge job sections into one phase mapping; unknown/duplicate/reserved keys are errors.
+
+    `job_keys`: keys the job layer itself reads in these sections (listed among the allowed keys).
+    """
     fields = set(field_names(cls))
-    aliases = ALIASES[phase]
+    aliases = dict(ALIASES[phase])
+    # Old field names a phase still accepts (EvalConfig.RENAMED: document_field -> text_field).
+    aliases.update({old: new for old, new in (getattr(cls, "RENAMED", None) or {}).items() if new in fields})
     reserved = RESERVED[phase]
-    allowed = sorted((fields - set(reserved) - set(aliases.values())) | {a for a, f in aliases.items() if f not in reserved})
+    allowed = sorted(
+        (fields - set(reserved) - set(aliases.values()))
+        | {a for a, f in ALIASES[phase].items() if f not in reserved}
+        | set(job_keys)
+    )
     values: dict[str, Any] = {}
     origin: dict[str, str] = {}
     for where, table in sections:
@@ -87,6 +97,13 @@ def _collect(
                 raise ConfigError(f"{where}.{key}: set by the job, not here (it comes from {reserved[k]}); remove it")
             if k not in fields:
                 raise unknown_key_error(where, key, allowed)
+            if key in (getattr(cls, "RENAMED", None) or {}):
+                import warnings
+
+                from kdpipe.pipeline.config import RenamedKeyWarning
+
+                warnings.warn(f"{where}.{key} is the old name of '{k}'; it still works, but rename it to '{k}'",
+                              RenamedKeyWarning, stacklevel=2)
             if k in values:
                 raise ConfigError(f"{where}.{key}: already set in {origin[k]}; give it once")
             values[k] = value
@@ -207,7 +224,14 @@ def train_config(job: JobSpec, run: RunSpec, out_dir: Path) -> Any:
     if isinstance(values.get("val_stores"), (str, list, tuple)):  # validation stores: relative to the job file
         vs = values["val_stores"]
         values["val_stores"] = tuple(str(job.resolve_path(str(v))) for v in ([vs] if isinstance(vs, str) else vs))
-    values = _collect("train", cls, [(w, values)], train_injected(cls, job, out_dir))
+    # Keys written inside `optimizer = { ... }` are checked as that table's, so an error names it.
+    opt_keys = set(job.students[run.student].optimizer_keys) if run.student < len(job.students) else set()
+    entry = {k: v for k, v in values.items() if k not in opt_keys}
+    opt = {k: v for k, v in values.items() if k in opt_keys}
+    sections = [(w, entry)] + ([(f"{w}.optimizer", opt)] if opt else [])
+    from kdpipe.jobs.spec import StudentSpec
+
+    values = _collect("train", cls, sections, train_injected(cls, job, out_dir), job_keys=StudentSpec.ENTRY_KEYS)
     return _build("train", cls, values, w)
 
 
@@ -234,6 +258,9 @@ def eval_config(job: JobSpec, run: RunSpec, run_dir: Path) -> Any:
         raise ConfigError(f"{w}.models: expected a list of extra models to compare (the teacher and the run are added), got {extra!r}")
     if isinstance(section.get("data"), str):
         section["data"] = str(job.resolve_path(section["data"]))
+    # One name for the document field: evaluation reads it as [data] names it, unless it says otherwise.
+    if not {"text_field", "document_field"} & set(section) and isinstance(job.data.get("text_field"), str):
+        section["text_field"] = job.data["text_field"]
     models = (_path_or_hub_id(job, job.teacher.model), str(run_dir), *(_path_or_hub_id(job, str(m)) for m in extra))
     injected = {"models": models, "out": str(run_dir / "eval"), "stores": (str(job.generation.store),)}
     values = _collect("evaluate", cls, [(w, section)], injected)

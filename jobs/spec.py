@@ -47,8 +47,21 @@ PHASE_NAMES = ("generate", "finalize", "train", "evaluate")
 TOP_KEYS = ("name", "run_dir", "teacher", "data", "generation", "students", "evaluation", "slurm", "on_policy")
 
 
+# Common names from other trainers for a phase-two key (difflib cannot see `learning_rate` -> `lr`).
+SYNONYMS = {
+    "learning_rate": "lr", "learningrate": "lr", "warmup": "warmup_steps", "num_warmup_steps": "warmup_steps",
+    "lr_warmup_steps": "warmup_steps", "beta1": "adam_beta1", "beta2": "adam_beta2", "clip_grad_norm": "max_grad_norm",
+    "grad_clip": "max_grad_norm", "gradient_clipping": "max_grad_norm", "decay": "weight_decay", "wd": "weight_decay",
+    "scheduler": "schedule", "lr_scheduler": "schedule", "lr_schedule": "schedule", "min_lr": "min_lr_ratio",
+    "max_steps": "steps", "num_steps": "steps", "batch_tokens": "tokens_per_batch", "type": "name",
+}
+
+
 def suggest(key: str, allowed) -> str:
-    close = difflib.get_close_matches(key, list(allowed), n=1)
+    allowed = list(allowed)
+    if SYNONYMS.get(key) in allowed:
+        return f" (did you mean '{SYNONYMS[key]}'?)"
+    close = difflib.get_close_matches(key, allowed, n=1)
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
@@ -115,8 +128,11 @@ class StudentSpec:
     gpus: Any  # GPUs per node; int or list of ints
     values: Mapping[str, Any]  # phase-two keys (model, alpha, ...), lists = sweeps
     procs_per_node: Any = None  # training processes per node; None = gpus (or 1 without GPUs)
+    optimizer_keys: tuple[str, ...] = ()  # the keys of `values` written inside `optimizer = { ... }`
 
     OWN = ("name", "nodes", "gpus", "procs_per_node")
+    # Keys of an entry the job layer reads itself (plus every phase-two key).
+    ENTRY_KEYS = OWN + ("optimizer",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -247,13 +263,18 @@ def _parse_student(entry: Any, index: int, where: str) -> StudentSpec:
         opt_name = opt.get("name", "adamw")
         if opt_name != "adamw":
             raise ConfigError(f"{w}.optimizer.name: {opt_name!r} is not supported; phase two trains with \"adamw\"")
+        opt_keys = []
         for k, v in opt.items():
             if k == "name":
                 continue
             if k in values:
                 raise ConfigError(f"{w}.optimizer.{k}: also set as {k} in the entry; give it once")
             values[k] = v
-    return StudentSpec(index=index, name=name, nodes=nodes, gpus=gpus, values=values, procs_per_node=procs)
+            opt_keys.append(k)
+    else:
+        opt_keys = []
+    return StudentSpec(index=index, name=name, nodes=nodes, gpus=gpus, values=values, procs_per_node=procs,
+                       optimizer_keys=tuple(opt_keys))
 
 
 def parse_job(data: Mapping[str, Any], path: Path, run_dir: str | os.PathLike | None = None) -> JobSpec:

@@ -173,6 +173,22 @@ def _sbatch_error_text(r: subprocess.CompletedProcess) -> str:
     return (r.stderr or r.stdout or "").strip() or f"exit status {r.returncode}"
 
 
+def rerun_hint(plan: Plan) -> str:
+    """How to force a skipped step to run again (there is no flag: its output is what skips it)."""
+    parts = []
+    if plan.store.status == "finalized":
+        parts.append(f"generate + finalize: delete or move the store {plan.store.path} (or set another generation.store)")
+    for why in plan.skipped:
+        step, _, rest = why.partition(":")
+        target = rest.strip().split(" exists", 1)[0]
+        if step.startswith("evaluate-"):
+            target = str(Path(target).parent)  # the whole RUN/eval folder
+        parts.append(f"{step}: delete {target}")
+    if not parts:
+        return ""
+    return "to rerun a skipped step, remove its output: " + "; ".join(parts) + "; or pass another --run-dir for new runs"
+
+
 def submit_plan(
     plan: Plan,
     dry_run: bool = False,
@@ -181,14 +197,24 @@ def submit_plan(
 ) -> dict:
     """Submit (or, with dry_run, only print) the chain; returns {step name: job id}."""
     if dry_run:
+        from kdpipe.jobs.plan import describe
+
+        # The plan first, as `kdpipe check` prints it: what would run, and why the rest is skipped.
+        echo("\n".join("# " + line for line in describe(plan).splitlines()))
         for step, text in render_all(plan):
             echo(f"# ===== {step.name} -> {scripts_dir(plan) / (step.name + '.sbatch')}")
             echo(text)
         echo(f"# dry run: nothing written, nothing submitted ({len(plan.steps)} job(s) would be submitted)")
+        hint = rerun_hint(plan)
+        if hint:
+            echo("# " + hint)
         return {}
 
     if not plan.steps:
         echo("nothing to submit: " + "; ".join(plan.skipped))
+        hint = rerun_hint(plan)
+        if hint:
+            echo(hint)
         return {}
     exe = shutil.which(sbatch)
     if exe is None:

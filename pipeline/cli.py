@@ -6,7 +6,11 @@ Each subcommand lives beside the library code it calls and is imported only when
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
+import types
+import typing
+from typing import Any, Mapping
 
 import click
 
@@ -50,7 +54,92 @@ def main() -> None:
 
     Phase one (generate-logits) runs the teacher under vLLM into a store of zstd Arrow
     shards; phase two (train-student) streams that store into student training.
+
+    \b
+    Start here:
+      kdpipe demo                      the whole pipeline on a tiny teacher, on CPU (minutes)
+    or, with your own teacher, student and JSONL data, in this order:
+      kdpipe generate-logits --teacher T --data docs.jsonl --out store/
+      kdpipe finalize store/
+      kdpipe train-student --student S --store store/ --out run/
+      kdpipe evaluate --model T --model run/ --data heldout.jsonl --out report/
+
+    Every command has --help (every option with its default) and takes --config FILE.toml.
     """
+
+
+# --------------------------------------------------------------------------- options from configs
+
+
+def flag_name(field: str, rename: Mapping[str, str] | None = None) -> str:
+    """The command-line flag of a config field: `top_k` -> `--top-k` (or its renamed flag)."""
+    return "--" + (rename or {}).get(field, field).replace("_", "-")
+
+
+def flag_names(cls: type, rename: Mapping[str, str] | None = None) -> dict[str, str]:
+    return {f.name: flag_name(f.name, rename) for f in dataclasses.fields(cls) if f.init}
+
+
+def _click_type(tp: Any, name: str):
+    origin = typing.get_origin(tp)
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if origin in (typing.Union, types.UnionType):
+        return _click_type(args[0], name) if len(args) == 1 else str
+    if origin is typing.Literal:
+        return click.Choice([str(a) for a in typing.get_args(tp)])
+    if origin in (tuple, list):
+        return str  # comma-separated on the command line; the config coerces each item
+    return {int: int, float: float, str: str, bool: bool}.get(tp, str)
+
+
+def option_help(cls: type, field: dataclasses.Field) -> str:
+    """A field's description (its source comment) and default, as `--help` shows it."""
+    from kdpipe.pipeline.config import field_default, field_help, format_default
+
+    text = field_help(cls).get(field.name, "").strip()
+    if text and text[-1] not in ".?!)":
+        text += "."
+    return f"{text}  [default: {format_default(field_default(field))}]".strip()
+
+
+def config_options(
+    cls: type,
+    rename: Mapping[str, str] | None = None,
+    multiple: tuple[str, ...] = (),
+    skip: tuple[str, ...] = (),
+):
+    """Decorate a click command with one option per field of the config dataclass `cls`.
+
+    Flags follow the field names (`top_k` -> `--top-k`, booleans as `--x/--no-x`); `rename`
+    gives a field another flag (`stores` -> `--store`), `multiple` fields take the flag
+    repeatedly. Help and defaults come from the dataclass (see `option_help`), so a field
+    added later gets its flag, description and default without touching the command. Every
+    option defaults to None ("not given"): only given flags override the TOML file.
+    """
+
+    def decorate(fn):
+        hints = typing.get_type_hints(cls)
+        for f in reversed(dataclasses.fields(cls)):
+            if not f.init or f.name in skip:
+                continue
+            tp = hints[f.name]
+            flag = flag_name(f.name, rename)
+            kw: dict[str, Any] = {"default": None, "help": option_help(cls, f)}
+            if tp is bool:
+                decls = [f"{flag}/--no-{flag[2:]}", f.name]
+            elif f.name in multiple:
+                decls, kw["multiple"], kw["default"] = [flag, f.name], True, ()
+            else:
+                decls, kw["type"] = [flag, f.name], _click_type(tp, f.name)
+            fn = click.option(*decls, **kw)(fn)
+        return fn
+
+    return decorate
+
+
+def given(flags: Mapping[str, Any]) -> dict[str, Any]:
+    """The options actually given on the command line (None / () = not given)."""
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in flags.items() if v is not None and v != ()}
 
 
 def run_command(fn, *args, **kwargs):

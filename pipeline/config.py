@@ -7,12 +7,20 @@ unknown keys (with a did-you-mean), coerces TOML/CLI values to the field types, 
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
+import functools
+import inspect
+import io
 import os
+import re
+import textwrap
+import tokenize
 import tomllib
 import types
 import typing
+import warnings
 from pathlib import Path
 from typing import Any, Mapping, TypeVar
 
@@ -21,6 +29,71 @@ import tomli_w
 from kdpipe.storage.errors import ConfigError
 
 C = TypeVar("C")
+
+
+class RenamedKeyWarning(FutureWarning):
+    """An old key or flag name was used; it still works, under its new name."""
+
+
+@functools.lru_cache(maxsize=None)
+def field_help(cls: type) -> dict[str, str]:
+    """Each field's description: its trailing `# ...` comment in the class source (or metadata["help"]).
+
+    The dataclass is the one source of every option's help: `--help` of a command and the docs
+    read the same comments, so a field added with a comment documents itself.
+    """
+    out: dict[str, str] = {}
+    for c in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(c):
+            continue
+        try:
+            src = textwrap.dedent(inspect.getsource(c))
+        except (OSError, TypeError):
+            continue
+        comments = {
+            tok.start[0]: tok.string.lstrip("#").strip()
+            for tok in tokenize.generate_tokens(io.StringIO(src).readline)
+            if tok.type == tokenize.COMMENT
+        }
+        body = ast.parse(src).body[0]
+        for node in getattr(body, "body", []):
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+                text = comments.get(node.end_lineno) or comments.get(node.lineno)
+                if text:
+                    out[node.target.id] = text
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("help"):
+            out[f.name] = f.metadata["help"]
+    return out
+
+
+def field_default(f: dataclasses.Field) -> Any:
+    """The default of a field (MISSING when required)."""
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
+
+
+def format_default(value: Any) -> str:
+    """A default as a user writes it: true/false, none, comma-separated lists."""
+    if value is dataclasses.MISSING:
+        return "required"
+    if value is None or value == "" or (isinstance(value, (tuple, list)) and not value):
+        return "none"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (tuple, list)):
+        return ",".join(map(str, value))
+    if isinstance(value, str) and (not value.strip() or "\n" in value):
+        return repr(value)
+    return str(value)
+
+
+def _renamed(cls: type) -> Mapping[str, str]:
+    """old key -> field, for keys a config class still accepts under an old name (with a warning)."""
+    return getattr(cls, "RENAMED", {}) or {}
 
 
 def _suggest(key: str, allowed: list[str]) -> str:
@@ -98,8 +171,18 @@ def build_config(cls: type[C], values: Mapping[str, Any], where: str = "config")
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     hints = typing.get_type_hints(cls)
     kwargs = {}
+    renamed = _renamed(cls)
     for key, value in values.items():
         k = key.replace("-", "_")
+        if k in renamed and k not in fields:
+            new = renamed[k]
+            warnings.warn(
+                f"{where}: '{key}' is the old name of '{new}'; it still works, but rename it to '{new}'",
+                RenamedKeyWarning, stacklevel=2,
+            )
+            if new in values or new.replace("_", "-") in values:
+                raise ConfigError(f"{where}: both '{key}' (old name) and '{new}' are set; keep only '{new}'")
+            k = new
         if k not in fields:
             raise ConfigError(
                 f"{where}: unknown key '{key}'{_suggest(k, list(fields))}; allowed keys: {', '.join(fields)}"
@@ -135,20 +218,55 @@ def load_config(
     toml_path: str | os.PathLike | None = None,
     overrides: Mapping[str, Any] | None = None,
     section: str | None = None,
+    flag_names: Mapping[str, str] | None = None,
+    command: str | None = None,
 ) -> C:
-    """defaults < TOML file (optionally one [section]) < overrides (CLI flags that were given)."""
+    """defaults < TOML file (optionally one [section]) < overrides (CLI flags that were given).
+
+    With `flag_names` (field -> "--flag", from the command), an error about a value given on
+    the command line names the flag the user typed (`--top-k`), one about a TOML value names
+    its key (`top_k`), and a missing required value names the flag.
+    """
     values: dict[str, Any] = {}
-    where = cls.__name__
+    where = command or cls.__name__
     if toml_path is not None:
         data = read_toml(toml_path)
         if section is not None:
             data = data.get(section, {})
         values.update(data)
         where = f"{toml_path}" + (f" [{section}]" if section else "")
+    given: set[str] = set()
     for k, v in (overrides or {}).items():
         if v is not None:
             values[k.replace("-", "_")] = v
-    return build_config(cls, values, where=where)
+            given.add(k.replace("-", "_"))
+    if flag_names:
+        present = {_renamed(cls).get(k.replace("-", "_"), k.replace("-", "_")) for k in values}
+        missing = [
+            f.name for f in dataclasses.fields(cls)
+            if f.init and f.name not in present and field_default(f) is dataclasses.MISSING
+        ]
+        if missing:
+            opts = ", ".join(flag_names.get(m, m) for m in missing)
+            also = " (or set " + ", ".join(missing) + f" in {toml_path})" if toml_path is not None else ""
+            raise ConfigError(f"{command or cls.__name__}: missing required option(s) {opts}{also}")
+    try:
+        return build_config(cls, values, where=where)
+    except ConfigError as e:
+        if not flag_names:
+            raise
+        raise ConfigError(name_flags(str(e), given, flag_names, where)) from None
+
+
+def name_flags(message: str, given: set[str], flag_names: Mapping[str, str], where: str) -> str:
+    """Rewrite field names in an error as the flags they were given by (`top_k:` -> `--top-k:`)."""
+    for name in sorted(given, key=len, reverse=True):
+        flag = flag_names.get(name)
+        if not flag:
+            continue
+        message = message.replace(f"{where}.{name}", flag)
+        message = re.sub(rf"(?<![\w.-]){re.escape(name)}(?=\s*[:=\[])", flag, message)
+    return message
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from kdpipe.pipeline.cli import run_command
 
 @click.command()
 @click.argument("store", type=click.Path(file_okay=False))
-@click.option("--num-tasks", type=int, default=None, help="Tasks expected (default: the number the tasks recorded).")
+@click.option("--num-tasks", type=int, default=None, help="Tasks expected.  [default: the number the tasks recorded]")
 def finalize(store: str, num_tasks: int | None) -> None:
     """Merge the per-task manifests of STORE into manifest.json once every task is complete."""
     from kdpipe.storage.finalize import finalize_store
@@ -23,8 +23,8 @@ def finalize(store: str, num_tasks: int | None) -> None:
 
 @click.command()
 @click.argument("store", type=click.Path(file_okay=False))
-@click.option("--verify", is_flag=True, help="Re-check every shard's checksum, schema and columns.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
+@click.option("--verify", is_flag=True, help="Re-check every shard's checksum, schema and columns.  [default: off]")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.  [default: off]")
 def inspect(store: str, verify: bool, as_json: bool) -> None:
     """Summarize STORE; exits non-zero naming each bad shard and what is wrong."""
     from kdpipe.storage.inspect import format_report, inspect_store

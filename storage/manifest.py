@@ -80,6 +80,25 @@ def cache_key(meta: StoreMeta) -> str:
     return hashlib.sha256(_canonical({"format_version": FORMAT_VERSION, "meta": meta.to_dict()}).encode()).hexdigest()
 
 
+def meta_differences(recorded: Any, new: Any, prefix: str = "", limit: int = 8) -> list[str]:
+    """`key.sub: old -> new` for every leaf where two store metas differ (for refusal messages)."""
+    out: list[str] = []
+
+    def short(v: Any) -> str:
+        s = json.dumps(v, default=str) if not isinstance(v, str) else repr(v)
+        return s if len(s) <= 60 else s[:28] + "…" + s[-28:]
+
+    def walk(a: Any, b: Any, key: str) -> None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in sorted(set(a) | set(b)):
+                walk(a.get(k), b.get(k), f"{key}.{k}" if key else str(k))
+        elif a != b:
+            out.append(f"{key or 'meta'}: {short(a)} -> {short(b)}")
+
+    walk(recorded, json.loads(json.dumps(new, default=str)), prefix)
+    return out[:limit] + ([f"… {len(out) - limit} more"] if len(out) > limit else [])
+
+
 def tokenizer_fingerprint(tokenizer) -> str:
     """sha256 of a tokenizer's vocabulary (token -> id), special tokens and chat template."""
     vocab = tokenizer.get_vocab()

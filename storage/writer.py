@@ -26,7 +26,7 @@ from kdpipe.storage.format import (
 )
 from kdpipe.storage.manifest import (
     StoreMeta, atomic_write_json, cache_key, check_format_version, file_checksum, fsync_dir, kdpipe_version,
-    load_task_manifest, read_json, remove_orphan_tmps,
+    load_task_manifest, meta_differences, read_json, remove_orphan_tmps,
 )
 
 
@@ -62,10 +62,10 @@ def _ensure_meta(store_dir: Path, meta: StoreMeta) -> str:
     check_format_version(existing, path)
     if existing.get("cache_key") != key:
         recorded = existing.get("meta") if isinstance(existing.get("meta"), dict) else {}
-        diff = [k for k, v in meta.to_dict().items() if recorded.get(k) != json.loads(json.dumps(v, default=str))]
+        diff = meta_differences(recorded, meta.to_dict())  # ["codec.top_k: 8 -> 4", ...]
         raise StoreError(
             f"{store_dir}: the store was written by another teacher/codec/dataset (cache key "
-            f"{str(existing.get('cache_key'))[:12]}… != {key[:12]}…; differing fields: {', '.join(diff) or 'format'}); "
+            f"{str(existing.get('cache_key'))[:12]}… != {key[:12]}…; store -> this run: {'; '.join(diff) or 'format'}); "
             "use a new store directory or delete this one"
         )
     return key

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 from kdpipe.storage.errors import ConfigError
 
@@ -21,49 +22,54 @@ class EvalConfig:
     out: the report folder (report.json, report.md, *.png, outputs.jsonl).
     """
 
-    models: tuple[str, ...] = ()
-    data: str = ""
-    out: str = ""
-    names: tuple[str, ...] = ()
+    models: tuple[str, ...] = ()  # model folder, hub id, or training run folder (RUN = RUN/final); repeat --model; the first is the teacher unless --teacher
+    data: str = ""  # JSONL evaluation data, one document per line (text and target fields)
+    out: str = ""  # report folder: report.json, report.md, *.png, outputs.jsonl, logs/
+    names: tuple[str, ...] = ()  # display name per --model, in the same order (default: the folder names)
     teacher: str | None = None  # name or path of the teacher among `models`; None = the first model
     baseline: str | None = None  # name or path of the CE-only baseline student among `models`, if any
     stores: tuple[str, ...] = ()  # store folders whose cache keys the report records (runs' stores are added)
     # Data
-    split: str | None = "heldout"  # keep rows whose `split_field` equals this; None or "" = every row
-    split_field: str = "split"
-    document_field: str = "document"
-    reference_field: str = "summary"
-    id_field: str = "id"
-    max_samples: int | None = None
+    split: str | None = "heldout"  # keep rows whose split field equals this ('' = every row; rows without the field are kept)
+    split_field: str = "split"  # the field holding each row's split
+    text_field: str = "text"  # field with the source document (the same name and default as phase one)
+    target_field: str = "summary"  # field with the reference text the outputs are scored against
+    id_field: str = "id"  # field with the row id (default: the line number)
+    max_samples: int | None = None  # evaluate only the first N selected rows
     # Prompt: the summarize recipe of phase one, applied through the model's chat template.
-    instruction: str | None = None  # None = the summarize recipe's own instruction
-    use_chat_template: bool = True
+    instruction: str | None = None  # prompt template with {text} (as phase one's --prompt-template); None = the summarize recipe's own
+    use_chat_template: bool = True  # wrap prompts in the models' chat template
     system_prompt: str | None = None  # the phase-one system prompt, if the store was generated with one
     # Engine settings: the same for every model so latencies compare.
-    max_new_tokens: int = 64
-    temperature: float = 0.0
-    max_model_len: int = 1024
-    dtype: str = "float32"
-    seed: int = 0
-    gpu_memory_utilization: float = 0.8
-    tensor_parallel_size: int = 1
+    max_new_tokens: int = 64  # generation length cap (the same for every model)
+    temperature: float = 0.0  # sampling temperature (0 = greedy)
+    max_model_len: int = 1024  # engine context length (the same for every model)
+    dtype: str = "float32"  # engine dtype: float32 | bfloat16 | float16 | auto (each model's torch_dtype on GPU, float32 on CPU; resolved before its engine starts)
+    seed: int = 0  # engine and bootstrap seed
+    gpu_memory_utilization: float = 0.8  # fraction of GPU memory vLLM may use
+    tensor_parallel_size: int = 1  # vLLM tensor parallel size for every model
     latency_requests: int | None = None  # prompts timed one request at a time (None = all); the rest are batched
-    warmup_requests: int = 2
+    warmup_requests: int = 2  # untimed requests per model before timing (one-off costs)
     # Scoring
     similarity_model: str = DEFAULT_SIMILARITY_MODEL  # sentence-transformers path or id; "none" = skip
     nli_model: str | None = None  # sequence-classification NLI model path or id; None = skip
     nli_chunk_tokens: int = 400  # source chunk length (NLI model tokens) for the premise
-    score_device: str = "cpu"
-    score_batch_size: int = 32
-    bootstrap_samples: int = 1000
-    confidence: float = 0.95
-    plots: bool = True
+    score_device: str = "cpu"  # device of the similarity and NLI scorers
+    score_batch_size: int = 32  # batch size of the scorers
+    bootstrap_samples: int = 1000  # bootstrap resamples for the confidence intervals
+    confidence: float = 0.95  # confidence level of the intervals
+    plots: bool = True  # write PNG plots
     report_to: tuple[str, ...] | None = None  # trackers for the headline + plots: tensorboard,wandb,mlflow,trackio or none (unset: $KDPIPE_REPORT_TO)
+
+    # Old names, still accepted (with a warning): phase one, evaluate and job files share text_field/target_field.
+    RENAMED: ClassVar[dict[str, str]] = {"document_field": "text_field", "reference_field": "target_field"}
 
     def __post_init__(self) -> None:
         from kdpipe.pipeline.trackers import parse_report_to
 
         object.__setattr__(self, "report_to", parse_report_to(self.report_to, "report_to"))
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ConfigError(f"dtype: {self.dtype!r} is not one of auto, float32, bfloat16, float16")
         if not self.models:
             raise ConfigError("models: give at least one model (--model MODEL_OR_RUN)")
         if not self.data:

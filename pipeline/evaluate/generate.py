@@ -28,39 +28,62 @@ class EvalExample:
     reference: str
 
 
-def load_examples(cfg) -> list[EvalExample]:
+class Examples(list):
+    """The selected examples; `selection` says in words which rows they are (for the report header)."""
+
+    selection: str = "every row"
+
+
+def load_examples(cfg) -> Examples:
     """Rows of cfg.data (JSONL) of the chosen split, checked before any model loads."""
     path = Path(cfg.data)
     if not path.is_file():
         raise DataError(f"{cfg.data}: evaluation data file not found (a JSONL file with one document per line)")
-    rows: list[EvalExample] = []
+    rows = Examples()
+    matched = unlabeled = 0  # rows whose split field equals cfg.split / rows without a split field
+    capped = False
     with open(path, encoding="utf-8") as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                row = json.loads(line.rstrip("\r\n"))  # without its line break, as an editor shows the line
             except json.JSONDecodeError as e:
-                raise DataError(f"{cfg.data}: line {line_no} is not valid JSON ({e.msg})") from None
+                raise DataError(f"{cfg.data}: line {line_no} is not valid JSON ({e}); fix that line") from None
             if not isinstance(row, dict):
                 raise DataError(f"{cfg.data}: line {line_no} is not a JSON object")
             if cfg.split and cfg.split_field in row and row[cfg.split_field] != cfg.split:
                 continue
-            for field in (cfg.document_field, cfg.reference_field):
+            if cfg.split:
+                if cfg.split_field in row:
+                    matched += 1
+                else:
+                    unlabeled += 1
+            for field in (cfg.text_field, cfg.target_field):
                 if field not in row:
                     raise DataError(
                         f"{cfg.data}: line {line_no} has no field '{field}' (fields: {', '.join(sorted(row))}); "
-                        f"pass --{'document' if field == cfg.document_field else 'reference'}-field with the right name"
+                        f"pass --{'text' if field == cfg.text_field else 'target'}-field with the right name"
                     )
                 if not isinstance(row[field], str) or not row[field].strip():
                     raise DataError(f"{cfg.data}: line {line_no}: field '{field}' is empty or not text")
             rid = str(row.get(cfg.id_field, line_no - 1))
-            rows.append(EvalExample(rid, row[cfg.document_field], row[cfg.reference_field]))
+            rows.append(EvalExample(rid, row[cfg.text_field], row[cfg.target_field]))
             if cfg.max_samples is not None and len(rows) >= cfg.max_samples:
+                capped = True
                 break
     if not rows:
         where = f" with {cfg.split_field} == {cfg.split!r}" if cfg.split else ""
         raise DataError(f"{cfg.data}: no rows{where}; check --split (or pass --split '' for every row)")
+    if not cfg.split:
+        sel = "every row"
+    elif not matched:
+        sel = f"every row (no row has a '{cfg.split_field}' field, so --split {cfg.split!r} selected nothing out)"
+    elif unlabeled:
+        sel = f"rows with {cfg.split_field} == {cfg.split!r} and {unlabeled} row(s) without a '{cfg.split_field}' field"
+    else:
+        sel = f"rows with {cfg.split_field} == {cfg.split!r}"
+    rows.selection = sel + (f", the first {cfg.max_samples} (--max-samples)" if capped else "")
     return rows
 
 

@@ -67,7 +67,8 @@ def markdown(report: dict, plots: list[str]) -> str:
     parts = [
         "# kdpipe evaluation report",
         "",
-        f"Data: `{report['data']['path']}` (split {report['data']['split']!r}, {report['data']['num_examples']} examples). "
+        f"Data: `{report['data']['path']}` ({report['data'].get('selection') or 'split ' + repr(report['data']['split'])}, "
+        f"{report['data']['num_examples']} examples). "
         f"Teacher: **{report['teacher']}**" + (f"; CE-only baseline: **{report['baseline']}**." if report["baseline"] else "."),
         "",
         "## Headline",

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
+import sys
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -23,10 +25,18 @@ from kdpipe.pipeline.evaluate.generate import (
 QUALITY_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum", "similarity_reference", "similarity_source", "nli_entailment")
 
 
-def _progress(total: int, desc: str):
+def _progress(total: int, desc: str, file=None):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit="req", dynamic_ncols=True, leave=False)
+    return tqdm(total=total, desc=desc, unit="req", dynamic_ncols=True, leave=False, file=file)
+
+
+def check_stores(stores) -> None:
+    """Every --store given must be a finalized store: refused before any model loads or engine starts."""
+    from kdpipe.storage import open_store
+
+    for s in dict.fromkeys(stores):
+        open_store(s)  # StoreError naming the directory (not found, not finalized, damaged manifest)
 
 
 def read_run(run_dir: str) -> dict[str, Any]:
@@ -73,17 +83,26 @@ def store_keys(stores: list[str]) -> list[dict[str, Any]]:
     return out
 
 
-def evaluate(cfg: EvalConfig) -> dict[str, Any]:
-    """Generate with every model on the same prompts, score them, write report.json/.md and plots."""
+def evaluate(cfg: EvalConfig, verbose: bool = False) -> dict[str, Any]:
+    """Generate with every model on the same prompts, score them, write report.json/.md and plots.
+
+    Unless `verbose`, each engine's own output goes to REPORT/logs/evaluate-NAME.log.
+    """
+    from kdpipe.pipeline.console import engine_output
+    from kdpipe.pipeline.generate.dtype import resolve_dtype
+
     out = Path(cfg.out)
     names = cfg.model_names()
     t_idx, b_idx = cfg.teacher_index(), cfg.baseline_index()
 
     # --- everything that can be wrong is checked before the first engine starts
     check_installed(cfg.report_to)  # --report-to: a tracker that is not installed stops here
+    check_stores(cfg.stores)
     examples = load_examples(cfg)
     specs = [resolve_model(m, n) for m, n in zip(cfg.models, names)]
     toks = load_tokenizers(specs, cfg)
+    # --dtype auto: resolved per model here and passed explicitly (see generate/dtype.py)
+    dtypes = {s.name: resolve_dtype(cfg.dtype, s.model) for s in specs}
     sim_model = None
     if cfg.similarity_model.lower() != "none":
         sim_model = M.load_similarity_model(cfg.similarity_model, cfg.score_device)
@@ -99,13 +118,16 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
 
     # --- generation, one engine at a time
     outputs: dict[str, ModelOutputs] = {}
+    if not verbose:
+        print(f"evaluate: {len(specs)} model(s) on {len(examples)} examples; engine logs in {out / 'logs'}", file=sys.stderr, flush=True)
     for s in specs:
         prompts = [build_prompt_ids(toks[s.name], ex.document, template, cfg.use_chat_template, cfg.system_prompt) for ex in examples]
-        bar = _progress(len(prompts), f"generate {s.name}")
-        try:
-            outputs[s.name] = generate_outputs(s, toks[s.name], prompts, cfg, bar)
-        finally:
-            bar.close()
+        with engine_output(out / "logs" / f"evaluate-{s.name}.log", verbose) as console:
+            bar = _progress(len(prompts), f"generate {s.name}", console)
+            try:
+                outputs[s.name] = generate_outputs(s, toks[s.name], prompts, dataclasses.replace(cfg, dtype=dtypes[s.name]), bar)
+            finally:
+                bar.close()
 
     # --- scoring
     refs = [ex.reference for ex in examples]
@@ -143,6 +165,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
                 "engine_start_s": o.engine_start_s,
                 "per_request_s": o.latencies_s,
             },
+            "dtype": dtypes[s.name],
             "finish_reasons": {r: o.finish_reasons.count(r) for r in sorted(set(o.finish_reasons))},
         })
     teacher = models[t_idx]
@@ -170,7 +193,8 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         "kdpipe_report_version": 1,
         "config": config_to_dict(cfg),
         "prompt_template": template,
-        "data": {"path": cfg.data, "split": cfg.split, "num_examples": len(examples)},
+        "data": {"path": cfg.data, "split": cfg.split, "selection": getattr(examples, "selection", None),
+                 "num_examples": len(examples)},
         "teacher": teacher["name"],
         "baseline": models[b_idx]["name"] if b_idx is not None else None,
         "models": models,

@@ -13,6 +13,7 @@ from typing import Literal
 from kdpipe.storage.errors import ConfigError
 
 RECIPES = ("summarize", "score", "basic-reading", "on-policy")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 DEFAULT_SUMMARIZE_TEMPLATE = "Summarize the following text in a few sentences.\n\nText: {text}\n\nSummary:"
 
@@ -53,30 +54,30 @@ class GenerateConfig:
     teacher: str  # hub id or local directory of the teacher model
     data: str  # hub dataset id or local .json/.jsonl/.csv/.parquet file
     out: str  # store directory (created; an existing store must have the same teacher/codec/recipe)
-    recipe: Literal["summarize", "score", "basic-reading", "on-policy"] = "summarize"
-    engine: Literal["vllm", "hf"] = "vllm"  # hf = plain transformers reference backend (slow; ground truth)
+    recipe: Literal["summarize", "score", "basic-reading", "on-policy"] = "summarize"  # summarize (teacher writes), score (teacher-forced target), basic-reading (entities + Q&A per sentence), on-policy (a sampler writes, the teacher scores)
+    engine: Literal["vllm", "hf"] = "vllm"  # vllm, or hf = plain transformers reference backend (slow; ground truth)
 
     # --- dataset
-    split: str = "train"
-    text_field: str = "text"
-    target_field: str | None = None  # needed by `score` (text, or a list of token ids)
-    id_field: str | None = None  # None: ids are the row numbers ("0", "1", ...)
+    split: str = "train"  # dataset split to read
+    text_field: str = "text"  # column with the document text (evaluate and job files use the same name)
+    target_field: str | None = None  # column with the target, needed by `score` (text, or a list of teacher token ids)
+    id_field: str | None = None  # column with unique sample ids; None: ids are the row numbers ("0", "1", ...)
     limit: int | None = None  # use only the first N rows
 
     # --- teacher engine
-    teacher_revision: str | None = None
-    trust_remote_code: bool = False  # off unless the teacher needs (and you trust) its repo's code
-    tensor_parallel_size: int = 1
-    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
-    max_model_len: int | None = None  # None: the teacher config's context length
-    gpu_memory_utilization: float = 0.9
+    teacher_revision: str | None = None  # hub revision (branch, tag, commit) of the teacher
+    trust_remote_code: bool = False  # allow the teacher repo's own Python code; off unless it needs it (and you trust it)
+    tensor_parallel_size: int = 1  # GPUs per teacher (vLLM tensor parallelism)
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16; auto = the checkpoint's torch_dtype on GPU, float32 on CPU (resolved before the engine starts, recorded in the store)
+    max_model_len: int | None = None  # context length; None: the teacher config's (longer documents follow --too-long)
+    gpu_memory_utilization: float = 0.9  # fraction of GPU memory vLLM may use
     max_logprobs: int | None = None  # engine's cap on log-probs per position; None = top_k
     enforce_eager: bool = False  # skip CUDA-graph capture (faster start, slower steps)
     seed: int = 0  # engine seed, per-request sampling seeds and the sampled codec's RNG
 
     # --- prompts and sampling
     chat_template: bool = True  # wrap prompts in the teacher's chat template when it has one
-    system_prompt: str | None = None
+    system_prompt: str | None = None  # system message for chat-template prompts
     prompt_template: str | None = None  # summarize/score: must contain {text}; None = recipe default
     reading_template: str | None = None  # basic-reading: must contain {sentence}; None = default few-shot
     separator: str = "<sep>"  # basic-reading: between sentences and readings
@@ -92,14 +93,14 @@ class GenerateConfig:
     sampling_temperature: float = 1.0  # the sampler's temperature (1.0 = its own distribution)
 
     # --- targets (the store's codec)
-    codec: Literal["topk", "sampled"] = "topk"
-    top_k: int = 64
+    codec: Literal["topk", "sampled"] = "topk"  # topk (top-k log-probs + exact tail) or sampled (N draws from the top-k + tail)
+    top_k: int = 64  # entries per position (topk) / size of the top-K drawn from (sampled)
     top_p: float | None = None  # topk only: adaptive cut at cumulative mass top_p
     draws: int = 50  # sampled only
 
     # --- cluster sharding: default from SLURM_ARRAY_TASK_ID / SLURM_ARRAY_TASK_COUNT
-    task_index: int | None = None
-    num_tasks: int | None = None
+    task_index: int | None = None  # this array task; None = SLURM_ARRAY_TASK_ID, else 0
+    num_tasks: int | None = None  # number of array tasks; None = SLURM_ARRAY_TASK_COUNT, else 1
 
     # --- throughput
     max_inflight: int = 512  # requests kept queued in the engine (continuous batching stays full)
@@ -115,6 +116,8 @@ class GenerateConfig:
                 raise ConfigError(f"{key}: must not be empty")
         if self.recipe not in RECIPES:
             raise ConfigError(f"recipe: {self.recipe!r} is not a recipe; choose one of {', '.join(RECIPES)}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype: {self.dtype!r} is not one of {', '.join(DTYPES)}")
         if self.recipe == "score" and not self.target_field:
             raise ConfigError(
                 "recipe 'score' scores a given target but target_field is not set; "

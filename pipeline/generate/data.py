@@ -62,10 +62,34 @@ def check_utf8(path: Path, chunk: int = 1 << 20) -> None:
             offset += len(block)
 
 
+def check_json_lines(path: Path, whole_document_ok: bool = False) -> None:
+    """Refuse a JSON-lines file with a line that does not parse, naming its 1-based line number
+    and the parser's whole message (the same number `kdpipe evaluate` gives for that line).
+
+    `whole_document_ok` (.json files): a file that parses as one JSON document is fine too.
+    """
+    if whole_document_ok:
+        try:
+            with open(path, encoding="utf-8") as f:
+                json.load(f)
+            return
+        except json.JSONDecodeError:
+            pass  # not one document: then it must be JSON lines
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                json.loads(line.rstrip("\r\n"))  # without its line break, as an editor shows the line
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}: line {line_no} is not valid JSON ({e}); fix that line") from None
+
+
 def load_table(data: str, split: str):
     """A `datasets.Dataset` from a local json/jsonl/csv/parquet file or a hub dataset id."""
     import datasets
 
+    datasets.disable_progress_bars()  # kdpipe shows its own progress; "Generating train split" is noise
     path = Path(data)
     if path.exists():
         if path.is_dir():
@@ -77,6 +101,9 @@ def load_table(data: str, split: str):
             )
         if path.suffix.lower() in TEXT_SUFFIXES:
             check_utf8(path)
+        if builder == "json":
+            # Found here, before `datasets` turns it into "DatasetGenerationError" without a line.
+            check_json_lines(path, whole_document_ok=path.suffix.lower() == ".json")
         try:
             ds = datasets.load_dataset(builder, data_files={split: str(path)}, split=split)
         except Exception as e:  # datasets raises many types for a malformed file

@@ -14,6 +14,7 @@ incomplete and returns; a rerun continues where it stopped.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import queue
@@ -28,8 +29,10 @@ from pathlib import Path
 import xxhash
 
 from kdpipe.pipeline.config import write_resolved
+from kdpipe.pipeline.console import engine_output
 from kdpipe.pipeline.generate.config import GenerateConfig
 from kdpipe.pipeline.generate.data import load_task_data
+from kdpipe.pipeline.generate.dtype import resolve_dtype
 from kdpipe.pipeline.generate.engines import Engine, make_engine
 from kdpipe.pipeline.generate.recipes import Recipe, Result, make_recipe
 from kdpipe.storage import CodecConfig, ShardWriter, StoreMeta, tokenizer_fingerprint
@@ -64,8 +67,8 @@ class GenerateSummary:
         state = "INTERRUPTED (rerun the same command to continue)" if self.interrupted else "done"
         return (
             f"generate-logits task {self.task_index}/{self.num_tasks} {state}: wrote {self.written} samples, "
-            f"{self.target_tokens} target tokens in {self.seconds:.1f}s ({self.written / s:.2f} samples/s, "
-            f"{self.target_tokens / s:.0f} tok/s); {self.already_done} already in the store"
+            f"{self.target_tokens} target tokens in {self.seconds:.1f}s after engine start ({self.written / s:.2f} samples/s, "
+            f"{self.target_tokens / s:.0f} target tok/s); {self.already_done} already in the store"
             + (f"; {extra}" if extra else "")
             + f"; store {self.store}"
         )
@@ -161,6 +164,7 @@ def expected_cache_key(cfg: GenerateConfig) -> str:
     from kdpipe.storage import cache_key
 
     tokenizer = load_tokenizer(cfg)
+    cfg = dataclasses.replace(cfg, dtype=resolve_dtype(cfg.dtype, cfg.teacher, cfg.teacher_revision, cfg.trust_remote_code))
     max_model_len = resolve_max_model_len(cfg)
     data = load_task_data(cfg.data, cfg.split, cfg.text_field, cfg.target_field, cfg.id_field, cfg.limit, 0, 1)
     recipe = make_recipe(cfg, tokenizer, max_model_len, Counter())
@@ -300,11 +304,16 @@ def check_engine(cfg: GenerateConfig, engine: Engine, vocab_size: int) -> None:
         engine.score_mode = cfg.score_mode if getattr(engine, "prefix_cache_ok", False) else "full"
 
 
-def generate_logits(cfg: GenerateConfig, engine: Engine | None = None, sampler_engine: Engine | None = None) -> GenerateSummary:
+def generate_logits(cfg: GenerateConfig, engine: Engine | None = None, sampler_engine: Engine | None = None,
+                    verbose: bool = False) -> GenerateSummary:
     """Phase one for one array task (see the module doc). `engine`: reuse a running engine
-    (`sampler_engine`: the on-policy sampler's)."""
+    (`sampler_engine`: the on-policy sampler's). Unless `verbose`, the engines' own output goes
+    to STORE/logs/generate-task-NNNNN.log (see kdpipe.pipeline.console)."""
     task_index, num_tasks = cfg.resolved_tasks()
     tokenizer = load_tokenizer(cfg)
+    # --dtype auto is resolved here, before the engine starts: the engine gets it explicitly and
+    # the store meta (cache key) and generate-config.toml record what computed the log-probs.
+    cfg = dataclasses.replace(cfg, dtype=resolve_dtype(cfg.dtype, cfg.teacher, cfg.teacher_revision, cfg.trust_remote_code))
     if cfg.top_k > len(tokenizer):
         raise ConfigError(f"top_k={cfg.top_k} is above the teacher's vocabulary size {len(tokenizer)}")
     max_model_len = engine.max_model_len if engine is not None else resolve_max_model_len(cfg)
@@ -322,8 +331,14 @@ def generate_logits(cfg: GenerateConfig, engine: Engine | None = None, sampler_e
     # The teacher's tokenizer files travel with the store (cross-tokenizer KD, sequence-level decoding).
     save_teacher_tokenizer(cfg.out, tokenizer)
     own_engine = False
+    quiet = contextlib.ExitStack()
     try:
         done = writer.done_ids()
+        log_path = Path(cfg.out) / "logs" / f"generate-task-{task_index:05d}.log"
+        if len(done) < len(data.samples) and engine is None and not verbose:
+            print(f"task {task_index}/{num_tasks}: starting the teacher engine (dtype {cfg.dtype}); its log: {log_path}",
+                  file=sys.stderr, flush=True)
+        console = quiet.enter_context(engine_output(log_path, verbose))
         samples = data.samples
         if cfg.recipe == "on-policy":  # the sampler draws (or a rerun reloads) N completions per prompt first
             from kdpipe.pipeline.generate.onpolicy import sample_task
@@ -337,9 +352,11 @@ def generate_logits(cfg: GenerateConfig, engine: Engine | None = None, sampler_e
         if todo and engine is None:
             engine = make_engine(cfg, max_model_len, tokenizer)
             own_engine = True
+        # One clock for the bar and the summary: target tokens per second of generation, from
+        # here (after the engine start) to the last result.
         t0 = time.perf_counter()
         engine_stats = Counter(getattr(engine, "stats", None) or {})  # a shared engine counts across runs
-        interrupted = _run(cfg, engine, recipe, todo, writer, summary) if todo else False
+        interrupted = _run(cfg, engine, recipe, todo, writer, summary, t0, console) if todo else False
         summary.seconds = time.perf_counter() - t0
         # Scoring requests rescored on the full route (engines.py, prefix-cache check): the run's stats.
         stats.update({k: v for k, v in (Counter(getattr(engine, "stats", None) or {}) - engine_stats).items()
@@ -355,18 +372,25 @@ def generate_logits(cfg: GenerateConfig, engine: Engine | None = None, sampler_e
         writer.abort()
         raise
     finally:
-        if own_engine:
-            engine.close()
+        try:
+            if own_engine:
+                engine.close()
+        finally:
+            quiet.close()  # after the engine's shutdown, whose output belongs in the log too
 
 
-def _run(cfg: GenerateConfig, engine: Engine, recipe: Recipe, todo, writer: ShardWriter, summary: GenerateSummary) -> bool:
+def _run(cfg: GenerateConfig, engine: Engine, recipe: Recipe, todo, writer: ShardWriter, summary: GenerateSummary,
+         t0: float | None = None, console=None) -> bool:
     from tqdm import tqdm
 
     sink = WriterThread(writer, cfg.writer_queue)
-    bar = tqdm(total=len(todo), unit="sample", dynamic_ncols=True, disable=not cfg.progress, file=sys.stderr,
+    bar = tqdm(total=len(todo), unit="sample", dynamic_ncols=True, disable=not cfg.progress, file=console or sys.stderr,
                desc=f"task {summary.task_index}/{summary.num_tasks}")
-    t0 = time.perf_counter()
+    t0 = time.perf_counter() if t0 is None else t0
     last = [0.0]
+
+    def rate() -> str:
+        return f"{summary.target_tokens / max(time.perf_counter() - t0, 1e-9):.0f} target tok/s"
 
     def on_done(result: Result | None) -> None:
         if result is not None:
@@ -376,12 +400,13 @@ def _run(cfg: GenerateConfig, engine: Engine, recipe: Recipe, todo, writer: Shar
         now = time.perf_counter()
         if now - last[0] > 1.0:  # postfix formatting is not free; refresh about once a second
             last[0] = now
-            bar.set_postfix_str(f"{summary.target_tokens / max(now - t0, 1e-9):.0f} tok/s", refresh=False)
+            bar.set_postfix_str(rate(), refresh=False)
 
     try:
         with _Stop() as stop:
             interrupted = drive(engine, recipe, todo, sink.put, cfg.max_inflight, stop.flag, on_done)
     finally:
+        bar.set_postfix_str(rate(), refresh=False)  # the final figure, as the summary line computes it
         bar.close()
         sink.join()  # every queued result is written (or the writer's error is raised)
     return interrupted

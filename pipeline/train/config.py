@@ -18,17 +18,17 @@ from kdpipe.storage.errors import ConfigError
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     # ---- what to train on what
-    student: str  # AutoModelForCausalLM hub id or local path
-    stores: tuple[str, ...]  # one or more finalized store directories
-    out: str  # the run directory RUN
+    student: str  # the student: AutoModelForCausalLM hub id or local path
+    stores: tuple[str, ...]  # a finalized store directory; repeat --store to mix several
+    out: str  # the run directory RUN: checkpoints, final/, metrics.jsonl, train_config.toml
     store_weights: tuple[float, ...] = ()  # mixing weight per store (empty = equal weights)
 
     # ---- the loss: α·CE + (1−α)·T²·D(teacher_T ‖ student_T), see losses.py
     alpha: float = 0.5  # weight of the CE on the target tokens; 1.0 = no logit distillation
     temperature: float = 1.0  # T, applied to the student's logits and to the stored teacher distribution
-    divergence: Literal["auto", "forward_kl", "reverse_kl", "generalized_jsd", "total_variation", "reverse_kl_sampled_token"] = "auto"  # auto = reverse_kl on on-policy stores, else forward_kl (losses.py)
+    divergence: Literal["auto", "forward_kl", "reverse_kl", "generalized_jsd", "total_variation", "reverse_kl_sampled_token"] = "auto"  # D(teacher_T || student_T), see losses.py; auto = reverse_kl on on-policy stores, else forward_kl
     jsd_beta: float = 0.5  # β of generalized_jsd, 0 < β < 1
-    tail_mode: Literal["bucket", "renormalize"] = "bucket"
+    tail_mode: Literal["bucket", "renormalize"] = "bucket"  # topk stores: the tail mass as one extra category (bucket) or the top-k renormalized
     loss_chunk_size: int = 1024  # target tokens per chunk of [chunk, V] logits (tune per device: benchmarks/bench_gpu.py)
     compile_loss: Literal["auto", "on", "off"] = "auto"  # torch.compile the per-chunk loss; auto = on CUDA with Triton, off on CPU
     # ---- a student with another tokenizer than the teacher's (xtok.py, xtok_losses.py, docs/cross-tokenizer.md)
@@ -37,35 +37,35 @@ class TrainConfig:
     teacher_tokenizer: str | None = None  # the teacher tokenizer's folder (default: STORE/teacher_tokenizer); checked against the store's fingerprint
 
     # ---- optimization (AdamW, linear warmup then cosine decay to lr·min_lr_ratio)
-    lr: float = 5e-5
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 0
-    schedule: Literal["cosine", "constant"] = "cosine"
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
+    lr: float = 5e-5  # peak learning rate of AdamW
+    min_lr_ratio: float = 0.1  # the cosine decays to lr * min_lr_ratio at the last step
+    warmup_steps: int = 0  # optimizer steps of linear warmup from 0 to lr
+    schedule: Literal["cosine", "constant"] = "cosine"  # after warmup: cosine decay over `steps`, or constant lr
+    weight_decay: float = 0.0  # AdamW weight decay (not on biases and norms)
+    adam_beta1: float = 0.9  # AdamW beta1
+    adam_beta2: float = 0.999  # AdamW beta2
     max_grad_norm: float = 1.0  # 0 = no clipping (the norm is still logged)
-    steps: int = 1000  # optimizer steps
+    steps: int = 1000  # optimizer steps in total (the cosine schedule spans them)
     tokens_per_batch: int = 8192  # padded tokens (rows × longest row) per micro-batch per rank
     grad_accum: int = 1  # micro-batches per optimizer step per rank
 
     # ---- data
-    shuffle: bool = True
-    shuffle_buffer: int = 1024
+    shuffle: bool = True  # shuffle rows (seeded, resumable) instead of reading the stores in order
+    shuffle_buffer: int = 1024  # rows in the shuffle buffer
     max_seq_len: int | None = None  # None = the student's context (max_position_embeddings)
     truncate: bool = False  # longer sequences: cut (and count) instead of refusing the store
     prefetch: int = 2  # batches prepared ahead by a background thread
 
     # ---- model
-    grad_checkpointing: bool = False
+    grad_checkpointing: bool = False  # recompute activations in backward (less memory, slower)
     lora: bool = False  # train LoRA adapters (peft) instead of every weight
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.0
+    lora_r: int = 16  # LoRA rank
+    lora_alpha: int = 32  # LoRA scaling alpha
+    lora_dropout: float = 0.0  # LoRA dropout
     lora_target_modules: tuple[str, ...] = ()  # empty = every linear layer ("all-linear")
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    trust_remote_code: bool = False
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when available, else cpu
+    trust_remote_code: bool = False  # allow the student repo's own Python code (off unless you trust it)
 
     # ---- distributed (torchrun sets RANK/WORLD_SIZE; a plain run is world size 1)
     backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: nccl on CUDA, gloo on CPU
@@ -80,7 +80,7 @@ class TrainConfig:
     best_metric: Literal["loss", "loss_ce", "loss_kd"] = "loss"  # which validation figure --save-best minimizes
 
     # ---- run bookkeeping
-    seed: int = 0
+    seed: int = 0  # model init (LoRA), data shuffle and dropout seed
     save_every: int = 500  # optimizer steps between checkpoints (0 = only RUN/final)
     keep_checkpoints: int = 0  # keep the newest N checkpoints (0 = keep all)
     log_every: int = 1  # steps between tqdm postfix updates (metrics.jsonl gets every step)

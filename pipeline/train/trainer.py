@@ -13,9 +13,11 @@ global batch into ranks × micro-batches — no mean-of-means.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,6 +125,27 @@ def _resume_point(cfg: TrainConfig, run: Path) -> Path | None:
     return ckpt
 
 
+def resume_notice(cfg: TrainConfig, run: Path, ckpt: Path) -> list[str]:
+    """What a resumed run prints: where it continues, and what a changed --steps does to the schedule.
+
+    The schedule is a function of `steps` (cosine over steps - warmup_steps), so resuming with
+    another --steps rebuilds it for the new length: the lr jumps to where the new schedule is at
+    this step. That is allowed (to extend a run) but never silent.
+    """
+    step = int(ckpt.name.rsplit("-", 1)[-1])
+    lines = [f"resuming {run} from {ckpt.name} (step {step} of {cfg.steps})"]
+    saved = read_toml(ckpt / "train_config.toml").get("steps")
+    if isinstance(saved, int) and saved != cfg.steps and cfg.schedule != "constant":
+        old = lr_factor(dataclasses.replace(cfg, steps=saved), step) * cfg.lr
+        new = lr_factor(cfg, step) * cfg.lr
+        lines.append(
+            f"warning: --steps changed {saved} -> {cfg.steps}: the {cfg.schedule} schedule is rebuilt for {cfg.steps} "
+            f"steps, so the lr at step {step + 1} is {new:.3g} instead of {old:.3g}; pass --steps {saved} to keep "
+            "the old schedule"
+        )
+    return lines
+
+
 def forward_backward(wrapped, micro_batches, dist, cfg: TrainConfig, with_teacher: bool) -> tuple[torch.Tensor, float]:
     """Forward and backward over this rank's micro-batches of one step, gradients per global target token.
 
@@ -159,15 +182,18 @@ def _train(cfg: TrainConfig, dist) -> TrainResult:
 
     run = Path(cfg.out)
     resume_from = _resume_point(cfg, run)
+    if dist.is_main and resume_from is not None:
+        for line in resume_notice(cfg, run, resume_from):
+            print(line, file=sys.stderr, flush=True)
     check_trackers(cfg.report_to, run / "trackers", resume_from is not None)  # missing library, another run's trackers
-    if dist.is_main:
-        run.mkdir(parents=True, exist_ok=True)
 
     # ---- the student, checked against the stores before anything trains
     torch.manual_seed(cfg.seed)  # same initialization (e.g. LoRA) on every rank
     tokenizer = load_tokenizer(cfg)
     model = load_student(cfg, weights_from=str(resume_from) if resume_from else None)
     plan = check_inputs(cfg, tokenizer, model)
+    if dist.is_main:
+        run.mkdir(parents=True, exist_ok=True)  # only now: a refused run leaves no empty --out behind
     transform = Retokenize(tokenizer, teacher_tokenizer(cfg)) if plan.sequence_level else None
     collate = cross_tokenizer_collate(cfg, plan, tokenizer) if plan.cross_tokenizer else None  # aligns groups (xtok.py)
     with_teacher = cfg.alpha < 1.0 and not plan.sequence_level

@@ -154,3 +154,32 @@ def test_tracker_dir_of_another_run_is_refused(tracked_run, tmp_path, tiny_stude
     shutil.copytree(tracked_run[0] / "trackers", out / "trackers")  # trackers, but no checkpoint to resume
     with pytest.raises(ConfigError, match=r"reuse/trackers: holds the tracker runs of another run \(.*wandb [0-9a-f]+"):
         train(cfg_for(tiny_student, topk_store, out, report_to=("tensorboard",)))
+
+
+def test_only_rank_0_logs_under_torchrun(tmp_path, tiny_student, topk_store, monkeypatch):
+    """2 DDP ranks: one TensorBoard event file and one MLflow run, holding rank 0's metrics.jsonl."""
+    import os
+    import subprocess
+    import sys
+
+    from kdpipe.pipeline.config import write_resolved
+
+    require("tensorboard", "read back the event file")
+    require("mlflow", "read back the file store")
+    tracker_env(monkeypatch, tmp_path)
+    out = tmp_path / "ddp"
+    cfg = cfg_for(tiny_student, topk_store, out, steps=3, save_every=0, report_to=("tensorboard", "mlflow"),
+                  val_fraction=0.0, eval_every=0)
+    write_resolved(cfg, tmp_path / "cfg.toml")
+    torchrun = Path(sys.executable).parent / "torchrun"
+    p = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", str(29700 + os.getpid() % 200),
+                        "-m", "kdpipe.pipeline.cli", "train-student", "--config", str(tmp_path / "cfg.toml")],
+                       cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    state = json.loads((out / "trackers" / "state.json").read_text())["trackers"]
+    assert len(list(Path(state["tensorboard"]["logdir"]).glob("events.out.tfevents.*"))) == 1
+    runs = [d for d in (out / "trackers" / "mlruns").glob("*/*") if d.is_dir() and (d / "meta.yaml").exists()]
+    assert [d.name for d in runs] == [state["mlflow"]["run_id"]]
+    want = expected_scalars(out)
+    _same(readers.tensorboard_scalars(Path(state["tensorboard"]["logdir"])), want, "tensorboard (ddp)")
+    _same(readers.mlflow_run(state["mlflow"]["tracking_uri"], state["mlflow"]["run_id"])[0], want, "mlflow (ddp)")

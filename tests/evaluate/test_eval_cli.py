@@ -54,7 +54,7 @@ def report(tmp_path_factory, models, data):
     nli = build_nli(tmp_path_factory.mktemp("nli"), {0: "entailment", 1: "neutral", 2: "contradiction"})
     out = tmp_path_factory.mktemp("report")
     r = kdpipe("evaluate", "--model", str(teacher), "--model", str(run), "--data", str(data), "--out", str(out),
-               "--max-new-tokens", "8", "--max-model-len", "512", "--nli-model", str(nli), "--bootstrap-samples", "200")
+               "--text-field", "document", "--max-new-tokens", "8", "--max-model-len", "512", "--nli-model", str(nli), "--bootstrap-samples", "200")
     assert r.returncode == 0, r.stderr[-3000:]
     return out, r.stdout
 
@@ -100,12 +100,14 @@ def test_report_markdown_sections(report):
 def test_bad_inputs_fail_before_generation(tmp_path, models, data):
     teacher, run = models
     bad = tmp_path / "noref.jsonl"
-    bad.write_text(json.dumps({"id": "1", "document": "x", "split": "heldout"}) + "\n")
+    bad.write_text(json.dumps({"id": "1", "text": "x", "split": "heldout"}) + "\n")
     r = kdpipe("evaluate", "--model", str(teacher), "--data", str(bad), "--out", str(tmp_path / "o"))
     assert r.returncode != 0 and "has no field 'summary'" in r.stderr and "Traceback" not in r.stderr
     nli = build_nli(tmp_path / "nli", {0: "LABEL_0", 1: "LABEL_1"})
-    r = kdpipe("evaluate", "--model", str(teacher), "--data", str(data), "--out", str(tmp_path / "o"), "--nli-model", str(nli))
+    r = kdpipe("evaluate", "--model", str(teacher), "--data", str(data), "--out", str(tmp_path / "o"), "--nli-model", str(nli),
+               "--text-field", "document")
     assert r.returncode != 0 and "no entailment label" in r.stderr
-    r = kdpipe("evaluate", "--model", str(tmp_path / "missing"), "--data", str(data), "--out", str(tmp_path / "o"))
+    r = kdpipe("evaluate", "--model", str(tmp_path / "missing"), "--data", str(data), "--out", str(tmp_path / "o"),
+               "--text-field", "document")
     assert r.returncode != 0 and "does not exist" in r.stderr
     assert not (tmp_path / "o" / "outputs.jsonl").exists()

@@ -202,7 +202,7 @@ def test_dataset_without_reference_field_is_refused(tmp_path):
     from kdpipe.storage.errors import DataError
 
     p = tmp_path / "d.jsonl"
-    p.write_text(json.dumps({"id": "a", "document": "text", "split": "heldout"}) + "\n")
+    p.write_text(json.dumps({"id": "a", "text": "text", "split": "heldout"}) + "\n")
     with pytest.raises(DataError, match="line 1 has no field 'summary'"):
         load_examples(EvalConfig(models=("m",), data=str(p), out="o"))
 

@@ -1,0 +1,51 @@
+"""What a person sees: kdpipe's own progress and summary; the engine's log goes to a file.
+
+vLLM logs ~80 INFO/WARNING lines for a one-second generation, from the calling process and from
+its engine-core and worker processes (which inherit the file descriptors, not Python's
+sys.stdout), plus Triton/FutureWarning noise from its imports. So while an engine lives, file
+descriptors 1 and 2 point at a log file beside the output (STORE/logs/, REPORT/logs/): every
+process's output lands there, whole and in order, and kdpipe's progress bar writes to a copy of
+the terminal's stderr it kept. `--verbose` leaves the descriptors alone (everything on screen).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from pathlib import Path
+from typing import IO, Iterator
+
+
+@contextlib.contextmanager
+def engine_output(log_path: str | os.PathLike, verbose: bool = False) -> Iterator[IO[str]]:
+    """Route fds 1/2 (this process and every child started inside) to `log_path`; yield the console.
+
+    The yielded stream is the terminal's stderr, for progress bars and kdpipe's own lines. The
+    descriptors are restored on exit, also on an exception, so the error is printed on screen.
+    """
+    if verbose:
+        yield sys.stderr
+        return
+    log_path = Path(log_path)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    for s in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            s.flush()
+    saved = [os.dup(1), os.dup(2)]
+    console = os.fdopen(os.dup(saved[1]), "w", buffering=1, encoding="utf-8", errors="replace")
+    log = open(log_path, "ab")
+    try:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        yield console
+    finally:
+        for s in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                s.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in saved:
+            os.close(fd)
+        log.close()
+        console.close()
