@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import tomli_w
 
 WORDS = ("the city council approved a new budget for parks and schools on monday researchers in paris "
          "reported that river reached its highest level ten years quick brown fox jumps over lazy dog").split()
@@ -56,3 +57,25 @@ def completions(recs: dict) -> dict:
         t0 = int(r.target_positions[0])
         out[sid] = (r.input_ids[:t0].tolist(), r.input_ids[t0:].tolist())
     return out
+
+
+def job_doc(teacher, student, prompts, **on_policy) -> dict:
+    op = {"rounds": 2, "samples_per_prompt": 2, "temperature": 1.0, "steps_per_round": 2,
+          "start_model": str(student), "prompts": {"dataset": str(prompts), "id_field": "id"},
+          "train": {"tokens_per_batch": 256, "save_every": 0, "lr": 1e-3}, "generation": {"max_new_tokens": 6}}
+    op.update(on_policy)
+    op = {k: v for k, v in op.items() if v is not None}  # None: leave the key out
+    return {
+        "name": "op", "run_dir": "run",
+        "teacher": {"model": str(teacher), "dtype": "float32", "max_model_len": 256, "engine": "hf"},
+        "generation": {"k": 4, "num_tasks": 1, "store": "unused-store", "progress": False},
+        "on_policy": op,
+        "slurm": {"cpus_per_task": 1, "mem": "2G"},
+    }
+
+
+def write_job(base: Path, doc: dict) -> Path:
+    base.mkdir(parents=True, exist_ok=True)
+    p = base / "op.toml"
+    p.write_text(tomli_w.dumps(doc))
+    return p
