@@ -1,0 +1,116 @@
+"""A finished phase-one command exits 0 (issue 11 §1): real vLLM, teacher-forced `score` at k=64.
+
+Before the fix, `kdpipe generate-logits --recipe score --top-k 64` printed its summary and then
+died in vLLM/torch teardown ("terminate called without an active exception", exit 134) in about
+half the runs, so SLURM's `afterok` never fired. kdpipe now shuts the engine down explicitly and
+ends the process with the status of its work (kdpipe.pipeline.shutdown). Here: five fresh CLI
+processes in a row, each on 100 documents of several hundred tokens, each must exit 0; then a
+`kdpipe run` chain whose store is a score store proceeds through finalize to training.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from kdtest import require
+from gen_helpers import make_docs, write_jsonl
+
+pytestmark = pytest.mark.vllm
+
+N_DOCS = 100
+RUNS = 5
+K = 64
+
+
+@pytest.fixture(scope="module")
+def long_docs(tmp_path_factory) -> Path:
+    """100 documents of ~300 tokens, each with a ~40-token reference target."""
+    docs = make_docs(N_DOCS, seed=11, sentences=22)
+    refs = make_docs(N_DOCS, seed=12, sentences=3)
+    rows = [{"id": f"x{i}", "document": d, "ref": r} for i, (d, r) in enumerate(zip(docs, refs))]
+    return write_jsonl(tmp_path_factory.mktemp("exitdata") / "docs.jsonl", rows)
+
+
+def _env() -> dict:
+    return dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", OMP_WAIT_POLICY="PASSIVE")
+
+
+def test_score_k64_exits_0_every_time(tiny_teacher, long_docs, tmp_path):
+    require("vllm", "the exit status after vLLM's teardown is what is tested")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_teacher)
+    first = long_docs.read_text().splitlines()[0]
+    assert len(tok(first)["input_ids"]) > 250  # "several hundred tokens" per document
+    for i in range(RUNS):
+        out = tmp_path / f"store{i}"
+        r = subprocess.run(
+            [sys.executable, "-m", "kdpipe.pipeline.cli", "generate-logits", "--teacher", str(tiny_teacher),
+             "--data", str(long_docs), "--text-field", "document", "--id-field", "id", "--recipe", "score",
+             "--target-field", "ref", "--top-k", str(K), "--max-model-len", "1024", "--dtype", "float32",
+             "--enforce-eager", "--no-progress", "--out", str(out)],
+            capture_output=True, text=True, env=_env(), timeout=600,
+        )
+        log = "".join(p.read_text(errors="replace")[-3000:] for p in (out / "logs").glob("*.log")) if (out / "logs").is_dir() else ""
+        assert r.returncode == 0, f"run {i}: exit {r.returncode}\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}\n{log}"
+        assert f"wrote {N_DOCS} samples" in r.stdout, r.stdout
+        assert (out / "tasks" / "task-00000.json").is_file()
+
+
+SCORE_JOB = """\
+name = "score-chain"
+[teacher]
+model = "{teacher}"
+dtype = "float32"
+max_model_len = 1024
+enforce_eager = true
+
+[data]
+dataset = "{data}"
+text_field = "document"
+target_field = "ref"
+id_field = "id"
+
+[generation]
+recipe = "score"
+k = {k}
+num_tasks = 1
+store = "store"
+progress = false
+
+[[students]]
+name = "s"
+model = "{student}"
+alpha = 0.5
+temperature = 2.0
+steps = 2
+tokens_per_batch = 512
+save_every = 0
+
+[slurm]
+cpus_per_task = 2
+mem = "4G"
+time = {{ generate = "00:15:00", finalize = "00:05:00", train = "00:15:00" }}
+"""
+
+
+def score_job_text(teacher, student, data, k: int = K) -> str:
+    return SCORE_JOB.format(teacher=teacher, student=student, data=data, k=k)
+
+
+def test_run_chain_with_a_score_store_reaches_training(tiny_teacher, tiny_student, long_docs, tmp_path):
+    require("vllm", "the chain's teacher pass runs under vLLM")
+    job = tmp_path / "job.toml"
+    job.write_text(score_job_text(tiny_teacher, tiny_student, long_docs))
+    kdpipe = shutil.which("kdpipe", path=os.path.dirname(sys.executable))
+    r = subprocess.run([kdpipe, "run", str(job)], capture_output=True, text=True, cwd=tmp_path, env=_env(), timeout=900)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    for line in ("generate task 0", "finalize", "train-s"):
+        assert f"ok  {line}" in r.stdout, r.stdout
+    assert (tmp_path / "store" / "manifest.json").is_file()
+    assert (tmp_path / "runs" / "score-chain" / "runs" / "s" / "final").is_dir()
