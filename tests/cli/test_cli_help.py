@@ -80,10 +80,12 @@ def test_renamed_toml_keys_map_to_one_field_name():
     from kdpipe.pipeline.evaluate.config import EvalConfig
     from kdpipe.pipeline.generate.config import GenerateConfig
 
-    with pytest.warns(RenamedKeyWarning, match="'document_field' is the old name of 'text_field'"):
+    with pytest.warns(RenamedKeyWarning) as rec:
         cfg = build_config(EvalConfig, {"models": ["m"], "data": "d", "out": "o", "document_field": "doc",
                                         "reference_field": "ref"})
     assert (cfg.text_field, cfg.target_field) == ("doc", "ref")
+    said = " ".join(str(w.message) for w in rec)
+    assert "'document_field' is the old name of 'text_field'" in said and "'reference_field' is the old name of 'target_field'" in said
     # the same name and default for the document in phase one and evaluate
     assert EvalConfig.__dataclass_fields__["text_field"].default == GenerateConfig.__dataclass_fields__["text_field"].default
 
