@@ -44,6 +44,7 @@ class EvalConfig:
     max_new_tokens: int = 64  # generation length cap (the same for every model)
     temperature: float = 0.0  # sampling temperature (0 = greedy)
     max_model_len: int = 1024  # engine context length (the same for every model)
+    engine: str = "vllm"  # vllm | hf (plain transformers: no engine start, for small models on CPU; same protocol)
     dtype: str = "float32"  # engine dtype: float32 | bfloat16 | float16 | auto (each model's torch_dtype on GPU, float32 on CPU; resolved before its engine starts)
     seed: int = 0  # engine and bootstrap seed
     gpu_memory_utilization: float = 0.8  # fraction of GPU memory vLLM may use
@@ -56,6 +57,7 @@ class EvalConfig:
     nli_chunk_tokens: int = 400  # source chunk length (NLI model tokens) for the premise
     score_device: str = "cpu"  # device of the similarity and NLI scorers
     score_batch_size: int = 32  # batch size of the scorers
+    reference_scores: bool = True  # teacher-forced NLL per reference token and calibration (ECE); see calibration.py
     bootstrap_samples: int = 1000  # bootstrap resamples for the confidence intervals
     confidence: float = 0.95  # confidence level of the intervals
     plots: bool = True  # write PNG plots
@@ -68,6 +70,8 @@ class EvalConfig:
         from kdpipe.pipeline.trackers import parse_report_to
 
         object.__setattr__(self, "report_to", parse_report_to(self.report_to, "report_to"))
+        if self.engine not in ("vllm", "hf"):
+            raise ConfigError(f"engine: {self.engine!r} is not one of vllm, hf")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ConfigError(f"dtype: {self.dtype!r} is not one of auto, float32, bfloat16, float16")
         if not self.models:

@@ -181,15 +181,17 @@ def _engine_kwargs(cfg) -> dict[str, Any]:
 
 def generate_outputs(spec: ModelSpec, tokenizer, prompts: list[list[int]], cfg, progress=None) -> ModelOutputs:
     """Run one model over all prompts; the first `latency_requests` are timed one by one."""
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    from vllm import LLM, SamplingParams
-
     too_long = [i for i, p in enumerate(prompts) if len(p) + cfg.max_new_tokens > cfg.max_model_len]
     if too_long:
         raise DataError(
             f"{len(too_long)} prompt(s) (first: example {too_long[0]}, {len(prompts[too_long[0]])} tokens) plus "
             f"max_new_tokens={cfg.max_new_tokens} do not fit max_model_len={cfg.max_model_len}; raise --max-model-len"
         )
+    if getattr(cfg, "engine", "vllm") == "hf":
+        return generate_outputs_hf(spec, tokenizer, prompts, cfg, progress)
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    from vllm import LLM, SamplingParams
+
     t0 = time.perf_counter()
     llm = LLM(model=spec.model, **_engine_kwargs(cfg))
     start_s = time.perf_counter() - t0
@@ -223,6 +225,74 @@ def generate_outputs(spec: ModelSpec, tokenizer, prompts: list[list[int]], cfg, 
         texts=texts,
         output_tokens=[len(t) for t in ids],
         finish_reasons=[str(r.outputs[0].finish_reason) for r in results],
+        latencies_s=latencies,
+        engine_start_s=start_s,
+    )
+
+
+def generate_outputs_hf(spec: ModelSpec, tokenizer, prompts: list[list[int]], cfg, progress=None) -> ModelOutputs:
+    """The same protocol with plain transformers (`engine = "hf"`): no engine start, for small models on CPU.
+
+    Greedy (or seeded sampling) until EOS or max_new_tokens; the EOS is counted as an output token,
+    as vLLM counts it. Timed prompts run one request at a time; the rest in left-padded batches.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(cfg.dtype, torch.float32)
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(spec.model, dtype=dtype).to(device).eval()
+    start_s = time.perf_counter() - t0
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or 0)
+    sample = cfg.temperature > 0
+    kw = dict(max_new_tokens=cfg.max_new_tokens, do_sample=sample, eos_token_id=eos, pad_token_id=pad,
+              **({"temperature": cfg.temperature} if sample else {"temperature": None, "top_p": None, "top_k": None}))
+
+    def run(batch: list[list[int]]) -> list[list[int]]:
+        torch.manual_seed(cfg.seed)
+        T = max(len(p) for p in batch)
+        ids = torch.full((len(batch), T), pad, dtype=torch.long)  # [B, T], left padded
+        mask = torch.zeros((len(batch), T), dtype=torch.long)
+        for i, p in enumerate(batch):
+            ids[i, T - len(p):] = torch.tensor(p)
+            mask[i, T - len(p):] = 1
+        with torch.no_grad():
+            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kw)[:, T:].tolist()
+        cut = []
+        for row in out:  # up to and including the first EOS; the rest is padding
+            cut.append(row[: row.index(eos) + 1] if eos in row else row)
+        return cut
+
+    run(prompts[: max(cfg.warmup_requests, 1)][:1])  # warm-up: first-call allocations
+    if progress is not None:
+        progress.reset(total=len(prompts))
+    n_timed = len(prompts) if cfg.latency_requests is None else min(cfg.latency_requests, len(prompts))
+    ids: list[list[int]] = []
+    latencies = []
+    for p in prompts[:n_timed]:
+        t = time.perf_counter()
+        ids += run([p])
+        latencies.append(time.perf_counter() - t)
+        if progress is not None:
+            progress.update(1)
+    rest = sorted(range(n_timed, len(prompts)), key=lambda i: len(prompts[i]))
+    done: dict[int, list[int]] = {}
+    for b in range(0, len(rest), 32):
+        chunk = rest[b : b + 32]
+        for i, o in zip(chunk, run([prompts[i] for i in chunk])):
+            done[i] = o
+        if progress is not None:
+            progress.update(len(chunk))
+    ids += [done[i] for i in range(n_timed, len(prompts))]
+    del model
+    gc.collect()
+    return ModelOutputs(
+        name=spec.name,
+        texts=[tokenizer.decode(t, skip_special_tokens=True).strip() for t in ids],
+        output_tokens=[len(t) for t in ids],
+        finish_reasons=["stop" if t and t[-1] == eos else "length" for t in ids],
         latencies_s=latencies,
         engine_start_s=start_s,
     )

@@ -41,13 +41,15 @@ def quality_keys(report: dict) -> list[str]:
 def headline_table(report: dict) -> str:
     """The table `kdpipe demo` prints: main metrics, retention and speed per model."""
     keys = [k for k in HEADLINE if k in quality_keys(report)]
-    head = ["model", "role"] + [LABELS[k] for k in keys] + ["ROUGE-L ret. %", "p50 s", "tok/s", "speed-up"]
+    has_ref = any(m.get("reference") for m in report["models"])
+    head = ["model", "role"] + [LABELS[k] for k in keys] + (["NLL(ref)"] if has_ref else []) + ["ROUGE-L ret. %", "p50 s", "tok/s", "speed-up"]
     rows = []
     for m in report["models"]:
         ret = m.get("retention_vs_teacher_pct", {}).get("rougeL")
         sp = m.get("speedup_vs_teacher", {}).get("p50")
         rows.append(
             [m["name"], m["role"]] + [_f(m["quality"][k]["mean"]) if k in m["quality"] else "–" for k in keys]
+            + ([_f(m["reference"]["nll_ref"]["mean"]) if m.get("reference") else "–"] if has_ref else [])
             + [_f(ret, 1) if ret is not None else "100.0" if m["role"] == "teacher" else "–",
                _f(m["latency"]["p50_s"], 4), _f(m["latency"]["tokens_per_s"], 1),
                (_f(sp, 2) + "×") if sp is not None else ("1.00×" if m["role"] == "teacher" else "–")]
@@ -59,6 +61,55 @@ def _md_table(head: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
+
+
+SWEEP_KEYS = ("alpha", "temperature", "divergence", "jsd_beta", "tail_mode", "lr", "steps", "top_k")
+
+
+def sweep_settings(report: dict) -> tuple[list[str], list[tuple[dict, str]]]:
+    """The training settings that differ between the evaluated runs (a sweep), and per run model its label.
+
+    -> (differing keys, [(model entry, "alpha=0.5 temperature=2.0 ...")]); no keys when fewer than 2 runs differ.
+    """
+    runs = report.get("runs") or {}
+    ms = [m for m in report["models"] if m["name"] in runs and (runs[m["name"]].get("config") or {})]
+    cfgs = {m["name"]: runs[m["name"]]["config"] for m in ms}
+    keys = [k for k in SWEEP_KEYS if len({json.dumps(c.get(k)) for c in cfgs.values()}) > 1]
+    if len(ms) < 2 or not keys:
+        return [], []
+    return keys, [(m, " ".join(f"{k}={cfgs[m['name']].get(k)}" for k in keys)) for m in ms]
+
+
+def reference_table(report: dict, conf: int) -> list[str]:
+    """Teacher-forced NLL of the references and calibration, per model (when computed)."""
+    ms = [m for m in report["models"] if m.get("reference")]
+    if not ms:
+        return []
+    ci = lambda d, n=3: f"{_f(d['mean'], n)} [{_f(d['ci_low'], n)}, {_f(d['ci_high'], n)}]"  # noqa: E731
+    return [
+        f"## Likelihood of the references and calibration (mean [{conf}% bootstrap CI over examples])", "",
+        "Teacher-forced on the human references: NLL per target token (lower is better), expected calibration "
+        "error of the next-token top-1 confidence over 15 equal-width bins (lower is better), top-1 accuracy.", "",
+        _md_table(["model", "NLL(ref)", "ECE", "top-1 acc."], [
+            [m["name"], ci(m["reference"]["nll_ref"]), ci(m["reference"]["ece"], 4), _f(m["reference"].get("top1_accuracy"))]
+            for m in ms
+        ]), "",
+    ]
+
+
+def sweep_table(report: dict, conf: int) -> list[str]:
+    keys, rows = sweep_settings(report)
+    if not keys:
+        return []
+    has_ref = any(m.get("reference") for m, _ in rows)
+    head = ["run", *keys, f"ROUGE-L [{conf}% CI]"] + (["NLL(ref)"] if has_ref else [])
+    table = []
+    for m, _ in sorted(rows, key=lambda r: -r[0]["quality"]["rougeL"]["mean"]):
+        cfg = report["runs"][m["name"]]["config"]
+        q = m["quality"]["rougeL"]
+        table.append([m["name"], *[str(cfg.get(k)) for k in keys], f"{_f(q['mean'])} [{_f(q['ci_low'])}, {_f(q['ci_high'])}]"]
+                     + ([_f(m["reference"]["nll_ref"]["mean"])] if has_ref and m.get("reference") else ["–"] if has_ref else []))
+    return ["## Quality by setting (runs sorted by ROUGE-L)", "", _md_table(head, table), ""]
 
 
 def markdown(report: dict, plots: list[str]) -> str:
@@ -121,6 +172,7 @@ def markdown(report: dict, plots: list[str]) -> str:
         ]
     else:
         parts += ["No baseline given (`--baseline NAME`).", ""]
+    parts += reference_table(report, conf) + sweep_table(report, conf)
     parts += ["## Stores and runs", ""]
     if report["stores"]:
         parts += [_md_table(["store", "cache key", "sequences", "target tokens"], [
@@ -206,6 +258,26 @@ def plot_all(report: dict, out: Path) -> list[str]:
         fig.savefig(out / "loss.png", dpi=100)
         plt.close(fig)
         written.append("loss.png")
+
+    keys, rows = sweep_settings(report)
+    if keys:  # quality by setting: one bar per run, ROUGE-L with its CI, the teacher as a line
+        rows = sorted(rows, key=lambda r: r[1])
+        mean = np.array([m["quality"]["rougeL"]["mean"] for m, _ in rows], dtype=float)
+        lo = np.array([m["quality"]["rougeL"]["ci_low"] for m, _ in rows], dtype=float)
+        hi = np.array([m["quality"]["rougeL"]["ci_high"] for m, _ in rows], dtype=float)
+        fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(rows) + 2), 4.5))
+        ax.bar(np.arange(len(rows)), mean, 0.7, yerr=[mean - lo, hi - mean], capsize=3)
+        teacher = next((m for m in models if m["role"] == "teacher" and m["name"] not in {r[0]["name"] for r in rows}), None)
+        if teacher is not None:
+            ax.axhline(teacher["quality"]["rougeL"]["mean"], color="k", linestyle="--", linewidth=1, label=f"teacher {teacher['name']}")
+            ax.legend(fontsize=8)
+        ax.set_xticks(np.arange(len(rows)), [label.replace(" ", "\n") for _, label in rows], fontsize=7)
+        ax.set_ylabel("ROUGE-L (mean, bootstrap CI)")
+        ax.set_title("Quality by setting")
+        fig.tight_layout()
+        fig.savefig(out / "sweep.png", dpi=100)
+        plt.close(fig)
+        written.append("sweep.png")
     return written
 
 

@@ -16,6 +16,7 @@ import numpy as np
 from kdpipe.pipeline.card import update_run_cards
 from kdpipe.pipeline.config import atomic_write_text, config_to_dict, write_resolved
 from kdpipe.pipeline.evaluate import metrics as M
+from kdpipe.pipeline.evaluate.calibration import reference_scores
 from kdpipe.pipeline.evaluate.config import EvalConfig
 from kdpipe.pipeline.trackers import check_installed, evaluation_to_trackers
 from kdpipe.pipeline.evaluate.generate import (
@@ -146,6 +147,11 @@ def evaluate(cfg: EvalConfig, verbose: bool = False) -> dict[str, Any]:
         bar.update(1)
     bar.close()
 
+    # --- teacher-forced scores on the references: NLL per target token and calibration (ECE)
+    reference = {s.name: reference_scores(s.model, toks[s.name], docs, refs, template, cfg.use_chat_template,
+                                          cfg.system_prompt, cfg.score_device, cfg.bootstrap_samples, cfg.confidence, cfg.seed)
+                 for s in specs} if cfg.reference_scores else {}
+
     models = []
     for i, s in enumerate(specs):
         o = outputs[s.name]
@@ -168,6 +174,8 @@ def evaluate(cfg: EvalConfig, verbose: bool = False) -> dict[str, Any]:
             "dtype": dtypes[s.name],
             "finish_reasons": {r: o.finish_reasons.count(r) for r in sorted(set(o.finish_reasons))},
         })
+        if s.name in reference:
+            models[-1]["reference"] = reference[s.name]
     teacher = models[t_idx]
     t_means = {k: v["mean"] for k, v in teacher["quality"].items()}
     for i, m in enumerate(models):
@@ -188,6 +196,10 @@ def evaluate(cfg: EvalConfig, verbose: bool = False) -> dict[str, Any]:
                     for k in means if k in b_means
                 },
             }
+            if reference:  # per-example mean NLL of the reference, student − baseline (lower is better)
+                m["vs_baseline"]["nll_ref_difference_ci"] = M.bootstrap_ci(
+                    np.asarray(reference[m["name"]]["per_example_nll"]) - np.asarray(reference[models[b_idx]["name"]]["per_example_nll"]),
+                    cfg.bootstrap_samples, cfg.confidence, cfg.seed)
 
     report = {
         "kdpipe_report_version": 1,
@@ -205,6 +217,8 @@ def evaluate(cfg: EvalConfig, verbose: bool = False) -> dict[str, Any]:
             "similarity": (M.default_similarity_model_path() if cfg.similarity_model == "default" else cfg.similarity_model)
             if sim_model is not None else None,
             "nli": {"model": cfg.nli_model, "entailment_index": nli.entail} if nli is not None else None,
+            "reference": ("teacher-forced on the references: NLL per target token (pooled) and ECE over 15 equal-width "
+                          "bins of top-1 confidence; CIs by bootstrap over examples") if reference else None,
             "bootstrap": {"samples": cfg.bootstrap_samples, "confidence": cfg.confidence, "seed": cfg.seed},
         },
         "environment": {"cpu_count": os.cpu_count()},

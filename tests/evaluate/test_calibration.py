@@ -77,3 +77,45 @@ def test_reference_scores_match_a_dense_forward(tmp_path):
     assert got["nll_ref"]["mean"] == pytest.approx(-np.mean(lps), rel=1e-5)
     assert got["nll_ref"]["tokens"] == len(lps)
     assert got["ece"]["mean"] == pytest.approx(expected_calibration_error(np.array(confs), np.array(corrs)), abs=1e-5)
+
+
+def test_evaluate_reports_reference_scores_and_quality_by_setting(tmp_path):
+    """evaluate() (engine = "hf": no engine start) carries NLL/ECE per model; runs that differ in their
+    settings get the quality-by-setting table and sweep.png."""
+    import json
+
+    from kdpipe.pipeline.config import write_resolved
+    from kdpipe.pipeline.evaluate import EvalConfig, evaluate
+    from kdpipe.pipeline.tiny import TinyModelConfig, build_model, build_tiny
+    from kdpipe.pipeline.train.config import TrainConfig
+
+    teacher = build_tiny(tmp_path / "teacher", cfg=TinyModelConfig(vocab_size=300, hidden_size=64, num_hidden_layers=1, seed=0))
+    runs = []
+    for i, alpha in enumerate((0.2, 0.5)):  # two "sweep" runs: real weights and real resolved train configs
+        run = tmp_path / f"kd-{alpha}"
+        build_model(run / "final", teacher, TinyModelConfig(vocab_size=300, hidden_size=32, num_attention_heads=1,
+                                                            num_key_value_heads=1, num_hidden_layers=1, seed=1 + i))
+        write_resolved(TrainConfig(student="s", stores=("store",), out=str(run), alpha=alpha, temperature=2.0), run / "train_config.toml")
+        runs.append(run)
+    data = tmp_path / "held.jsonl"
+    data.write_text("".join(json.dumps({"id": str(i), "document": d, "summary": s}) + "\n" for i, (d, s) in enumerate([
+        ("The city council approved a new budget for parks.", "Council approves park budget."),
+        ("Researchers in Paris reported that the river rose.", "Paris river rose."),
+        ("Question: who approved the budget? Answer: the city council.", "The council approved it."),
+    ])))
+    fields = {f for f in EvalConfig.__dataclass_fields__}
+    names = {"text_field": "document"} if "text_field" in fields else {"document_field": "document"}
+    rep = evaluate(EvalConfig(models=(str(teacher), *map(str, runs)), data=str(data), out=str(tmp_path / "report"), split="",
+                              engine="hf", similarity_model="none", max_new_tokens=4, max_model_len=256,
+                              bootstrap_samples=100, warmup_requests=1, **names))
+    for m in rep["models"]:
+        r = m["reference"]
+        assert r["nll_ref"]["ci_low"] <= r["nll_ref"]["mean"] <= r["nll_ref"]["ci_high"]
+        assert r["nll_ref"]["n"] == 3 and r["ece"]["bins"] == 15 and 0.0 <= r["ece"]["mean"] <= 1.0
+        assert len(m["latency"]["per_request_s"]) == 3
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "## Likelihood of the references and calibration" in md
+    assert "## Quality by setting" in md and "NLL(ref)" in md
+    assert (tmp_path / "report" / "sweep.png").is_file()
+    saved = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert saved["models"][1]["reference"]["nll_ref"]["mean"] == pytest.approx(rep["models"][1]["reference"]["nll_ref"]["mean"])
