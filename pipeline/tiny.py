@@ -132,11 +132,13 @@ def build_unigram_tokenizer(out_dir: str | os.PathLike, texts: Iterable[str] | N
                                       unk_token="<unk>", show_progress=False)
     base.train_from_iterator(texts, trainer=trainer)
     model = json.loads(base.to_str())["model"]
-    vocab = [tuple(v) for v in model["vocab"]]
+    low = min(s for _, s in model["vocab"]) - 1.0
+    # Special tokens are control tokens (added below), not pieces text can produce; <unk> stays a piece
+    # (the model needs one) with a score no text prefers over its bytes.
+    vocab = [("<unk>", low - 100.0)] + [tuple(v) for v in model["vocab"] if v[0] not in SPECIAL_TOKENS]
     have = {p for p, _ in vocab}
-    low = min(s for _, s in vocab) - 1.0
     vocab += [(f"<0x{b:02X}>", low) for b in range(256) if f"<0x{b:02X}>" not in have]
-    tok = Tokenizer(models.Unigram(vocab, unk_id=model["unk_id"], byte_fallback=True))
+    tok = Tokenizer(models.Unigram(vocab, unk_id=0, byte_fallback=True))
     tok.pre_tokenizer = pre
     tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
                                      decoders.Strip(" ", 1, 0)])

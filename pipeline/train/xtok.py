@@ -213,12 +213,18 @@ def byte_ends(tb: TokenBytes, ids: np.ndarray, drop_prefix: int = 0) -> np.ndarr
 def align(teacher_ends: np.ndarray, student_ends: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
     """Aligned groups of two tokenizations of one byte string (module doc).
 
+    teacher_ends [P_t], student_ends [P_s]: nondecreasing cumulative byte ends.
     -> (teacher group [P_t] int64, student group [P_s] int64, number of groups G).
     """
     if len(teacher_ends) and len(student_ends) and teacher_ends[-1] != student_ends[-1]:
         raise ValueError(f"the two tokenizations cover {teacher_ends[-1]} and {student_ends[-1]} bytes")
-    common = np.intersect1d(teacher_ends, student_ends)  # sorted, unique
-    common = common[common > 0]
+    # Common boundaries by a sorted merge (both are sorted): the teacher ends found among the student's.
+    idx = np.searchsorted(student_ends, teacher_ends)
+    hit = idx < len(student_ends)
+    hit[hit] = student_ends[idx[hit]] == teacher_ends[hit]
+    common = teacher_ends[hit & (teacher_ends > 0)]
+    if len(common) > 1:
+        common = common[np.concatenate(([True], common[1:] != common[:-1]))]  # zero-byte tokens repeat an end
     if len(common) == 0:  # no bytes at all: everything is one group (if anything)
         g = 1 if (len(teacher_ends) or len(student_ends)) else 0
         return np.zeros(len(teacher_ends), np.int64), np.zeros(len(student_ends), np.int64), g
@@ -242,22 +248,88 @@ class Aligned:
     num_groups: int
 
 
+@dataclass
+class _TeacherSide:
+    rec: Record
+    pos: np.ndarray
+    actual: np.ndarray
+    n_body: int  # teacher targets before the final special run
+    final: bool  # the targets end with the teacher's EOS: the trailing specials form the last group
+    text: bytes
+    drop: int
+
+
+def _fast(tok):
+    """The tokenizers.Tokenizer behind a HF fast tokenizer, when calling it directly is equivalent."""
+    return getattr(tok, "backend_tokenizer", None)
+
+
+def text_encoder(tok):
+    """texts, add_special_tokens -> token id lists, reading special-token strings in the text as text.
+
+    A document or summary may contain the literal string of a special token ("<|assistant|>"); as
+    text it has bytes, so it must not become the zero-byte special token. A private copy of the
+    Rust tokenizer gets `encode_special_tokens` (the caller's tokenizer is left as it is).
+    """
+    fast = _fast(tok)
+    if fast is None:
+        return lambda texts, add_special_tokens: tok(texts, add_special_tokens=add_special_tokens,
+                                                     split_special_tokens=True)["input_ids"]
+    from tokenizers import Tokenizer
+
+    own = Tokenizer.from_str(fast.to_str())
+    own.encode_special_tokens = True
+    return lambda texts, add_special_tokens: [e.ids for e in own.encode_batch(texts, add_special_tokens=add_special_tokens)]
+
+
 class Aligner:
-    """Record (teacher tokens) -> Aligned (student tokens + groups); see the module doc."""
+    """Records (teacher tokens) -> Aligned (student tokens + groups); see the module doc.
+
+    `batch` tokenizes all records' prompts and completions in one call each (the Rust tokenizer's
+    batch encode); everything per record after that is a few numpy calls.
+    """
 
     def __init__(self, student_tok, teacher_tok, identical: bool, store: str = "store") -> None:
         self.student_tok, self.teacher_tok, self.identical, self.store = student_tok, teacher_tok, identical, store
         self.tb_t = token_bytes(teacher_tok, "teacher tokenizer")
         self.tb_s = self.tb_t if identical else token_bytes(student_tok, "student tokenizer")
         self.map = np.arange(len(self.tb_t.table), dtype=np.int64) if identical else vocab_map(self.tb_t, self.tb_s)
+        self._t_special = np.zeros(len(self.tb_t.table), bool)
+        self._t_special[[i for i in self.tb_t.special_ids if 0 <= i < len(self.tb_t.table)]] = True
+        start = next((x for x in (student_tok.bos_token_id, student_tok.eos_token_id, student_tok.pad_token_id)
+                      if x is not None), None)
+        self._start = start
+        self._encoder = None if identical else text_encoder(student_tok)
 
     def _where(self, rec: Record) -> str:
         return f"{self.store}: sample {rec.sample_id!r}"
 
     def __call__(self, rec: Record) -> Aligned:
+        return self.batch([rec])[0]
+
+    def batch(self, records: Sequence[Record]) -> list[Aligned]:
+        if self.identical:
+            return [self._identical(r) for r in records]
+        sides = [self._teacher_side(r) for r in records]
+        prompts = self._decode([r.input_ids[: int(s.pos[0])].tolist() for r, s in zip(records, sides)])
+        p_ids = self._encode(prompts, add_special_tokens=True)
+        c_ids = self._encode([s.text.decode("utf-8") for s in sides], add_special_tokens=False)
+        return [self._finish(s, p, c) for s, p, c in zip(sides, p_ids, c_ids)]
+
+    # ---- tokenizer calls, batched
+    def _decode(self, seqs: list[list[int]]) -> list[str]:
+        fast = _fast(self.teacher_tok)
+        if fast is not None and not getattr(self.teacher_tok, "clean_up_tokenization_spaces", False):
+            return fast.decode_batch(seqs, skip_special_tokens=True)
+        return self.teacher_tok.batch_decode(seqs, skip_special_tokens=True)
+
+    def _encode(self, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
+        return self._encoder(texts, add_special_tokens)
+
+    # ---- per record
+    def _check_positions(self, rec: Record) -> np.ndarray:
         pos = rec.target_positions.astype(np.int64)
         P = len(pos)
-        ids = rec.input_ids.astype(np.int64)
         if P == 0:
             raise DataError(f"{self._where(rec)} has no target positions; cross-tokenizer distillation needs targets")
         t0 = int(pos[0])
@@ -266,63 +338,75 @@ class Aligner:
                 f"{self._where(rec)}: its target positions are not one contiguous run after a prompt (first {t0}, "
                 f"{P} targets up to {int(pos[-1])}); cross-tokenizer alignment needs a contiguous completion"
             )
-        actual = ids[pos]  # [P_t]
-        if self.identical:
-            return Aligned(rec.sample_id, ids[: int(pos[-1]) + 1], pos, rec.ids.astype(np.int64), rec.logprobs,
-                           rec.tail, actual, np.arange(P, dtype=np.int64), np.arange(P, dtype=np.int64), P)
-        t_eos = self.tb_t.eos_id is not None and int(actual[-1]) == self.tb_t.eos_id and self.tb_s.eos_id is not None
-        body = actual[:-1] if t_eos else actual
-        got = self.tb_t.concat(body.tolist())
+        return pos
+
+    def _identical(self, rec: Record) -> Aligned:
+        pos = self._check_positions(rec)
+        ids = rec.input_ids.astype(np.int64)
+        P = len(pos)
+        ar = np.arange(P, dtype=np.int64)
+        return Aligned(rec.sample_id, ids[: int(pos[-1]) + 1], pos, rec.ids.astype(np.int64), rec.logprobs, rec.tail,
+                       ids[pos], ar, ar, P)
+
+    def _teacher_side(self, rec: Record) -> _TeacherSide:
+        pos = self._check_positions(rec)
+        actual = rec.input_ids[pos].astype(np.int64)  # [P_t]
+        n_body = len(actual)
+        final = (self.tb_t.eos_id is not None and int(actual[-1]) == self.tb_t.eos_id and self.tb_s.eos_id is not None)
+        if final:  # the trailing special tokens (end-of-turn marker, EOS) form the last group
+            while n_body and self._t_special[actual[n_body - 1]]:
+                n_body -= 1
+        got = self.tb_t.concat(actual[:n_body].tolist())
         if rec.text is not None:
             text = rec.text.encode("utf-8")
-            drop_t = strip_prefix(self.tb_t, got, text)
-            if drop_t is None:
+            drop = strip_prefix(self.tb_t, got, text)
+            if drop is None:
                 raise DataError(
                     f"{self._where(rec)}: the teacher's target tokens do not reproduce the stored text byte for byte "
                     f"({_first_diff(got, text)}); the teacher tokenizer's normalizer or the recipe altered the text, so "
                     "the student cannot be aligned to it. Regenerate the store without the alteration, or drop the sample"
                 )
         else:
-            drop_t = 1 if (self.tb_t.prefix_space and got[:1] == b" ") else 0
-            text = got[drop_t:]
+            drop = 1 if (self.tb_t.prefix_space and got[:1] == b" ") else 0
+            text = got[drop:]
         try:
-            s_text = text.decode("utf-8")
+            text.decode("utf-8")
         except UnicodeDecodeError as e:
             raise DataError(
                 f"{self._where(rec)}: the teacher's target tokens are not valid UTF-8 ({e.reason} at byte {e.start}), "
                 "so no student can tokenize them exactly; drop the sample or regenerate it with a longer max_new_tokens"
             ) from None
-        # The student's prompt: the sequence-level rule (decoded without special tokens, re-encoded).
-        prompt = self.teacher_tok.decode(ids[:t0].tolist(), skip_special_tokens=True)
-        p = self.student_tok(prompt, add_special_tokens=True)["input_ids"] if prompt else []
-        if not p:
-            start = next((x for x in (self.student_tok.bos_token_id, self.student_tok.eos_token_id,
-                                      self.student_tok.pad_token_id) if x is not None), None)
-            if start is None:
+        return _TeacherSide(rec, pos, actual, n_body, final, text, drop)
+
+    def _finish(self, s: _TeacherSide, p: list[int], c_list: list[int]) -> Aligned:
+        rec = s.rec
+        if not p:  # the student's prompt: the sequence-level rule (decoded without special tokens, re-encoded)
+            if self._start is None:
                 raise DataError(f"{self._where(rec)}: the prompt is empty and the student tokenizer has no BOS/EOS/PAD "
                                 "token to start the sequence with")
-            p = [start]
-        c = np.asarray(self.student_tok(s_text, add_special_tokens=False)["input_ids"], np.int64)
-        s_got = self.tb_s.concat(c.tolist())
-        drop_s = strip_prefix(self.tb_s, s_got, text)
+            p = [self._start]
+        s_got = self.tb_s.concat(c_list)
+        drop_s = strip_prefix(self.tb_s, s_got, s.text)
         if drop_s is None:
             raise DataError(
                 f"{self._where(rec)}: the student tokenizer does not reproduce the text byte for byte "
-                f"({_first_diff(s_got, text)}); its normalizer alters the text or it lacks byte fallback (<unk>), "
+                f"({_first_diff(s_got, s.text)}); its normalizer alters the text or it lacks byte fallback (<unk>), "
                 "so the two tokenizations cannot be aligned. Use a student tokenizer with byte fallback and no "
                 "normalizer, or drop the sample"
             )
-        te = byte_ends(self.tb_t, body, drop_t)
+        c = np.asarray(c_list, np.int64)
+        te = byte_ends(self.tb_t, s.actual[: s.n_body], s.drop)
         se = byte_ends(self.tb_s, c, drop_s)
         tg, sg, G = align(te, se)
-        if t_eos:  # the final EOS pair: a 1:1 group of its own
-            tg = np.append(tg, G)
+        if s.final:  # the final group: the teacher's trailing specials <-> the student's EOS
+            n_final = len(s.actual) - s.n_body
+            tg = np.concatenate([tg, np.full(n_final, G, np.int64)])
             c = np.append(c, self.tb_s.eos_id)
             sg = np.append(sg, G)
             G += 1
         s_ids = np.concatenate([np.asarray(p, np.int64), c])
         s_pos = np.arange(len(p), len(s_ids), dtype=np.int64)
-        return Aligned(rec.sample_id, s_ids, s_pos, rec.ids.astype(np.int64), rec.logprobs, rec.tail, actual, tg, sg, G)
+        return Aligned(rec.sample_id, s_ids, s_pos, rec.ids.astype(np.int64), rec.logprobs, rec.tail, s.actual, tg, sg, G)
 
 
 # ------------------------------------------------------------------------------- collate
@@ -387,7 +471,7 @@ class XCollate:
         self.truncated = 0
 
     def __call__(self, records: Sequence[Record]) -> XBatch:
-        al = [self._fit(self.aligner(r)) for r in records]
+        al = [self._fit(a) for a in self.aligner.batch(records)]
         return self.collate(al)
 
     def _fit(self, a: Aligned) -> Aligned:
@@ -415,36 +499,33 @@ class XCollate:
         B = len(al)
         T = max(len(a.input_ids) for a in al) if al else 0
         K = max((a.teacher_ids.shape[1] for a in al), default=0)
+        lens = np.fromiter((len(a.input_ids) for a in al), np.int64, B)
+        N = sum(len(a.target_positions) for a in al)
+        Nt = sum(len(a.teacher_actual) for a in al)
         input_ids = np.full((B, T), self.pad_id, np.int64)
-        mask = np.zeros((B, T), np.int64)
-        pred, s_group, t_group = [], [], []
-        t_ids, t_lp, t_tail, t_act = [], [], [], []
-        goff = 0
+        mask = (np.arange(T)[None, :] < lens[:, None]).astype(np.int64)  # [B, T]
+        # One preallocated array per field, filled record by record (no per-record temporaries).
+        pred_index, sg = np.empty(N, np.int64), np.empty(N, np.int64)
+        ids, lp = np.full((Nt, K), -1, np.int64), np.full((Nt, K), -np.inf, np.float32)
+        tail, act, tg = np.empty(Nt, np.float32), np.empty(Nt, np.int64), np.empty(Nt, np.int64)
+        s0 = n0 = goff = 0
         for b, a in enumerate(al):
-            L = len(a.input_ids)
-            input_ids[b, :L] = a.input_ids
-            mask[b, :L] = 1
-            pred.append(a.target_positions + b * T - 1)
-            s_group.append(a.student_group + goff)
-            t_group.append(a.teacher_group + goff)
+            input_ids[b, : lens[b]] = a.input_ids
+            s1, n1 = s0 + len(a.target_positions), n0 + len(a.teacher_actual)
+            pred_index[s0:s1] = a.target_positions
+            pred_index[s0:s1] += b * T - 1
+            sg[s0:s1] = a.student_group
+            sg[s0:s1] += goff
+            tg[n0:n1] = a.teacher_group
+            tg[n0:n1] += goff
             k = a.teacher_ids.shape[1]
-            ids = np.full((len(a.teacher_ids), K), -1, np.int64)
-            lp = np.full((len(a.teacher_ids), K), -np.inf, np.float32)
-            ids[:, :k], lp[:, :k] = a.teacher_ids, a.teacher_logprobs
-            t_ids.append(ids)
-            t_lp.append(lp)
-            t_tail.append(np.asarray(a.teacher_tail, np.float32))
-            t_act.append(a.teacher_actual)
+            ids[n0:n1, :k] = a.teacher_ids
+            lp[n0:n1, :k] = a.teacher_logprobs
+            tail[n0:n1] = a.teacher_tail
+            act[n0:n1] = a.teacher_actual
             goff += a.num_groups
+            s0, n0 = s1, n1
         G = goff
-        pred_index = np.concatenate(pred) if pred else np.zeros(0, np.int64)
-        sg = np.concatenate(s_group) if s_group else np.zeros(0, np.int64)
-        tg = np.concatenate(t_group) if t_group else np.zeros(0, np.int64)
-        ids = np.concatenate(t_ids) if t_ids else np.zeros((0, K), np.int64)
-        lp = np.concatenate(t_lp) if t_lp else np.zeros((0, K), np.float32)
-        tail = np.concatenate(t_tail) if t_tail else np.zeros(0, np.float32)
-        act = np.concatenate(t_act) if t_act else np.zeros(0, np.int64)
-        N, Nt = len(pred_index), len(tg)
         target_ids = input_ids.reshape(-1)[pred_index + 1] if N else np.zeros(0, np.int64)
 
         # ---- group shapes: sizes, and the single row of each side of a 1:1 group
@@ -458,7 +539,7 @@ class XCollate:
 
         # ---- vocabulary map on 1:1 groups
         valid = lp > -np.inf  # [Nt, K]
-        m_ids = np.where(ids >= 0, self.aligner.map[np.clip(ids, 0, None)], -1)  # [Nt, K] student ids
+        m_ids = np.where(ids >= 0, self.aligner.map[np.maximum(ids, 0)], -1)  # [Nt, K] student ids
         mapped = valid & (m_ids >= 0)
         p = np.where(valid, np.exp(lp.astype(np.float64)), 0.0)  # [Nt, K]
         kept = p.sum(1)
@@ -486,7 +567,7 @@ class XCollate:
         with np.errstate(divide="ignore", invalid="ignore"):
             la = np.where(eq, lp, -np.inf).max(1).astype(np.float64) if K else np.full(Nt, -np.inf)
             p_min = np.where(valid, lp, np.inf).min(1) if K else np.full(Nt, np.inf)
-            log_tail = np.log(np.clip(tail.astype(np.float64), 0.0, None))
+            log_tail = np.log(np.maximum(tail.astype(np.float64), 0.0))
             # an actual token outside the kept ids: at most min(tail, smallest kept p) — its upper bound
             la = np.where(found, la, np.minimum(log_tail, p_min))
             lpT = np.concatenate([np.where(valid, lp / self.T, -np.inf), (log_tail / self.T)[:, None]], 1)

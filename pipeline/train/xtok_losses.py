@@ -52,9 +52,9 @@ import math
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from kdpipe.pipeline.train.chunked import LossSpec
+from kdpipe.pipeline.train.chunked import LossSpec, _chunk_loss
 from kdpipe.pipeline.train.losses import (
-    _forward_kl_from_kept, _tail_floor, cross_entropy, divergence_fn, student_categories, teacher_categories,
+    _forward_kl_from_kept, _tail_floor, divergence_fn, student_categories, teacher_categories,
 )
 
 
@@ -126,26 +126,24 @@ def uld_distance(teacher_logprobs: torch.Tensor, teacher_tail: torch.Tensor, stu
 
 
 def _xchunk(h, weight, bias, target_ids, kd_ids, uld_rows, k_uld: int, spec: LossSpec):
-    """(Σ CE, log q_T at [target, kd ids] [c, 1+K], top-k log q_T at uld_rows [u, k_uld]) — all that needs [c, V]."""
-    z = torch.nn.functional.linear(h, weight, bias)  # [c, V]
+    """(Σ CE, log q_T at [target, kd ids] [c, 1+K], top-k log q_T at uld_rows [u, k_uld]) — all that needs [c, V].
+
+    CE and the gathers are chunked.py's own `_chunk_loss` (with the target as an extra kept column),
+    so a cross-tokenizer step computes bit for bit what a same-tokenizer step does on the same ids.
+    """
+    cols = torch.cat([target_ids.unsqueeze(-1), kd_ids], dim=-1)  # [c, 1+K]
+    ce, g = _chunk_loss(h, weight, bias, target_ids, cols, spec)
+    k = min(k_uld, weight.shape[0])
+    if not k:
+        return ce, g, g.new_zeros((0, 0))
+    z = torch.nn.functional.linear(h.index_select(0, uld_rows), weight, bias)  # [u, V]: the unmapped groups' first rows
     if z.dtype not in (torch.float32, torch.float64):
         z = z.float()
     if spec.logit_scale != 1.0:
         z = z * spec.logit_scale
     if spec.logit_softcap:
         z = spec.logit_softcap * torch.tanh(z / spec.logit_softcap)
-    log_q1 = torch.log_softmax(z, dim=-1)  # [c, V]
-    cols = torch.cat([target_ids.unsqueeze(-1), kd_ids], dim=-1)  # [c, 1+K]
-    if spec.temperature == 1.0:
-        g = log_q1.gather(-1, cols)
-        ce, log_qt = -g[:, 0].sum(), log_q1
-    else:
-        ce = cross_entropy(log_q1, target_ids).sum()
-        del log_q1
-        log_qt = torch.log_softmax(z / spec.temperature, dim=-1)  # [c, V]
-        g = log_qt.gather(-1, cols)
-    k = min(k_uld, log_qt.shape[-1])
-    top = log_qt.index_select(0, uld_rows).topk(k, dim=-1).values if k else g.new_zeros((0, 0))  # [u, k]
+    top = torch.log_softmax(z / spec.temperature, dim=-1).topk(k, dim=-1).values  # [u, k]
     return ce, g, top
 
 
