@@ -290,7 +290,8 @@ class Trackers:
             b.close()
 
 
-def check_trackers(names: Iterable[str], root: Path, resuming: bool) -> None:
+def check_trackers(names: Iterable[str], root: Path, resuming: bool,
+                   hint: str = "pass --resume to continue that run, or choose a new --out") -> None:
     """Before a run starts: every requested tracker is installed, and `root` is not another run's."""
     names = tuple(names)
     if not names:
@@ -300,8 +301,7 @@ def check_trackers(names: Iterable[str], root: Path, resuming: bool) -> None:
     if recorded and not resuming:
         runs = ", ".join(f"{k} {v.get('id') or v.get('run_id') or v.get('name') or v.get('logdir')}" for k, v in recorded.items())
         raise ConfigError(
-            f"{root}: holds the tracker runs of another run ({runs}); pass --resume to continue that run, "
-            f"or choose a new --out (or delete {root})"
+            f"{root}: holds the tracker runs of another run ({runs}); {hint} (or delete {root})"
         )
 
 
@@ -326,7 +326,7 @@ def _write_state(root: Path, state: dict) -> None:
 
 def open_trackers(names: Iterable[str], root: Path, run_name: str, params: Mapping[str, Any], *,
                   resume_step: int | None = None, attach: bool = False, enabled: bool = True,
-                  tags: Mapping[str, str] | None = None) -> Trackers:
+                  tags: Mapping[str, str] | None = None, hint: str | None = None) -> Trackers:
     """Start (or continue) one tracker run per name, their state kept in `root` (RUN/trackers).
 
     resume_step: the step a resumed training run restarts from (None = a new run; then an
@@ -337,7 +337,7 @@ def open_trackers(names: Iterable[str], root: Path, run_name: str, params: Mappi
     if not names or not enabled:
         return Trackers([], None, {})
     root = Path(root)
-    check_trackers(names, root, resuming=resume_step is not None or attach)
+    check_trackers(names, root, resuming=resume_step is not None or attach, **({"hint": hint} if hint else {}))
     state = _read_state(root)
     recorded = state.get("trackers", {})
     root.mkdir(parents=True, exist_ok=True)
@@ -428,7 +428,8 @@ def evaluation_to_trackers(names: Iterable[str], report: Mapping[str, Any], out:
         finally:
             t.close()
     if not runs:
-        t = open_trackers(names, out / "trackers", out.name, dict(params))
+        t = open_trackers(names, out / "trackers", out.name, dict(params),
+                          hint="an evaluation report gets new tracker runs: choose a new --out")
         try:
             values: dict[str, float] = {}
             for m in models:

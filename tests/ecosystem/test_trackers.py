@@ -183,3 +183,17 @@ def test_only_rank_0_logs_under_torchrun(tmp_path, tiny_student, topk_store, mon
     want = expected_scalars(out)
     _same(readers.tensorboard_scalars(Path(state["tensorboard"]["logdir"])), want, "tensorboard (ddp)")
     _same(readers.mlflow_run(state["mlflow"]["tracking_uri"], state["mlflow"]["run_id"])[0], want, "mlflow (ddp)")
+
+
+def test_evaluation_of_plain_models_gets_its_own_runs_once(tmp_path, monkeypatch):
+    from kdpipe.pipeline.trackers import evaluation_to_trackers
+
+    require("tensorboard", "read back the event file")
+    tracker_env(monkeypatch, tmp_path)
+    report = {"plots": [], "models": [{"name": "a", "role": "teacher", "run": None, "quality": {"rougeL": {"mean": 0.5}}},
+                                      {"name": "b", "role": "student", "run": None, "quality": {"rougeL": {"mean": 0.3}}}]}
+    evaluation_to_trackers(("tensorboard",), report, tmp_path / "report", {})
+    tb = readers.tensorboard_scalars(tmp_path / "report" / "trackers" / "tensorboard")
+    assert tb["eval/a/rougeL"] == {0: pytest.approx(0.5)} and tb["eval/b/rougeL"] == {0: pytest.approx(0.3)}
+    with pytest.raises(ConfigError, match=r"report/trackers: holds the tracker runs of another run .*choose a new --out"):
+        evaluation_to_trackers(("tensorboard",), report, tmp_path / "report", {})
