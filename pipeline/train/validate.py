@@ -106,17 +106,19 @@ class ValidationData:
     def batches(self) -> Iterator[Batch]:
         """Rows × longest row <= tokens_per_batch, as in training (a longer row goes alone)."""
         budget = self.spec.tokens_per_batch
+        # the training run's collate stage (cross-tokenizer KD aligns there, xtok.XCollate)
+        batch_of = self.spec.collate or (lambda rs: collate(rs, pad_id=self.spec.pad_id))
         recs: list[Record] = []
         longest = 0
         for rec in self._records():
             n = len(rec.input_ids)
             if recs and (len(recs) + 1) * max(longest, n) > budget:
-                yield collate(recs, pad_id=self.spec.pad_id)
+                yield batch_of(recs)
                 recs, longest = [], 0
             recs.append(rec)
             longest = max(longest, n)
         if recs:
-            yield collate(recs, pad_id=self.spec.pad_id)
+            yield batch_of(recs)
 
 
 def _dummy_batch(pad_id: int) -> Batch:

@@ -255,9 +255,13 @@ def test_store_without_tokenizer_files_and_no_flag(student_b, store_without_file
 
     with pytest.raises(ConfigError, match="teacher_tokenizer/.*--teacher-tokenizer"):
         train(_cfg(student_b, store_without_files, tmp_path / "r"))
-    # --teacher-tokenizer supplies them (checked against the fingerprint): two steps run
-    r = train(_cfg(student_b, store_without_files, tmp_path / "r2", teacher_tokenizer=str(tiny_teacher)))
+    # --teacher-tokenizer supplies them (checked against the fingerprint): two steps run, validation aligned too
+    r = train(_cfg(student_b, store_without_files, tmp_path / "r2", teacher_tokenizer=str(tiny_teacher), val_fraction=0.3))
     assert r.steps == 2 and math.isfinite(r.last["loss_kd"]) and r.last["loss_kd"] > 0
+    import json
+
+    val = [json.loads(x) for x in (tmp_path / "r2" / "metrics.jsonl").read_text().splitlines() if '"validation"' in x]
+    assert val and val[-1]["loss_kd"] > 0 and math.isfinite(val[-1]["loss"])
 
 
 def test_tokenizer_files_that_do_not_match_the_fingerprint(student_b, store_without_files, store_with_files, tmp_path):
