@@ -251,7 +251,8 @@ def round_steps(job, python: str, runs: list[RunSpec], steps: list, toml) -> tup
             rounds.append(RoundPlan(r, store, run, model, state))
             prev_train = f"{tag}-train"
         if job.evaluation is not None and (r == op.rounds or op.evaluate_every_round):
-            ev = phases.eval_config(job, run_spec, run)
+            # The report records the round's store (an on-policy-only job has no off-policy store).
+            ev = dataclasses.replace(phases.eval_config(job, run_spec, run), stores=(str(store),))
             ev_text = toml(ev)
             if done and (run / "eval" / "report.json").is_file() and _same_config(run / "eval" / "eval_config.toml", ev_text):
                 skipped.append(f"{tag}-evaluate: {run / 'eval' / 'report.json'} exists with the same config")

@@ -72,6 +72,18 @@ def test_local_run_executes_the_round_and_status_shows_it(ran):
     assert plan.steps == () and [r.state for r in plan.rounds] == ["done"]
 
 
+def test_evaluation_after_the_last_round_or_every_round(tmp_path, tiny_teacher, tiny_student, prompts):
+    doc = job_doc(tiny_teacher, tiny_student, prompts)
+    doc["evaluation"] = {"data": str(prompts), "text_field": "text", "max_samples": 2, "similarity_model": "none"}
+    plan = make_plan(load_job(write_job(tmp_path / "a", doc)))
+    assert [s.name for s in plan.steps][-1] == "onpolicy-r2-evaluate"
+    ev = plan.step("onpolicy-r2-evaluate")
+    assert ev.after == ("onpolicy-r2-train",) and "round-2/store" in ev.config_text
+    doc["on_policy"]["evaluate_every_round"] = True
+    plan = make_plan(load_job(write_job(tmp_path / "b", doc)))
+    assert plan.step("onpolicy-r1-evaluate").after == ("onpolicy-r1-train",)
+
+
 def test_bad_inputs_are_refused(tmp_path, tiny_teacher, tiny_student, prompts):
     def plan_of(name, **op):
         return make_plan(load_job(write_job(tmp_path / name, job_doc(tiny_teacher, tiny_student, prompts, **op))))
