@@ -82,39 +82,43 @@ def test_every_tracker_holds_metrics_jsonl(tracked_run, monkeypatch):
     _same(logs, want, "trackio")
 
 
-def test_evaluation_headline_and_plots_reach_the_run(tracked_run, tmp_path, monkeypatch):
-    """What `kdpipe evaluate --report-to` does at its end, on a report of the evaluated run."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from kdpipe.pipeline.trackers import evaluation_to_trackers
+def test_evaluate_report_to_reaches_the_run_and_its_card(tracked_run, tiny_teacher, tmp_path, monkeypatch):
+    """kdpipe evaluate --report-to (engine hf: no engine start): the evaluated run's own tracker runs get
+    the headline at its last step and the report's plots as images; its model card gets the headline."""
+    from kdpipe.pipeline.evaluate import EvalConfig, evaluate
 
     out, _, state, root = tracked_run
     tracker_env(monkeypatch, root)
-    fig = plt.figure(figsize=(2, 2))
-    plt.plot([0, 1], [1, 0])
-    fig.savefig(tmp_path / "quality.png")
-    plt.close(fig)
-    report = {"plots": ["quality.png"], "models": [
-        {"name": "teacher", "role": "teacher", "run": None, "quality": {"rougeL": {"mean": 0.5}}, "latency": {"p50_s": 0.1}},
-        {"name": "kd", "role": "student", "run": str(out), "quality": {"rougeL": {"mean": 0.4}},
-         "latency": {"p50_s": 0.05, "tokens_per_s": 100.0}, "retention_vs_teacher_pct": {"rougeL": 80.0}},
-    ]}
-    evaluation_to_trackers(ALL, report, tmp_path, {"data": "heldout.jsonl"})
+    data = tmp_path / "held.jsonl"
+    data.write_text("".join(json.dumps({"id": str(i), "document": d, "summary": s}) + "\n" for i, (d, s) in enumerate([
+        ("The city council approved a new budget for parks.", "Council approves park budget."),
+        ("Researchers in Paris reported that the river rose.", "Paris river rose."),
+    ])))
+    fields = set(EvalConfig.__dataclass_fields__)
+    names = {"text_field": "document", "target_field": "summary"} if "text_field" in fields else {}
+    report = evaluate(EvalConfig(models=(str(tiny_teacher), str(out)), names=("teacher", "kd"), data=str(data),
+                                 out=str(tmp_path / "report"), split="", engine="hf", similarity_model="none",
+                                 max_new_tokens=4, max_model_len=256, bootstrap_samples=100, warmup_requests=1,
+                                 report_to=ALL, **names))
+    kd = next(m for m in report["models"] if m["name"] == "kd")
+    rouge = kd["quality"]["rougeL"]["mean"]
+    plots = [p.rsplit(".", 1)[0] for p in report["plots"]]
+    assert plots, "the report wrote no plots"
     t = state["trackers"]
     tb = readers.tensorboard_scalars(Path(t["tensorboard"]["logdir"]))
-    assert tb["eval/rougeL"] == {6: pytest.approx(0.4)} and tb["eval/retention_rougeL_pct"] == {6: pytest.approx(80.0)}
-    assert "eval/quality" in readers.tensorboard_images(Path(t["tensorboard"]["logdir"]))
+    assert tb["eval/rougeL"] == {6: pytest.approx(rouge, abs=1e-6)}
+    assert set(readers.tensorboard_images(Path(t["tensorboard"]["logdir"]))) == {f"eval/{p}" for p in plots}
     got, _, _, artifacts = readers.mlflow_run(t["mlflow"]["tracking_uri"], t["mlflow"]["run_id"])
-    assert got["eval/rougeL"] == {6: pytest.approx(0.4)} and artifacts == ["plots/quality.png"]
+    assert got["eval/rougeL"] == {6: pytest.approx(rouge)} and sorted(artifacts) == sorted(f"plots/{p}" for p in report["plots"])
     hist, _ = readers.wandb_history(Path(t["wandb"]["dir"]), t["wandb"]["id"])
-    assert hist["eval/rougeL"] == {6: pytest.approx(0.4)} and hist["eval/quality"][6]["_type"] == "image-file"
+    assert hist["eval/rougeL"] == {6: pytest.approx(rouge)} and hist[f"eval/{plots[0]}"][6]["_type"] == "image-file"
     logs, _ = readers.trackio_logs(t["trackio"]["project"], t["trackio"]["name"])
-    assert logs["eval/rougeL"] == {6: pytest.approx(0.4)} and "eval/quality" in logs
+    assert logs["eval/rougeL"] == {6: pytest.approx(rouge)} and f"eval/{plots[0]}" in logs
     # the training metrics are untouched by the evaluation
     _same({k: v for k, v in tb.items() if not k.startswith("eval/")}, expected_scalars(out), "tensorboard after eval")
+    card = (out / "final" / "README.md").read_text()
+    r1 = kd["quality"]["rouge1"]["mean"]  # the card's first headline column
+    assert "Evaluated with `kdpipe evaluate` on 2 examples" in card and f"| kd | student | {r1:.3f} |" in card
 
 
 # ------------------------------------------------------------------------------------ refusals
