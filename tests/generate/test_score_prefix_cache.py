@@ -1,6 +1,6 @@
 """The prefix-cache route of teacher-forced scoring stores exactly what full scoring stores (issue 11 §2).
 
-One real vLLM CPU engine with 32-token KV blocks and a small KV cache (48 blocks = 1,536 tokens),
+One real vLLM CPU engine (shared, conftest.py) with 32-token KV blocks and a small KV cache (48 blocks = 1,536 tokens),
 so a cached prefix is a few blocks of a ~150-token prompt and a prefilled prefix can be evicted
 before its scoring request runs. The full route (`score_mode = "full"`) is the reference; the
 prefix-cache route must give byte-identical stores (both codecs) when the cache is
@@ -19,7 +19,6 @@ import json
 
 import numpy as np
 import pytest
-from kdtest import require
 from gen_helpers import make_docs, read_records, write_jsonl
 
 from kdpipe.pipeline.generate.config import GenerateConfig
@@ -27,10 +26,7 @@ from kdpipe.pipeline.generate.run import generate_logits
 
 pytestmark = pytest.mark.vllm
 
-K = 8
-MAX_LEN = 512
-BLOCK = 32
-BLOCKS = 48
+K, MAX_LEN, BLOCK = 8, 512, 32  # the shared engine's (tests/generate/conftest.py)
 
 
 def cfg_for(teacher, data, out, **kw) -> GenerateConfig:
@@ -41,18 +37,10 @@ def cfg_for(teacher, data, out, **kw) -> GenerateConfig:
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_teacher):
-    require("vllm", "the prefix-cache route is vLLM's")
-    from transformers import AutoTokenizer
-
-    from kdpipe.pipeline.generate.engines import VllmEngine
-
-    cfg = cfg_for(tiny_teacher, "-", "-", score_mode="prefix-cache")
-    eng = VllmEngine.from_config(cfg, MAX_LEN, len(AutoTokenizer.from_pretrained(tiny_teacher)),
-                                 block_size=BLOCK, num_gpu_blocks_override=BLOCKS)
-    assert eng.prefix_cache_ok and eng.score_mode == "prefix-cache" and eng.block_size == BLOCK
-    yield eng
-    eng.close()
+def engine(shared_vllm_engine):
+    eng = shared_vllm_engine  # conftest.py: 32-token blocks, a 48-block KV cache, K = 8
+    assert eng.prefix_cache_ok and eng.block_size == BLOCK and eng.max_model_len == MAX_LEN and eng.max_logprobs == K
+    return eng
 
 
 @pytest.fixture(scope="module")
