@@ -17,11 +17,15 @@ measured steps (GiB, 2^30 bytes; a fresh model and optimizer per variant):
   dense       KD through the dense reference path (losses.distillation_loss_parts on [N, V] logits)
   fsdp_kd     kd with the StudentLoss wrapped by FSDP2 (fully_shard per decoder layer + root), 1 GPU
   chunked_ce  kdpipe's chunked CE alone (alpha 1; extra)
+  kd_other_backward   kd with the other LossSpec.backward mode (extra)
 
 loss_only: the KD loss + backward alone, the lm_head matmul included, as Liger-Kernel measures
 its fused-linear distillation losses: hidden [8192, 4096] and lm_head [128256, 4096] in bf16,
-both requiring grad, through `chunked_loss_parts`, for each of `--chunk-sizes`; the fastest
-sets `chunk_size` for the kd steps. Liger's published figure for its chunked JSD at this shape
+both requiring grad, through `chunked_loss_parts`, for each of `--chunk-sizes` × `--backwards`
+(LossSpec.backward: "recompute" = checkpointed chunks, logits recomputed in backward, 4 matmuls
+per chunk; "in_forward" = gradients computed in the forward pass, 3 matmuls, fused.py); the
+fastest sets `chunk_size` and `backward` for the kd steps, and `kd_other_backward` repeats the
+kd step with the other backward mode. Liger's published figure for its chunked JSD at this shape
 on an H100 is 60.7 ms and 11.1 GB; note that Liger's loss also runs the teacher's lm_head
 (its teacher input is hidden states), while kdpipe reads the teacher's top-k from the store.
 
@@ -157,7 +161,8 @@ def free(clock: Clock) -> None:
 # ------------------------------------------------------------------------------- the variants
 
 
-def train_step_fn(variant: str, shape: dict, batch, device, dtype, spec_kw: dict, pg_file: str | None = None):
+def train_step_fn(variant: str, shape: dict, batch, device, dtype, spec_kw: dict, pg_file: str | None = None,
+                  other_backward: str = "recompute"):
     """A closure running one optimizer step of `variant` on a fresh model (see module doc)."""
     import torch
 
@@ -188,7 +193,8 @@ def train_step_fn(variant: str, shape: dict, batch, device, dtype, spec_kw: dict
     else:
         alpha = 1.0 if variant == "chunked_ce" else 0.5
         temperature = 2.0 if variant == "kd_t2" else 1.0
-        module = StudentLoss(model, V, LossSpec(alpha=alpha, temperature=temperature, **spec_kw))
+        kw = {**spec_kw, "backward": other_backward} if variant == "kd_other_backward" else spec_kw
+        module = StudentLoss(model, V, LossSpec(alpha=alpha, temperature=temperature, **kw))
         if variant == "fsdp_kd":
             from torch.distributed.fsdp import fully_shard
 
@@ -273,36 +279,42 @@ def run(args) -> dict:
 
     from kdpipe.pipeline.train.chunked import LossSpec, compile_wanted
 
-    # ---- the loss alone, per chunk size (the fastest sets the chunk size of the steps)
-    by_chunk: dict[str, dict] = {}
-    for c in chunk_sizes:
-        if over():
-            skipped.append(f"loss_only chunk {c}")
-            continue
-        kw = {"chunk_size": c, "compile": args.compile}
-        ms, gb = measure(loss_only_fn(shape, batch, device, dtype, kw), clock, warmup + 1, steps)
-        by_chunk[str(c)] = {"ms": ms, "peak_gb": gb}
-        log(f"loss_only chunk {c}: {ms:.2f} ms, peak {gb} GiB")
-        free(clock)
-    best_chunk = int(min(by_chunk, key=lambda c: by_chunk[c]["ms"])) if by_chunk else chunk_sizes[0]
+    # ---- the loss alone, per backward mode x chunk size (the fastest sets both for the steps)
+    backwards = args.backwards.split(",")
+    by_config: dict[str, dict] = {}
+    for mode in backwards:
+        for c in chunk_sizes:
+            key = f"{mode}/{c}"
+            if over():
+                skipped.append(f"loss_only {key}")
+                continue
+            kw = {"chunk_size": c, "compile": args.compile, "backward": mode}
+            ms, gb = measure(loss_only_fn(shape, batch, device, dtype, kw), clock, warmup + 1, steps)
+            by_config[key] = {"ms": ms, "peak_gb": gb}
+            log(f"loss_only {key}: {ms:.2f} ms, peak {gb} GiB")
+            free(clock)
+    best = min(by_config, key=lambda k: by_config[k]["ms"]) if by_config else f"{backwards[0]}/{chunk_sizes[0]}"
+    best_backward, best_chunk = best.split("/")[0], int(best.split("/")[1])
+    other = next((m for m in ("recompute", "in_forward") if m != best_backward), "recompute")
     compiled = compile_wanted(LossSpec(compile=args.compile), device)  # False after a compile failure
     eager_ms = None
     if compiled and not over():
-        eager_ms, _ = measure(loss_only_fn(shape, batch, device, dtype, {"chunk_size": best_chunk, "compile": "off"}),
-                              clock, warmup, steps)
-        log(f"loss_only eager chunk {best_chunk}: {eager_ms:.2f} ms")
+        eager_kw = {"chunk_size": best_chunk, "compile": "off", "backward": best_backward}
+        eager_ms, _ = measure(loss_only_fn(shape, batch, device, dtype, eager_kw), clock, warmup, steps)
+        log(f"loss_only eager {best}: {eager_ms:.2f} ms")
         free(clock)
 
     # ---- whole steps
-    spec_kw = {"chunk_size": best_chunk, "compile": args.compile}
+    spec_kw = {"chunk_size": best_chunk, "compile": args.compile, "backward": best_backward}
     res: dict[str, tuple[float | None, float | None]] = {}
-    order = ["ce", "kd", "kd_t2", "chunked_ce", "dense", "fsdp_kd"]
+    order = ["ce", "kd", "kd_t2", "chunked_ce", "kd_other_backward", "dense", "fsdp_kd"]
     for v in order:
         if (v == "dense" and args.skip_dense) or (v == "fsdp_kd" and args.skip_fsdp) or (over() and v not in ("ce", "kd")):
             skipped.append(v)
             res[v] = (None, None)
             continue
-        step, close = train_step_fn(v, shape, batch, device, dtype, spec_kw, pg_file=str(tmp / "pg"))
+        step, close = train_step_fn(v, shape, batch, device, dtype, spec_kw, pg_file=str(tmp / "pg"),
+                                    other_backward=other)
         try:
             res[v] = measure(step, clock, warmup, steps)
         except torch.OutOfMemoryError as e:  # the dense path can exceed a small GPU: report, do not abort
@@ -321,7 +333,7 @@ def run(args) -> dict:
 
     ce_ms, ce_gb = res["ce"]
     kd_ms, kd_gb = res["kd"]
-    lo = by_chunk.get(str(best_chunk), {})
+    lo = by_config.get(best, {})
     real = cuda and not args.smoke
     time_ratio, mem_ratio = ratio(kd_ms, ce_ms), ratio(kd_gb, ce_gb)
 
@@ -341,8 +353,10 @@ def run(args) -> dict:
             "loss_only_mem_le_liger_11.1gb": goal(None if lo.get("peak_gb") is None else lo["peak_gb"] <= LIGER_JSD_H100["gb"]),
         },
         # extras
-        "loss_only_peak_gb": lo.get("peak_gb"), "loss_only_eager_ms": eager_ms, "loss_only_by_chunk": by_chunk,
-        "chunk_size": best_chunk, "compiled": compiled, "compile": args.compile,
+        "loss_only_peak_gb": lo.get("peak_gb"), "loss_only_eager_ms": eager_ms, "loss_only_by_config": by_config,
+        "chunk_size": best_chunk, "backward": best_backward, "compiled": compiled, "compile": args.compile,
+        "kd_other_backward": other, "kd_other_backward_ms": res["kd_other_backward"][0],
+        "kd_other_backward_peak_gb": res["kd_other_backward"][1],
         "kd_t2_peak_gb": res["kd_t2"][1], "dense_peak_gb": res["dense"][1], "fsdp_kd_peak_gb": res["fsdp_kd"][1],
         "chunked_ce_ms": res["chunked_ce"][0], "chunked_ce_peak_gb": res["chunked_ce"][1],
         "liger_reference": LIGER_JSD_H100, "shape": shape, "k": batch.teacher_ids.shape[1],
@@ -361,6 +375,7 @@ def main(argv=None) -> None:
     p.add_argument("--warmup", type=int, default=3, help="steps before measuring (torch.compile runs here)")
     p.add_argument("--chunk-sizes", default=None, help="comma-separated loss chunk sizes to try (default 1024,2048,4096)")
     p.add_argument("--compile", choices=("auto", "on", "off"), default="auto", help="LossSpec.compile of the chunk function")
+    p.add_argument("--backwards", default="recompute,in_forward", help="LossSpec.backward modes to try (comma-separated)")
     p.add_argument("--skip-dense", action="store_true")
     p.add_argument("--skip-fsdp", action="store_true")
     p.add_argument("--budget-s", type=float, default=480.0, help="skip the remaining optional parts after this long")

@@ -49,6 +49,9 @@ class LossSpec:
     chunk_size: int = 1024  # target tokens per chunk of logits
     compile: str = "off"  # torch.compile the per-chunk function: "auto" (CUDA with Triton), "on", "off"
     compile_backend: str = "inductor"  # torch.compile backend ("aot_eager" compiles without a C compiler / Triton)
+    # "recompute": checkpointed chunks, logits recomputed in backward; "in_forward": gradients computed chunk by
+    # chunk in the forward pass, one matmul fewer per chunk (fused.py)
+    backward: str = "recompute"
     # Transform applied to the raw lm_head logits by some architectures (see logit_transform_of).
     logit_scale: float = 1.0  # logits * logit_scale
     logit_softcap: float | None = None  # cap * tanh(logits / cap)
@@ -109,8 +112,8 @@ def _chunk_loss(
     return ce, kept
 
 
-# Compiled chunk functions by backend; backends that failed to compile here (eager from then on).
-_COMPILED: dict[str, Callable] = {}
+# Compiled chunk functions by (function, backend); backends that failed to compile here (eager from then on).
+_COMPILED: dict[tuple[str, str], Callable] = {}
 _FAILED: set[str] = set()
 
 
@@ -125,20 +128,41 @@ def compile_wanted(spec: LossSpec, device: torch.device) -> bool:
     return device.type == "cuda" and has_triton()
 
 
-def chunk_function(spec: LossSpec, device: torch.device) -> Callable:
-    """`_chunk_loss`, or its torch.compile'd twin (one per backend; dynamo specializes per spec and shape)."""
+def compiled_or_eager(fn: Callable, spec: LossSpec, device: torch.device) -> Callable:
+    """`fn`, or its torch.compile'd twin that falls back to `fn` (with one warning) if compiling fails.
+
+    One compiled function per (fn, backend); dynamo specializes it per spec and shape. dynamic=None:
+    the first new chunk length (the last, shorter chunk) recompiles once with a symbolic length.
+    """
     if not compile_wanted(spec, device):
-        return _chunk_loss
-    fn = _COMPILED.get(spec.compile_backend)
-    if fn is None:
+        return fn
+    key = (fn.__qualname__, spec.compile_backend)
+    if key not in _COMPILED:
         try:
-            # dynamic=None: the first new chunk length (the last, shorter chunk) recompiles once with a symbolic length.
-            fn = torch.compile(_chunk_loss, backend=spec.compile_backend, dynamic=None)
+            _COMPILED[key] = torch.compile(fn, backend=spec.compile_backend, dynamic=None)
         except Exception as e:  # noqa: BLE001 - e.g. an unknown backend: eager is always correct
             _compile_failed(spec, e)
-            return _chunk_loss
-        _COMPILED[spec.compile_backend] = fn
-    return fn
+            return fn
+    compiled = _COMPILED[key]
+
+    def run(*args):
+        if spec.compile_backend in _FAILED:
+            return fn(*args)
+        try:
+            return compiled(*args)
+        except Exception as e:  # noqa: BLE001 - a compiler failure of any kind: eager is always correct
+            if not _compile_error(e):
+                raise
+            _compile_failed(spec, e)
+            return fn(*args)
+    return run
+
+
+def _compile_error(e: BaseException) -> bool:
+    """A failure of the compiler, not control flow (checkpoint's early stop) or memory that eager would hit too."""
+    if type(e).__module__.startswith("torch.utils.checkpoint") or isinstance(e, torch.OutOfMemoryError):
+        return False
+    return True
 
 
 def _compile_failed(spec: LossSpec, e: BaseException) -> None:
@@ -147,16 +171,6 @@ def _compile_failed(spec: LossSpec, e: BaseException) -> None:
     warnings.warn(f"loss: torch.compile (backend {spec.compile_backend!r}) of the per-chunk loss failed "
                   f"({type(e).__name__}: {first}); running it eagerly (set compile_loss = 'off' to skip the attempt)",
                   RuntimeWarning, stacklevel=4)
-
-
-def _run_chunk(fn: Callable, args: tuple, spec: LossSpec, checkpointed: bool):
-    try:
-        return checkpoint(fn, *args, use_reentrant=False) if checkpointed else fn(*args)
-    except Exception as e:  # noqa: BLE001 - a compiler failure of any kind: eager is always correct
-        if fn is _chunk_loss:
-            raise
-        _compile_failed(spec, e)
-        return checkpoint(_chunk_loss, *args, use_reentrant=False) if checkpointed else _chunk_loss(*args)
 
 
 def chunked_loss_parts(
@@ -183,15 +197,18 @@ def chunked_loss_parts(
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     ce_sum = hidden.new_zeros((), dtype=acc)
     kept_chunks = []
-    fn = chunk_function(spec, hidden.device)
+    if spec.backward == "in_forward" and torch.is_grad_enabled() and use_checkpoint:
+        from kdpipe.pipeline.train.fused import in_forward_loss_parts
+
+        return in_forward_loss_parts(hidden, w, target_ids, ids, teacher_logprobs, teacher_tail, spec, b,
+                                     lambda f: compiled_or_eager(f, spec, hidden.device))
+    fn = compiled_or_eager(_chunk_loss, spec, hidden.device)
     # One chunk: its [N, V] tensors live until backward either way, so recomputing them would only cost time.
     checkpointed = use_checkpoint and n > spec.chunk_size and torch.is_grad_enabled()
     for start in range(0, n, spec.chunk_size):
         sl = slice(start, min(start + spec.chunk_size, n))
         args = (hidden[sl], w, b, target_ids[sl], ids[sl] if with_kd else None, spec)
-        ce, kept = _run_chunk(fn, args, spec, checkpointed)
-        if fn is not _chunk_loss and not compile_wanted(spec, hidden.device):
-            fn = _chunk_loss  # it just fell back: the remaining chunks run eagerly too
+        ce, kept = checkpoint(fn, *args, use_reentrant=False) if checkpointed else fn(*args)
         ce_sum = ce_sum + ce
         kept_chunks.append(kept)
     if with_kd and n > 0:

@@ -31,6 +31,7 @@ class TrainConfig:
     tail_mode: Literal["bucket", "renormalize"] = "bucket"  # topk stores: the tail mass as one extra category (bucket) or the top-k renormalized
     loss_chunk_size: int = 1024  # target tokens per chunk of [chunk, V] logits (tune per device: benchmarks/bench_gpu.py)
     compile_loss: Literal["auto", "on", "off"] = "auto"  # torch.compile the per-chunk loss; auto = on CUDA with Triton, off on CPU
+    loss_backward: Literal["recompute", "in_forward"] = "recompute"  # recompute: checkpointed chunks, logits recomputed in backward; in_forward: gradients computed per chunk in the forward pass (one lm_head matmul fewer, a [V, H] gradient buffer)
     # ---- a student with another tokenizer than the teacher's (xtok.py, xtok_losses.py, docs/cross-tokenizer.md)
     cross_tokenizer: Literal["none", "span", "uld", "hybrid"] = "none"  # logit KD on byte-aligned token groups when the tokenizers differ; none = refuse (or --alpha 1, sequence-level)
     xtok_min_mapped_mass: float = 0.9  # hybrid: a 1:1 group takes the vocabulary-mapped KL when its mapped ids hold this share of the teacher's kept mass
@@ -146,6 +147,8 @@ class TrainConfig:
             raise bad("best_metric", "'loss_kd' is always 0 with alpha = 1.0 (no logit distillation); use 'loss' or 'loss_ce'")
         if self.compile_loss not in ("auto", "on", "off"):
             raise bad("compile_loss", f"{self.compile_loss!r} is not one of auto (on CUDA with Triton), on, off")
+        if self.loss_backward not in ("recompute", "in_forward"):
+            raise bad("loss_backward", f"{self.loss_backward!r} is not one of recompute, in_forward")
         if self.device == "cpu" and self.backend == "nccl":
             raise bad("backend", "'nccl' needs CUDA but device = 'cpu'; use backend = 'gloo' or 'auto'")
         # resolved here, once: the written train_config.toml records the trackers actually used

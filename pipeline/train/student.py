@@ -332,6 +332,7 @@ def loss_spec(cfg: TrainConfig, plan: Plan, model: nn.Module) -> LossSpec:
     return LossSpec(
         alpha=cfg.alpha, temperature=cfg.temperature, divergence=plan.divergence, tail_mode=cfg.tail_mode,
         jsd_beta=cfg.jsd_beta, codec=plan.codec, chunk_size=cfg.loss_chunk_size, compile=cfg.compile_loss,
+        backward=cfg.loss_backward,
         **logit_transform_of(hf_model(model).config),
     )
 

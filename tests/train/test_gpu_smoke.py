@@ -1,4 +1,4 @@
-"""Issue 16 on CPU: the compiled per-chunk loss equals the eager one (values and gradients), a failed compile
+"""Issue 16 on CPU: the compiled per-chunk loss equals the eager one (values and gradients, both backward modes), a failed compile
 falls back to eager, and `benchmarks/bench_gpu.py --smoke` emits every field of its last-line JSON.
 
 torch.compile runs here with backend "aot_eager" (dynamo tracing + AOT autograd, the graphs inductor would
@@ -40,15 +40,18 @@ def _run(spec, inputs):
     return {k: v.detach() for k, v in parts.items()}, h.grad, w.grad
 
 
-@pytest.mark.parametrize("temperature, alpha", [(1.0, 0.5), (2.0, 0.3), (1.0, 1.0)])
-def test_compiled_chunk_function_gives_the_same_loss_and_grads(temperature, alpha):
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # a fallback to eager would compare eager with eager
+@pytest.mark.parametrize("temperature, alpha, backward", [(1.0, 0.5, "recompute"), (2.0, 0.3, "recompute"),
+                                                         (1.0, 1.0, "recompute"), (2.0, 0.3, "in_forward")])
+def test_compiled_chunk_function_gives_the_same_loss_and_grads(temperature, alpha, backward):
     inputs = _inputs()
     # chunk 16 over 50 tokens: 3 full checkpointed chunks and a shorter last one (a recompile, then dynamic).
-    base = dict(alpha=alpha, temperature=temperature, chunk_size=16)
+    base = dict(alpha=alpha, temperature=temperature, chunk_size=16, backward=backward)
     want = _run(LossSpec(**base, compile="off"), inputs)
     spec = LossSpec(**base, compile="on", compile_backend="aot_eager")
     assert compile_wanted(spec, torch.device("cpu"))
     got = _run(spec, inputs)
+    assert compile_wanted(spec, torch.device("cpu"))  # still compiled: it did not fall back
     for k in ("ce", "kd", "loss"):
         torch.testing.assert_close(got[0][k], want[0][k], rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(got[1], want[1], rtol=1e-10, atol=1e-12)  # d/d hidden
@@ -77,9 +80,12 @@ def test_train_config_compile_loss():
     from kdpipe.pipeline.train.config import TrainConfig
     from kdpipe.storage.errors import ConfigError
 
-    assert TrainConfig(student="s", stores=("a",), out="o").compile_loss == "auto"
+    cfg = TrainConfig(student="s", stores=("a",), out="o")
+    assert cfg.compile_loss == "auto" and cfg.loss_backward == "recompute"
     with pytest.raises(ConfigError, match="compile_loss"):
         TrainConfig(student="s", stores=("a",), out="o", compile_loss="sometimes")
+    with pytest.raises(ConfigError, match="loss_backward"):
+        TrainConfig(student="s", stores=("a",), out="o", loss_backward="later")
 
 
 def test_bench_gpu_smoke_has_every_field(capsys, tmp_path):
