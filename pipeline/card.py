@@ -118,6 +118,12 @@ def model_card(run: Path, cfg: dict[str, Any], report: dict | None = None) -> st
     front.append("---")
 
     alpha = cfg.get("alpha")
+    divergence = cfg.get("divergence")
+    if divergence == "auto" and stores and all("error" not in s for s in stores):
+        from kdpipe.pipeline.train.losses import default_divergence
+
+        on_policy = all(s["recipe"] == "on-policy" for s in stores)
+        divergence = f"auto → {default_divergence(stores[0]['codec'], on_policy)}"
     body = [
         f"# {run.name}",
         "",
@@ -143,7 +149,7 @@ def model_card(run: Path, cfg: dict[str, Any], report: dict | None = None) -> st
         "## Training",
         "",
         f"- loss: α·CE + (1−α)·T²·D(teacher_T ‖ student_T) with α = {alpha}, T = {cfg.get('temperature')}, "
-        f"D = {cfg.get('divergence')}, tail mode = {cfg.get('tail_mode')}",
+        f"D = {divergence}, tail mode = {cfg.get('tail_mode')}",
         f"- optimizer: AdamW, lr {cfg.get('lr')}, {cfg.get('schedule')} schedule, warmup {cfg.get('warmup_steps')} steps"
         + (", LoRA (merged)" if cfg.get("lora") else ""),
         f"- steps: {last_train['step'] if last_train else 0} of {cfg.get('steps')}, target tokens: {tokens}",
