@@ -66,6 +66,7 @@ from kdpipe.storage.errors import ConfigError, DataError
 from kdpipe.storage.reader import Record
 
 CROSS_TOKENIZER_OPTIONS: tuple[str, ...] = ("span", "uld", "hybrid")
+PROMPT_CACHE_ROWS = 20_000  # student prompts memoized per teacher prompt (cleared when full)
 
 
 # ------------------------------------------------------------------------------- bytes of tokens
@@ -300,6 +301,7 @@ class Aligner:
                       if x is not None), None)
         self._start = start
         self._encoder = None if identical else text_encoder(student_tok)
+        self._prompt_cache: dict[bytes, np.ndarray] = {}
 
     def _where(self, rec: Record) -> str:
         return f"{self.store}: sample {rec.sample_id!r}"
@@ -311,10 +313,112 @@ class Aligner:
         if self.identical:
             return [self._identical(r) for r in records]
         sides = [self._teacher_side(r) for r in records]
-        prompts = self._decode([r.input_ids[: int(s.pos[0])].tolist() for r, s in zip(records, sides)])
-        p_ids = self._encode(prompts, add_special_tokens=True)
-        c_ids = self._encode([s.text.decode("utf-8") for s in sides], add_special_tokens=False)
-        return [self._finish(s, p, c) for s, p, c in zip(sides, p_ids, c_ids)]
+        p_ids = self._prompts(records, sides)
+        c_lists = self._encode([s.text.decode("utf-8") for s in sides], add_special_tokens=False)
+        drops = [self._student_drop(s, c) for s, c in zip(sides, c_lists)]
+        return self._align_batch(sides, p_ids, c_lists, drops)
+
+    def _prompts(self, records: Sequence[Record], sides: Sequence["_TeacherSide"]) -> list[list[int]]:
+        """The student's prompts (the sequence-level rule: decoded without special tokens, re-encoded),
+        memoized by the teacher's prompt ids: later epochs re-read the same rows."""
+        keys = [r.input_ids[: int(s.pos[0])].tobytes() for r, s in zip(records, sides)]
+        todo = [i for i, k in enumerate(keys) if k not in self._prompt_cache]
+        if todo:
+            texts = self._decode([records[i].input_ids[: int(sides[i].pos[0])].tolist() for i in todo])
+            if len(self._prompt_cache) + len(todo) > PROMPT_CACHE_ROWS:
+                self._prompt_cache.clear()
+            for i, p in zip(todo, self._encode(texts, add_special_tokens=True)):
+                if not p:
+                    if self._start is None:
+                        raise DataError(f"{self._where(records[i])}: the prompt is empty and the student tokenizer has "
+                                        "no BOS/EOS/PAD token to start the sequence with")
+                    p = [self._start]
+                self._prompt_cache[keys[i]] = np.asarray(p, np.int64)
+        return [self._prompt_cache[k] for k in keys]
+
+    def _student_drop(self, s: "_TeacherSide", c: list[int]) -> int:
+        s_got = self.tb_s.concat(c)
+        drop = strip_prefix(self.tb_s, s_got, s.text)
+        if drop is None:
+            raise DataError(
+                f"{self._where(s.rec)}: the student tokenizer does not reproduce the text byte for byte "
+                f"({_first_diff(s_got, s.text)}); its normalizer alters the text or it lacks byte fallback (<unk>), "
+                "so the two tokenizations cannot be aligned. Use a student tokenizer with byte fallback and no "
+                "normalizer, or drop the sample"
+            )
+        return drop
+
+    def _align_batch(self, sides, p_ids, c_lists, drops_s) -> list[Aligned]:
+        """`align` for every record at once: the records' bytes laid end to end (row r from base_r), so one
+        sorted merge finds every common boundary, and one searchsorted every token's group.
+
+        Ends are doubled; a token with no bytes before it in its row gets 2·base_r + 1 (odd, never a
+        boundary), so it joins its row's first group. Final tokens (the teacher's trailing specials,
+        the student's EOS) get their row's last group id."""
+        R = len(sides)
+        eos = self.tb_s.eos_id
+        final = np.fromiter((s.final for s in sides), bool, R)
+        c_arrs = [np.asarray(c + [eos] if s.final else c, np.int64) for s, c in zip(sides, c_lists)]
+        nt = np.fromiter((len(s.actual) for s in sides), np.int64, R)
+        ns = np.fromiter((len(c) for c in c_arrs), np.int64, R)
+        nb = np.fromiter((s.n_body for s in sides), np.int64, R)
+        B = np.fromiter((len(s.text) for s in sides), np.int64, R)
+        base = np.cumsum(B) - B
+        t_ids = np.concatenate([s.actual for s in sides]) if R else np.zeros(0, np.int64)
+        s_ids = np.concatenate(c_arrs) if R else np.zeros(0, np.int64)
+        t_row, s_row = np.repeat(np.arange(R), nt), np.repeat(np.arange(R), ns)
+        t_start, s_start = np.cumsum(nt) - nt, np.cumsum(ns) - ns
+        t_idx, s_idx = np.arange(len(t_ids)) - t_start[t_row], np.arange(len(s_ids)) - s_start[s_row]  # index in row
+        t_len = np.where(t_idx < nb[t_row], self.tb_t.lengths[t_ids], 0)  # final specials: no bytes
+        s_len = self.tb_s.lengths[s_ids].copy()
+        if R and final.any():
+            s_len[(s_start + ns - 1)[final]] = 0  # the appended EOS
+        for lens, start, n, drop in ((t_len, t_start, nt, [s.drop for s in sides]), (s_len, s_start, ns, drops_s)):
+            drop = np.asarray(drop, np.int64)
+            rows = np.flatnonzero(drop > 0)
+            if len(rows):  # the prefix space: off the first token that has bytes (it starts with it)
+                nz = np.flatnonzero(lens > 0)
+                first = nz[np.searchsorted(nz, start[rows])]
+                lens[first] -= drop[rows]
+
+        def doubled(lens, row):
+            e = np.cumsum(lens)  # [P] global byte ends
+            local0 = e == base[row]  # no bytes yet in this row
+            return np.where(local0, 2 * base[row] + 1, 2 * e), local0
+
+        e_t, z_t = doubled(t_len, t_row)
+        e_s, z_s = doubled(s_len, s_row)
+        idx = np.searchsorted(e_s, e_t)
+        hit = idx < len(e_s)
+        hit[hit] = e_s[idx[hit]] == e_t[hit]
+        common = e_t[hit & (e_t % 2 == 0)]
+        if len(common) > 1:
+            common = common[np.concatenate(([True], common[1:] != common[:-1]))]
+        lo = np.searchsorted(common, 2 * base, "right")
+        n_text = np.searchsorted(common, 2 * (base + B), "right") - lo  # [R] text groups per row
+        G = n_text + final
+        tg = np.searchsorted(common, e_t, "left") - lo[t_row]
+        sg = np.searchsorted(common, e_s, "left") - lo[s_row]
+        # rows without bytes: their zero-byte tokens belong to the final group (or to none)
+        tg = np.where(z_t & (B[t_row] == 0), 0, tg)
+        sg = np.where(z_s & (B[s_row] == 0), 0, sg)
+        tg = np.where(t_idx >= nb[t_row], n_text[t_row], tg)  # the final group
+        if R and final.any():
+            sg[(s_start + ns - 1)[final]] = n_text[final]
+        out = []
+        tgs, sgs = np.split(tg, t_start[1:]), np.split(sg, s_start[1:])
+        for r, s in enumerate(sides):
+            rec, p, c = s.rec, p_ids[r], c_arrs[r]
+            t_grp, t_sel = tgs[r], None
+            if G[r] == 0 and len(t_grp):  # no bytes and no final group: nothing to align these teacher tokens to
+                t_sel = np.zeros(len(t_grp), bool)
+            ids, lp, tail, act = rec.ids.astype(np.int64), rec.logprobs, rec.tail, s.actual
+            if t_sel is not None:
+                ids, lp, tail, act, t_grp = ids[t_sel], lp[t_sel], tail[t_sel], act[t_sel], t_grp[t_sel]
+            s_full = np.concatenate([p, c])
+            out.append(Aligned(rec.sample_id, s_full, np.arange(len(p), len(s_full), dtype=np.int64), ids, lp, tail,
+                               act, t_grp, sgs[r], int(G[r])))
+        return out
 
     # ---- tokenizer calls, batched
     def _decode(self, seqs: list[list[int]]) -> list[str]:
@@ -377,36 +481,6 @@ class Aligner:
                 "so no student can tokenize them exactly; drop the sample or regenerate it with a longer max_new_tokens"
             ) from None
         return _TeacherSide(rec, pos, actual, n_body, final, text, drop)
-
-    def _finish(self, s: _TeacherSide, p: list[int], c_list: list[int]) -> Aligned:
-        rec = s.rec
-        if not p:  # the student's prompt: the sequence-level rule (decoded without special tokens, re-encoded)
-            if self._start is None:
-                raise DataError(f"{self._where(rec)}: the prompt is empty and the student tokenizer has no BOS/EOS/PAD "
-                                "token to start the sequence with")
-            p = [self._start]
-        s_got = self.tb_s.concat(c_list)
-        drop_s = strip_prefix(self.tb_s, s_got, s.text)
-        if drop_s is None:
-            raise DataError(
-                f"{self._where(rec)}: the student tokenizer does not reproduce the text byte for byte "
-                f"({_first_diff(s_got, s.text)}); its normalizer alters the text or it lacks byte fallback (<unk>), "
-                "so the two tokenizations cannot be aligned. Use a student tokenizer with byte fallback and no "
-                "normalizer, or drop the sample"
-            )
-        c = np.asarray(c_list, np.int64)
-        te = byte_ends(self.tb_t, s.actual[: s.n_body], s.drop)
-        se = byte_ends(self.tb_s, c, drop_s)
-        tg, sg, G = align(te, se)
-        if s.final:  # the final group: the teacher's trailing specials <-> the student's EOS
-            n_final = len(s.actual) - s.n_body
-            tg = np.concatenate([tg, np.full(n_final, G, np.int64)])
-            c = np.append(c, self.tb_s.eos_id)
-            sg = np.append(sg, G)
-            G += 1
-        s_ids = np.concatenate([np.asarray(p, np.int64), c])
-        s_pos = np.arange(len(p), len(s_ids), dtype=np.int64)
-        return Aligned(rec.sample_id, s_ids, s_pos, rec.ids.astype(np.int64), rec.logprobs, rec.tail, s.actual, tg, sg, G)
 
 
 # ------------------------------------------------------------------------------- collate

@@ -316,3 +316,38 @@ def test_check_shows_the_plan_measured_on_the_store(student_b, store_with_files,
     # the same tokenizer: nothing to align
     same = "\n".join(cross_tokenizer_plan(_cfg(tiny_teacher, store_with_files, tmp_path / "r")))
     assert "shares the teacher's tokenizer" in same
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(texts=st.lists(TEXT | st.just(""), min_size=1, max_size=5), eos=st.lists(st.booleans(), min_size=5, max_size=5))
+def test_batched_alignment_equals_per_record_alignment(tok_a, tok_b, texts, eos):
+    """The collate stage aligns a whole micro-batch at once; per record it must give `align`'s groups."""
+    enc_a = text_encoder(tok_a)
+    recs = []
+    for i, t in enumerate(texts):
+        ids = enc_a([t], False)[0] + ([tok_a.eos_token_id] if eos[i] else [])
+        if not ids:
+            continue
+        full = [tok_a.bos_token_id] + ids
+        P = len(ids)
+        recs.append(Record(sample_id=f"r{i}", input_ids=np.asarray(full, np.int32),
+                           target_positions=np.arange(1, len(full), dtype=np.int32),
+                           ids=np.zeros((P, 1), np.int32), logprobs=np.zeros((P, 1), np.float32),
+                           tail=np.zeros(P, np.float32), text=t))
+    if not recs:
+        return
+    aligner = Aligner(tok_b, tok_a, identical=False)
+    ta, tb = aligner.tb_t, aligner.tb_s
+    for rec, a in zip(recs, aligner.batch(recs)):
+        body = rec.input_ids[1:].astype(np.int64)
+        fin = rec.input_ids[-1] == tok_a.eos_token_id
+        if fin:
+            body = body[:-1]
+        c = np.asarray(text_encoder(tok_b)([rec.text], False)[0], np.int64)
+        te = ends_of(tok_a, ta, rec.text) if len(body) else np.zeros(0, np.int64)
+        se = byte_ends(tb, c, strip_prefix(tb, tb.concat(c.tolist()), rec.text.encode()))
+        tg, sg, G = align(te, se) if len(body) else (np.zeros(0, np.int64), np.zeros(0, np.int64), 0)
+        if fin:
+            tg, sg, G = np.append(tg, G), np.append(sg, G), G + 1
+        assert a.num_groups == G and np.array_equal(a.teacher_group, tg) and np.array_equal(a.student_group, sg), rec.text
+        assert np.array_equal(a.input_ids[a.target_positions], np.append(c, tok_b.eos_token_id) if fin else c)
