@@ -291,7 +291,7 @@ class VllmEngine(_BatchHelpers):
         tokens between the two keeps eviction rare (an evicted prefix is only slower: fewer rows
         come from the cache, and the check still holds).
         """
-        budget = max(self.kv_tokens // 2, 1)
+        budget = self.kv_tokens // 2 if self.kv_tokens > 0 else float("inf")  # capacity unknown: no bound
         while self._waiting:
             key, req = self._waiting[0]
             n = len(req.token_ids)
