@@ -259,36 +259,93 @@ def _vllm_choices(obj: Any, where: str) -> Iterator[tuple[str, dict, Any]]:
     if not isinstance(obj, dict):
         raise DataError(f"{where}: expected a completion response object, got {type(obj).__name__}")
     choices = obj.get("choices")
-    if choices is None and "prompt_logprobs" in obj:
+    if choices is None and ("prompt_logprobs" in obj or "logprobs" in obj):
         choices, obj = [obj], {**obj, "id": obj.get("id")}
     if not isinstance(choices, list) or not choices:
-        raise DataError(f"{where}: no 'choices' with prompt_logprobs (request prompt_logprobs=K from vLLM's "
-                        "completions endpoint)")
+        raise DataError(f"{where}: no 'choices' with prompt_logprobs / logprobs (request prompt_logprobs=K or "
+                        "logprobs=K from vLLM's completions endpoint)")
     for c in choices:
         if not isinstance(c, dict):
             raise DataError(f"{where}: a choice is not an object")
+        if "prompt_token_ids" not in c and "prompt_token_ids" in obj:  # chat responses keep them on the response
+            c = {**c, "prompt_token_ids": obj["prompt_token_ids"]}
         sid = obj.get("sample_id") or c.get("sample_id")
         if sid is None:
             sid = f"{obj.get('id')}-{c.get('index', 0)}" if obj.get("id") else None
         yield sid, c, obj.get("model")
 
 
+def _token_id(key: Any, where: str) -> int:
+    """A completion log-prob key: "token_id:123" (return_tokens_as_token_ids) or a plain integer."""
+    k = str(key)
+    try:
+        return int(k.split(":", 1)[1]) if k.startswith("token_id:") else int(k)
+    except ValueError:
+        raise DataError(f"{where}: token {k!r} is text, not a token id; request the log-probs with "
+                        "return_tokens_as_token_ids=true") from None
+
+
+def _completion_logprobs(c: dict, where: str) -> tuple[list[int] | None, list[Any]]:
+    """The generated part of a choice -> (its token ids or None, per position {id: logprob})."""
+    lp = c.get("logprobs")
+    if lp is None:
+        return None, []
+    if not isinstance(lp, dict):
+        raise DataError(f"{where}: logprobs must be an object")
+    if isinstance(lp.get("content"), list):  # chat completions: content[i] = {token, logprob, top_logprobs: [...]}
+        tokens, tops = [], []
+        for i, item in enumerate(lp["content"]):
+            tokens.append(_token_id(item.get("token"), f"{where}: generated token {i}"))
+            entries = item.get("top_logprobs") or []
+            keys = [_token_id(e.get("token"), f"{where}: generated token {i}") for e in entries]
+            if len(set(keys)) != len(keys):
+                dup = next(k for k in keys if keys.count(k) > 1)
+                raise DataError(f"{where}: generated token {i}: token id {dup} is listed twice; deduplicate the entries")
+            tops.append({k: e.get("logprob") for k, e in zip(keys, entries)})
+        return tokens, tops
+    tops = lp.get("top_logprobs")
+    toks = lp.get("tokens")
+    if not isinstance(tops, list):
+        raise DataError(f"{where}: logprobs.top_logprobs must be a list (request logprobs=K)")
+    tokens = c.get("token_ids")
+    if tokens is None and isinstance(toks, list):
+        tokens = [_token_id(t, f"{where}: logprobs.tokens") for t in toks]
+    if isinstance(toks, list) and len(toks) != len(tops):
+        raise DataError(f"{where}: logprobs.tokens has {len(toks)} entries but top_logprobs {len(tops)}; the "
+                        "per-position lists are inconsistent")
+    return tokens, [None if t is None else {_token_id(k, f"{where}: generated token {i}"): v for k, v in t.items()}
+                    for i, t in enumerate(tops)]
+
+
 def _parse_vllm(path: Path, row: int, obj: Any, vocab: int, top_k: int | None) -> Iterator[Sample]:
+    """One response: prompt_logprobs (with prompt_token_ids) and/or the completion's logprobs (with the
+    generated token ids) -> one sequence, prompt + completion, with a target at every scored position."""
     for j, (sid, c, _) in enumerate(_vllm_choices(obj, f"{path}: row {row}")):
         where = f"{path}: row {row}" + (f" choice {j}" if j else "")
         tokens, plp = c.get("prompt_token_ids"), c.get("prompt_logprobs")
-        if not isinstance(tokens, list) or not isinstance(plp, list):
-            raise DataError(f"{where}: needs prompt_token_ids and prompt_logprobs lists (vLLM: return_token_ids / "
-                            "prompt_logprobs=K)")
-        if len(plp) != len(tokens):
+        gen_tokens, gen_lp = _completion_logprobs(c, where)
+        if plp is not None and (not isinstance(tokens, list) or not isinstance(plp, list)):
+            raise DataError(f"{where}: prompt_logprobs needs the prompt_token_ids list (vLLM: return_token_ids=true)")
+        if plp is not None and len(plp) != len(tokens):
             raise DataError(f"{where}: prompt_logprobs has {len(plp)} positions but prompt_token_ids {len(tokens)}; "
                             "the per-position lists are inconsistent")
-        ids_all = np.asarray(tokens, dtype=np.int64)
+        if gen_lp and (not isinstance(gen_tokens, list) or len(gen_tokens) != len(gen_lp)):
+            raise DataError(f"{where}: the completion has {len(gen_lp)} log-prob positions but "
+                            f"{len(gen_tokens) if isinstance(gen_tokens, list) else 'no'} token ids (vLLM: "
+                            "return_token_ids=true); the per-position lists are inconsistent")
+        if plp is None and not gen_lp:
+            raise DataError(f"{where}: neither prompt_logprobs nor logprobs (request prompt_logprobs=K or logprobs=K "
+                            "from vLLM's completions endpoint)")
+        prompt = list(tokens) if isinstance(tokens, list) else []
+        if gen_lp and not prompt:
+            raise DataError(f"{where}: completion log-probs need the prompt_token_ids (vLLM: return_token_ids=true)")
+        ids_all = np.asarray(prompt + list(gen_tokens or []), dtype=np.int64)
         if ids_all.size and (ids_all.min() < 0 or ids_all.max() >= vocab):
-            raise DataError(f"{where}: prompt_token_ids holds id {int(ids_all.max())} outside the tokenizer's "
+            raise DataError(f"{where}: the token ids hold id {int(ids_all.max())} outside the tokenizer's "
                             f"vocabulary [0, {vocab}); give the tokenizer the source was made with (--tokenizer)")
+        scored = list(enumerate(plp or [])) + [(len(prompt) + i, p) for i, p in enumerate(gen_lp)]
         positions, entries = [], []
-        for t, pos in enumerate(plp):
+        for t, pos in scored:
             if pos is None:
                 continue
             if t == 0:

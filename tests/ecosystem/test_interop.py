@@ -146,9 +146,25 @@ def phase_one(tiny_teacher, tmp_path_factory):
                                       usage=UsageInfo(prompt_tokens=len(o.prompt_token_ids), total_tokens=len(o.prompt_token_ids)))
             lines.append(resp.model_dump_json())
         (root / "vllm.jsonl").write_text("\n".join(lines) + "\n")
+        # generated tokens with logprobs=K, as the server writes them with return_tokens_as_token_ids
+        from vllm.entrypoints.openai.completion.protocol import CompletionLogProbs
+
+        first = next(iter(recs.values()))
+        prompt = first.input_ids[:5].tolist()
+        o = eng.llm.generate([TokensPrompt(prompt_token_ids=prompt)],
+                             SamplingParams(max_tokens=4, logprobs=8, temperature=0.0, detokenize=False), use_tqdm=False)[0]
+        gen = o.outputs[0]
+        lp = CompletionLogProbs(tokens=[f"token_id:{t}" for t in gen.token_ids],
+                                token_logprobs=[d[t].logprob for t, d in zip(gen.token_ids, gen.logprobs)],
+                                top_logprobs=[{f"token_id:{k}": v.logprob for k, v in d.items()} for d in gen.logprobs])
+        choice = CompletionResponseChoice(index=0, text="", logprobs=lp, token_ids=list(gen.token_ids), prompt_token_ids=prompt)
+        resp = CompletionResponse(id="cmpl-gen", model=str(tiny_teacher), choices=[choice],
+                                  usage=UsageInfo(prompt_tokens=5, total_tokens=9, completion_tokens=4))
+        (root / "vllm-gen.json").write_text(resp.model_dump_json())
+        gen_ref = (prompt, list(gen.token_ids), [{k: v.logprob for k, v in d.items()} for d in gen.logprobs])
     finally:
         eng.close()
-    return root / "store", root / "vllm.jsonl"
+    return root / "store", root / "vllm.jsonl", root / "vllm-gen.json", gen_ref
 
 
 @pytest.mark.vllm
@@ -156,7 +172,7 @@ def test_phase_one_store_export_import_verify_train(phase_one, tiny_teacher, tin
     from kdpipe.pipeline.train.config import TrainConfig
     from kdpipe.pipeline.train.trainer import train
 
-    store, _ = phase_one
+    store = phase_one[0]
     cli("export", store, tmp_path / "axo", "--format", "axolotl")
     back = tmp_path / "back"
     cli("import", tmp_path / "axo", back, "--format", "axolotl", "--tokenizer", tiny_teacher)
@@ -173,7 +189,7 @@ def test_phase_one_store_export_import_verify_train(phase_one, tiny_teacher, tin
 def test_vllm_server_logprobs_import_matches_phase_one(phase_one, tiny_teacher, tmp_path):
     """The same engine's prompt_logprobs in the server's JSON: the import keeps exactly the top-K (vLLM
     adds the actual token when it ranks lower) and computes the tail as phase one does."""
-    store, jsonl = phase_one
+    store, jsonl = phase_one[:2]
     out = tmp_path / "imported"
     assert "top-8, tail exact" in cli("import", jsonl, out, "--format", "vllm-logprobs", "--tokenizer", tiny_teacher)
     p1, imp = records(store), records(out)
@@ -191,6 +207,21 @@ def test_vllm_server_logprobs_import_matches_phase_one(phase_one, tiny_teacher, 
 
     meta = open_store(out).meta
     assert meta.teacher == str(tiny_teacher) and meta.generation_params["tail"] == "exact" and meta.codec.top_k == 8
+
+
+@pytest.mark.vllm
+def test_vllm_completion_logprobs_import(phase_one, tiny_teacher, tmp_path):
+    """The completion's logprobs (top_logprobs keyed "token_id:N", token_ids): one target per generated token."""
+    _, _, gen_json, (prompt, gen_ids, gen_lps) = phase_one
+    out = tmp_path / "gen"
+    cli("import", gen_json, out, "--format", "vllm-logprobs", "--tokenizer", tiny_teacher, "--top-k", "8")
+    (rec,) = records(out).values()
+    assert rec.sample_id == "cmpl-gen-0" and rec.input_ids.tolist() == prompt + gen_ids
+    assert rec.target_positions.tolist() == [len(prompt) + i for i in range(len(gen_ids))]
+    for j, want in enumerate(gen_lps):
+        top = sorted(want.items(), key=lambda kv: -kv[1])[:8]
+        assert rec.ids[j].tolist() == [k for k, _ in top]
+        np.testing.assert_allclose(rec.tail[j], 1 - np.exp([v for _, v in top]).sum(), atol=1e-5)
 
 
 # -------------------------------------------------------------- renormalized sources, bad input
@@ -259,6 +290,13 @@ def test_bad_vllm_logprobs_name_file_and_row(tmp_path, tiny_teacher):
         "positive": (json.dumps(resp([None, {"5": {"logprob": 0.3, "rank": 1}}, ok[2]])), r"row 1: position 1: log-prob 0.3 > 0"),
         "vocab": (json.dumps(resp([None, {"70000": {"logprob": -0.1, "rank": 1}}, ok[2]])),
                   r"row 1: position 1: token id 70000 is outside the tokenizer's vocabulary"),
+        "text-token": (json.dumps({"id": "g", "choices": [{"index": 0, "prompt_token_ids": [1, 2], "token_ids": [5],
+                                                           "logprobs": {"tokens": ["hi"], "top_logprobs": [{"hi": -0.1}]}}]}),
+                       r"row 1: generated token 0: token 'hi' is text, not a token id; request the log-probs with "
+                       r"return_tokens_as_token_ids=true"),
+        "gen-inconsistent": (json.dumps({"id": "g", "choices": [{"index": 0, "prompt_token_ids": [1, 2], "token_ids": [5, 6],
+                                                                 "logprobs": {"top_logprobs": [{"token_id:5": -0.1}]}}]}),
+                             r"row 1: the completion has 1 log-prob positions but 2 token ids"),
     }
     for case, (line, message) in cases.items():
         src = tmp_path / f"{case}.jsonl"
