@@ -36,10 +36,12 @@ token with end e belongs to group g = the index of the first c ∈ C with c ≥ 
 shortest run of teacher tokens and the shortest run of student tokens ending at the same byte
 offset (1:1, n:1, 1:m or n:m), and groups cover every target byte exactly once. A token with no
 bytes (a special token inside the targets) joins the group of the token before it (the first
-group when it comes first). The one exception is the final EOS: when the teacher's last target
-is its EOS and the student has an EOS, the two form a last 1:1 group of their own, mapped onto
-each other. Only target positions take part; the prompt is retokenized like the sequence-level
-path does (decoded without special tokens, encoded with the student's) and carries no group.
+group when it comes first). The one exception is the end: when the teacher's last target is its
+EOS and the student has an EOS, the teacher's trailing special tokens (end-of-turn marker, EOS)
+form a last group with the student's EOS (1:1, mapped EOS -> EOS, when EOS trails alone). The
+literal string of a special token inside the text is text (read as characters by the student's
+encoder). Only target positions take part; the prompt is retokenized like the sequence-level path
+does (decoded without special tokens, encoded with the student's) and carries no group.
 
 With the same tokenizer on both sides (equal fingerprints) the student's sequence *is* the
 teacher's: no retokenization, group i = token i, the map is the identity.
