@@ -45,13 +45,13 @@ class QualitySettings:
     """The teacher, the student architecture and the data of the quality benchmarks (defaults only here)."""
 
     corpus: str | None = None  # None = the shipped Debian corpus; else a JSONL with id/document/summary/split
-    max_doc_chars: int = 400  # documents cut at a word boundary: most of a synopsis is in the first paragraph
-    vocab_size: int = 4096  # one tokenizer for teacher and students
+    max_doc_chars: int = 300  # documents cut at a word boundary: most of a synopsis is in the first paragraph
+    vocab_size: int = 2048  # one tokenizer for teacher and students
     # Teacher: deeper and wider than the students, trained on every training pair.
     teacher_layers: int = 4
-    teacher_hidden: int = 192
-    teacher_steps: int = 1500
-    teacher_lr: float = 2e-3
+    teacher_hidden: int = 128
+    teacher_steps: int = 500
+    teacher_lr: float = 3e-3
     teacher_batch: int = 32
     teacher_seed: int = 0
     # Students: one architecture, one initialization per seed.
