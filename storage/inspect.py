@@ -136,6 +136,8 @@ def inspect_store(store_dir: str | os.PathLike, verify: bool = False, sample_row
         "teacher_entropy_how": ENTROPY_HOW,
         "stats_rows": seen,
         "teacher_tokenizer": "teacher_tokenizer" in m.raw,
+        "imported_from": meta.generation_params.get("imported_from"),  # kdpipe import (storage/interop.py)
+        "tail": meta.generation_params.get("tail", "exact"),  # "unknown": renormalized source, no tail_mode = bucket
         "problems": problems,
     }
 
@@ -154,7 +156,7 @@ def format_report(r: dict[str, Any]) -> str:
     rows = [
         ("store", r["store"]),
         ("teacher", f"{r['teacher']}" + (f" @ {r['teacher_revision']}" if r["teacher_revision"] else "")),
-        ("recipe", r["recipe"]),
+        ("recipe", r["recipe"] + (f" (imported from {r['imported_from']}, tail {r['tail']})" if r.get("imported_from") else "")),
         ("codec", codec),
         ("cache key", r["cache_key"][:16] + "…"),
         ("shards", f(r["shards"])),

@@ -250,6 +250,7 @@ def test_renormalized_source_refuses_tail_bucket(tmp_path, tiny_teacher, tiny_st
                                             for i in range(4)])
     assert "tail unknown" in cli("import", src, tmp_path / "s", "--format", "axolotl", "--tokenizer", tiny_teacher)
     assert open_store(tmp_path / "s").meta.generation_params["tail"] == "unknown"
+    assert "(imported from axolotl, tail unknown)" in cli("inspect", tmp_path / "s", "--verify")
     with pytest.raises(ConfigError, match=r"tail_mode: 'bucket' needs the teacher's tail mass, but .*/s was imported "
                                           r"from axolotl with renormalized top-k lists.*--tail-mode renormalize"):
         train(TrainConfig(student=str(tiny_student), stores=(str(tmp_path / "s"),), out=str(tmp_path / "run"), steps=1,
