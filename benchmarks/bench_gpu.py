@@ -56,6 +56,21 @@ LIGER_JSD_H100 = {"ms": 60.7, "gb": 11.1}  # Liger-Kernel fused linear JSD, 8192
 GOAL_RATIO = 1.10
 
 
+def _kdpipe_importable() -> None:
+    """Run from a bare checkout too (a GPU machine with torch + transformers but no `pip install -e`):
+    the repository root is the `kdpipe` namespace (pyproject's package-dir), so put a link named
+    kdpipe to it on sys.path."""
+    try:
+        import kdpipe.pipeline  # noqa: F401
+        return
+    except ImportError:
+        pass
+    root = Path(__file__).resolve().parents[1]
+    shim = Path(tempfile.mkdtemp(prefix="kdpipe-path-"))
+    (shim / "kdpipe").symlink_to(root, target_is_directory=True)
+    sys.path.insert(0, str(shim))
+
+
 def log(msg: str) -> None:
     print(f"[bench_gpu {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
@@ -383,6 +398,7 @@ def main(argv=None) -> None:
     p.add_argument("--out", default=None, help="also write the JSON here")
     args = p.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _kdpipe_importable()
     out = run(args)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
