@@ -195,6 +195,7 @@ class VllmEngine(_BatchHelpers):
     _inflight: dict = field(default_factory=dict)  # vLLM request id -> (key, request, route)
     _waiting: deque = field(default_factory=deque)  # prefix-cache score requests not yet admitted
     _admitted_tokens: int = 0
+    _rows: dict = field(default_factory=dict)  # vLLM request id -> target rows of its prompt log-probs
     _counter: itertools.count = field(default_factory=itertools.count)
 
     @classmethod
@@ -275,7 +276,38 @@ class VllmEngine(_BatchHelpers):
         rid = f"kd{next(self._counter)}"
         self._inflight[rid] = (key, req, route)
         prompt = TokensPrompt(prompt_token_ids=req.token_ids if token_ids is None else token_ids)
-        self.llm.llm_engine.add_request(rid, prompt, self._params(req, route))
+        internal_id = self.llm.llm_engine.add_request(rid, prompt, self._params(req, route))
+        if route in ("cached", "full"):
+            self._keep_target_rows(internal_id, rid, req)
+
+    def _keep_target_rows(self, internal_id: str, rid: str, req: Request) -> None:
+        """Take this request's prompt log-probs as arrays, and only the target rows.
+
+        Why: vLLM's front end turns prompt log-probs into Python lists entry by entry
+        (`FlatLogprobs.append_fast`, L x (K+1) appends per sequence, ~75% of the front-end time
+        of a score run at K=64 here), for every row: the prompt rows a summary target never uses,
+        and with the prefix-cache route the uninitialised cached rows too. The engine core sends
+        them as tensors [L-1, K+1] (row r = p(. | seq[:r+1]), first column the actual token,
+        then the top-K by rank); this request's log-probs processor keeps just the target rows of
+        those tensors instead, the same values vLLM would have listed. Only this request's
+        processor is changed. A vLLM whose front end differs, or a delivery in chunks, keeps
+        vLLM's own FlatLogprobs path (`_convert` handles both).
+        """
+        try:
+            proc = self.llm.llm_engine.output_processor.request_states[internal_id].logprobs_processor
+            listing = proc._update_prompt_logprobs
+        except (AttributeError, KeyError, TypeError):
+            return
+        rows = np.asarray(req.positions, dtype=np.int64) - 1
+        n_rows = len(req.token_ids) - 1
+
+        def keep(tensors) -> None:
+            token_ids, logprobs = tensors[0], tensors[1]
+            if tuple(logprobs.shape)[0] != n_rows:  # a partial chunk: let vLLM assemble the rows
+                return listing(tensors)
+            self._rows[rid] = (np.asarray(token_ids)[rows], np.asarray(logprobs, dtype=np.float32)[rows])  # [P, K+1]
+
+        proc._update_prompt_logprobs = keep
 
     def submit(self, key: int, req: Request) -> None:
         if req.kind == "score" and self.score_mode == "prefix-cache":
@@ -324,6 +356,7 @@ class VllmEngine(_BatchHelpers):
                     self._admitted_tokens -= len(req.token_ids)
                     self._admit()
                     if not self._cached_rows_ok(o, req):
+                        self._rows.pop(o.request_id, None)
                         self.stats["score_fallbacks"] += 1
                         self._add(key, req, "full")
                         continue
@@ -347,10 +380,20 @@ class VllmEngine(_BatchHelpers):
             c = o.outputs[0]
             ids, lps = flat_to_arrays(c.logprobs, None, self.top_k, self.vocab_size)
             return TeacherOutput(list(c.token_ids), ids, lps, c.finish_reason)
+        kept = self._rows.pop(o.request_id, None)
+        if kept is not None:  # target rows as arrays (_keep_target_rows)
+            tok, lp = kept  # [P, K+1]: the actual token, then the top-K
+            ids = np.full((len(tok), self.top_k), -1, dtype=np.int64)
+            lps = np.full((len(tok), self.top_k), -np.inf, dtype=np.float32)
+            n = min(self.top_k, tok.shape[1] - 1)
+            ids[:, :n], lps[:, :n] = tok[:, 1 : 1 + n], lp[:, 1 : 1 + n]
+            ids, lps = drop_untokenizable(ids, lps, self.vocab_size)
+            return TeacherOutput([], ids, lps, "score", lp[:, 0].astype(np.float32))
         ids, lps = flat_to_arrays(o.prompt_logprobs, req.positions, self.top_k, self.vocab_size)
         return TeacherOutput([], ids, lps, "score", flat_actual_logprobs(o.prompt_logprobs, req.positions))
 
     def abort(self) -> None:
+        self._rows.clear()
         self._waiting.clear()
         self._admitted_tokens = 0
         if self._inflight:

@@ -122,3 +122,20 @@ def test_basic_reading_scoring_pass_prefix_cache_equals_full(engine, tiny_teache
     assert engine.llm.reset_prefix_cache()
     run(engine, tiny_teacher, data, tmp_path / "fast", "prefix-cache", **kw)
     assert_same_store(read_records(tmp_path / "full"), read_records(tmp_path / "fast"))
+
+
+def test_both_routes_match_transformers(engine, tiny_teacher, docs, tmp_path):
+    """The target rows kdpipe takes from vLLM's prompt log-prob tensors are the teacher's top-K."""
+    from gen_helpers import Reference, check_against_reference
+
+    from kdpipe.storage import CodecConfig
+
+    lines = docs.read_text().splitlines()[:4]
+    data = write_jsonl(tmp_path / "d.jsonl", [json.loads(x) for x in lines])
+    ref = Reference(tiny_teacher)
+    lp_tol = CodecConfig().logprob_step / 2 + 1e-4  # codec quantization + engine numerics (test_generate_vllm.py)
+    for mode in ("full", "prefix-cache"):
+        assert engine.llm.reset_prefix_cache()
+        run(engine, tiny_teacher, data, tmp_path / mode, mode)
+        for rec in read_records(tmp_path / mode).values():
+            check_against_reference(rec, ref.logprobs(rec.input_ids, rec.target_positions), lp_tol)
