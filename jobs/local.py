@@ -23,7 +23,11 @@ from kdpipe.storage.errors import ConfigError, KdpipeError
 
 
 class StepFailed(KdpipeError):
-    """A step of a local run exited non-zero."""
+    """A step of a local run exited non-zero (its exit status in `returncode`)."""
+
+    def __init__(self, message: str, returncode: int = 1) -> None:
+        super().__init__(message)
+        self.returncode = returncode
 
 
 def _event(plan: Plan, *words: object) -> None:
@@ -44,16 +48,19 @@ def _train_argv(step: Step) -> list[str]:
     return [python, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={procs}", "-m", "kdpipe.pipeline.cli", *rest]
 
 
-def _run_one(plan: Plan, step: Step, argv: list[str], label: str, log: Path, stream: bool) -> float:
+def run_logged(argv: list[str], log: Path, label: str, stream: bool = False, cwd: Path | None = None,
+               env: dict[str, str] | None = None) -> float:
+    """Run one command with its stdout and stderr in `log` (also on our stdout when `stream`).
+
+    Engines write walls of INFO lines, warnings and progress bars; they belong in the step's log,
+    and the terminal shows one line per step. A non-zero exit raises StepFailed with the log's
+    last lines, so the error is visible without opening the file. Returns the seconds it took.
+    """
     t0 = time.time()
-    task = label.rsplit(" task ", 1)[1] if " task " in label else (step.run.name if step.run else "0")
-    _event(plan, "start", step.kind, task)
-    env = dict(os.environ, KDPIPE_RUN_DIR=str(plan.job.run_dir))
-    with open(log, "w", encoding="utf-8") as out:
-        proc = subprocess.Popen(
-            argv, cwd=plan.job.base_dir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            text=True, errors="replace",
-        )
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w", encoding="utf-8") as out, subprocess.Popen(
+        argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
+    ) as proc:
         assert proc.stdout is not None
         for line in proc.stdout:
             out.write(line)
@@ -61,15 +68,32 @@ def _run_one(plan: Plan, step: Step, argv: list[str], label: str, log: Path, str
                 sys.stdout.write(line)
                 sys.stdout.flush()
         rc = proc.wait()
-    _event(plan, "exit", step.kind, task, rc)
     if rc != 0:
         tail = "".join(log.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)[-15:])
-        raise StepFailed(f"{label} failed (exit {rc}); full log: {log}\n{tail.rstrip()}")
+        raise StepFailed(f"{label} failed (exit {rc}); full log: {log}\n{tail.rstrip()}", rc)
     return time.time() - t0
 
 
-def run_plan(plan: Plan, stream: bool = False, echo: Callable[[str], None] = print) -> dict:
-    """Run every step in order; returns the summary also written to RUN_DIR/run.json."""
+def _run_one(plan: Plan, step: Step, argv: list[str], label: str, log: Path, stream: bool) -> float:
+    task = label.rsplit(" task ", 1)[1] if " task " in label else (step.run.name if step.run else "0")
+    _event(plan, "start", step.kind, task)
+    env = dict(os.environ, KDPIPE_RUN_DIR=str(plan.job.run_dir))
+    try:
+        secs = run_logged(argv, log, label, stream, cwd=plan.job.base_dir, env=env)
+    except StepFailed as e:
+        _event(plan, "exit", step.kind, task, e.returncode)
+        raise
+    _event(plan, "exit", step.kind, task, 0)
+    return secs
+
+
+def run_plan(plan: Plan, stream: bool = False, echo: Callable[[str], None] = print,
+             announce: Callable[[str, Path], None] | None = None) -> dict:
+    """Run every step in order; returns the summary also written to RUN_DIR/run.json.
+
+    echo gets one line per finished step; announce (if given) gets each step's label and log
+    file before it starts, so a quiet terminal can show what is running.
+    """
     job = plan.job
     logs_dir(plan).mkdir(parents=True, exist_ok=True)
     write_configs(plan)
@@ -86,13 +110,18 @@ def run_plan(plan: Plan, stream: bool = False, echo: Callable[[str], None] = pri
         if step.kind == "generate":
             assert step.tasks is not None
             for i in step.tasks:
-                label = f"{step.name} task {i}"
-                secs = _run_one(plan, step, local_argv(step.argv, i), label, logs_dir(plan) / f"{step.name}-{i}.log", stream)
+                label, log = f"{step.name} task {i}", logs_dir(plan) / f"{step.name}-{i}.log"
+                if announce is not None:
+                    announce(label, log)
+                secs = _run_one(plan, step, local_argv(step.argv, i), label, log, stream)
                 echo(f"ok  {label:<36} {secs:7.1f} s")
                 summary["steps"].append({"step": step.name, "task": i, "seconds": round(secs, 2)})
         else:
             argv = _train_argv(step) if step.kind == "train" else list(step.argv)
-            secs = _run_one(plan, step, argv, step.name, logs_dir(plan) / f"{step.name}.log", stream)
+            log = logs_dir(plan) / f"{step.name}.log"
+            if announce is not None:
+                announce(step.name, log)
+            secs = _run_one(plan, step, argv, step.name, log, stream)
             echo(f"ok  {step.name:<36} {secs:7.1f} s")
             summary["steps"].append({"step": step.name, "seconds": round(secs, 2)})
         done.add(step.name)
