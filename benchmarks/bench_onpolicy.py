@@ -202,6 +202,7 @@ def main() -> None:
     ap.add_argument("--samples-per-prompt", type=int, default=1)
     ap.add_argument("--round-prompts", type=int, default=256, help="prompts per on-policy round (from the transfer set)")
     ap.add_argument("--heldout", type=int, default=128, help="held-out documents evaluated")
+    ap.add_argument("--transfer-max", type=int, default=None, help="use only the first N transfer documents (both arms)")
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--top-k", type=int, default=16)
     ap.add_argument("--lr", type=float, default=2e-3)
@@ -221,11 +222,17 @@ def main() -> None:
         root = out / "quality-reduced"
         # The real (Debian) corpus, a smaller teacher trained for fewer steps, a smaller transfer set.
         overrides = dict(teacher_layers=3, teacher_hidden=96, teacher_steps=300, transfer_max=400)
+    if not args.reduced and (root / "teacher" / "quality-teacher.json").is_file():
+        # Read-only use of the shared cache: ask for exactly the recorded settings, so this never
+        # retrains (overwrites) the quality benchmark's teacher when its defaults change later.
+        recorded = json.loads((root / "teacher" / "quality-teacher.json").read_text())["config"]
+        overrides = {k: v for k, v in recorded.items() if k != "train_fingerprint"}
     q = ensure_teacher(root, log=log, **overrides)
     if q["teacher_seconds"]:
         log(f"trained the quality teacher first (cache was empty or stale): {q['teacher_seconds']:.0f} s")
     teacher = q["teacher"]
-    transfer = q["transfer"]
+    transfer = q["transfer"][: args.transfer_max] if args.transfer_max else q["transfer"]
+    transfer_file = write_jsonl(out / "data" / "transfer.jsonl", transfer)
     heldout = q["corpus"]["heldout"][: args.heldout]
 
     teacher_engine = None
@@ -234,7 +241,8 @@ def main() -> None:
 
         from kdpipe.pipeline.generate.engines import VllmEngine
 
-        ecfg = gen_config(teacher, out / "x.jsonl", out / "x", args)
+        # temperature 1: the engine serves the greedy store and the sampled off_extra store
+        ecfg = gen_config(teacher, out / "x.jsonl", out / "x", args, temperature=1.0)
         teacher_engine = VllmEngine.from_config(ecfg, 512, len(AutoTokenizer.from_pretrained(teacher)))
 
     # Round prompts: a seeded disjoint subset of the transfer set per round (the same for every seed).
@@ -249,7 +257,7 @@ def main() -> None:
     extra_rows = [dict(r, id=f"{r['id']}@r{k + 1}") for k, rows in enumerate(round_rows) for r in rows]
     extra_file = write_jsonl(out / "data" / "off-extra.jsonl", extra_rows)
 
-    store_off, tok_off = make_store(gen_config(teacher, q["data"]["transfer"], out / "stores" / "off", args), teacher_engine)
+    store_off, tok_off = make_store(gen_config(teacher, transfer_file, out / "stores" / "off", args), teacher_engine)
     store_extra, tok_extra = make_store(gen_config(teacher, extra_file, out / "stores" / "off-extra", args, temperature=1.0, seed=1),
                                         teacher_engine)
     ev = Evaluator(teacher, heldout, args)
@@ -304,7 +312,7 @@ def main() -> None:
         "rounds": args.rounds, "teacher_tokens": {k: round(statistics.mean(v)) for k, v in teacher_tokens.items()},
         "curves": curves, "goals": goals, "seconds": seconds,
         "settings": {"seeds": seeds, "steps": args.steps, "rounds": args.rounds, "samples_per_prompt": args.samples_per_prompt,
-                     "round_prompts": M, "heldout": len(heldout), "max_new_tokens": args.max_new_tokens, "top_k": args.top_k,
+                     "round_prompts": M, "transfer_docs": len(transfer), "heldout": len(heldout), "max_new_tokens": args.max_new_tokens, "top_k": args.top_k,
                      "engine": args.engine, "alpha_off_policy": args.alpha, "reduced": args.reduced,
                      "teacher": str(teacher), "teacher_config": q["config"]},
     }

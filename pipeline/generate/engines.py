@@ -114,6 +114,15 @@ def flat_to_arrays(fl, positions: list[int] | None, k: int, vocab_size: int) -> 
     return drop_untokenizable(ids, lps, vocab_size)
 
 
+def _vllm_on_cpu() -> bool:
+    try:
+        from vllm.platforms import current_platform
+
+        return bool(current_platform.is_cpu())
+    except Exception:  # an unusual vLLM build: keep its defaults
+        return False
+
+
 def flat_actual_logprobs(fl, positions: list[int]) -> np.ndarray:
     """vLLM prompt FlatLogprobs -> [P] float32 log-prob of the actual token at each of `positions`.
 
@@ -227,6 +236,11 @@ class VllmEngine(_BatchHelpers):
         if fast:
             # Per-request stats carry the preemption count the prefix-cache check needs.
             kwargs.update(enable_prefix_caching=True, disable_log_stats=False)
+        if cfg.temperature > 0 and _vllm_on_cpu():
+            # Seeded sampling on vLLM's CPU backend: a chunked (partial) prefill rewinds the request's
+            # torch.Generator, which CPU generators cannot do ("CPU Generator does not use offset",
+            # the engine dies once prompts exceed one step's token budget). Whole-prompt prefills avoid it.
+            kwargs.update(enable_chunked_prefill=False)
         kwargs.update(llm_overrides)
         llm = LLM(**kwargs)
         cache = llm.llm_engine.vllm_config.cache_config

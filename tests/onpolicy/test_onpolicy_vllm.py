@@ -149,3 +149,16 @@ def test_finalize_inspect_verify_and_train_with_reverse_kl_default(topk_store, t
     assert res.final is not None and np.isfinite(res.last["loss_kd"]) and res.last["loss_kd"] >= 0
     res = train(TrainConfig(out=str(tmp_path / "tok"), divergence="reverse_kl_sampled_token", **common))
     assert res.final is not None and np.isfinite(res.last["loss_kd"])
+
+
+def test_many_long_seeded_prompts_on_the_cpu_sampler(engines):
+    """More seeded prompt tokens than one step's budget (4096 on CPU): without whole-prompt prefills
+    vLLM's CPU backend dies rewinding a seeded generator ("CPU Generator does not use offset")."""
+    from kdpipe.pipeline.generate.engines import Request
+
+    sampler = engines[1]
+    sampler.top_k, sampler.temperature = 1, 1.0
+    rng = np.random.default_rng(0)
+    reqs = [Request("generate", rng.integers(10, 400, size=150).tolist(), max_new_tokens=3, seed=i) for i in range(48)]
+    outs = sampler._run_all(reqs)
+    assert len(outs) == 48 and all(len(o.token_ids) >= 1 for o in outs)
