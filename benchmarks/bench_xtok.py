@@ -304,7 +304,7 @@ def main() -> None:
     best = max(options, key=lambda o: means[o])
     wins = sum(b > f for b, f in zip(scores[best], scores["fallback"]))
     mean_diff, ci = paired(scores[best], scores["fallback"])
-    al = alignment_figures(store, tok_a, tok_b, best, rows=512)
+    al = alignment_figures(store, tok_a, tok_b, "hybrid", rows=512)  # hybrid: its mapped-group share at the threshold
     st = step_time_ratio(store, student_b_init(out, tok_b_dir, seeds[0], qs.student_layers, qs.student_hidden),
                          tok_a, tok_b, args, best)
     n = len(seeds)

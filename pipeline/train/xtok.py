@@ -662,7 +662,8 @@ class XCollate:
             "u_srow": torch.from_numpy(first_s[u]), "u_logprobs": torch.from_numpy(lp[first_t[u]]),
             "u_tail": torch.from_numpy(tail[first_t[u]]),
         }
-        mass_mapped = float((p * mapped)[tr].sum())
+        r1 = first_t[one]  # the teacher rows of 1:1 groups: the share of the teacher's mass the map covers there
+        mass_mapped = float((p[r1] * mapped[r1]).sum())
         stats = {"groups": float(G), "one_to_one": float(one.sum()), "mapped_groups": float(len(m_groups)),
                  "teacher_rows": float(Nt), "teacher_mass": float(kept.sum() + tail.astype(np.float64).sum()),
                  "mapped_mass": mass_mapped, "unknown_actual": float((~found).sum())}
