@@ -758,10 +758,27 @@ LOSS_LINES = {
 
 
 def cross_tokenizer_plan(cfg, sample_rows: int = 64) -> list[str]:
-    """`kdpipe check`: the cross-tokenizer plan of one run config, measured on a sample of its store."""
-    if getattr(cfg, "cross_tokenizer", "none") == "none":
-        return []
+    """`kdpipe check`: the cross-tokenizer plan of one run config, measured on a sample of its store.
+
+    A run without cross_tokenizer gets one warning line when its student's tokenizer differs from the
+    (finalized) store's and alpha < 1: train-student would refuse it."""
     from transformers import AutoTokenizer
+
+    if getattr(cfg, "cross_tokenizer", "none") == "none":
+        if cfg.alpha >= 1.0:
+            return []
+        from kdpipe.storage.errors import KdpipeError
+        from kdpipe.storage.manifest import open_store, tokenizer_fingerprint
+
+        try:
+            m = open_store(cfg.stores[0])
+            student = AutoTokenizer.from_pretrained(cfg.student, trust_remote_code=cfg.trust_remote_code)
+        except (KdpipeError, OSError, ValueError):
+            return []
+        if tokenizer_fingerprint(student) == m.meta.tokenizer_fingerprint:
+            return []
+        return ["    WARNING: the student's tokenizer differs from the teacher's: train-student refuses logit KD; set "
+                "cross_tokenizer = \"span\" | \"uld\" | \"hybrid\" (docs/cross-tokenizer.md), or alpha = 1.0 (sequence-level)"]
 
     from kdpipe.storage import StoreReader
     from kdpipe.storage.errors import KdpipeError

@@ -316,6 +316,10 @@ def test_check_shows_the_plan_measured_on_the_store(student_b, store_with_files,
     # the same tokenizer: nothing to align
     same = "\n".join(cross_tokenizer_plan(_cfg(tiny_teacher, store_with_files, tmp_path / "r")))
     assert "shares the teacher's tokenizer" in same
+    # another tokenizer without the option: check warns that training would refuse it
+    warn = "\n".join(cross_tokenizer_plan(_cfg(student_b, store_with_files, tmp_path / "r", cross_tokenizer="none")))
+    assert "WARNING" in warn and "cross_tokenizer" in warn and "alpha = 1.0" in warn
+    assert cross_tokenizer_plan(_cfg(tiny_teacher, store_with_files, tmp_path / "r", cross_tokenizer="none")) == []
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
