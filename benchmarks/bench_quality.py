@@ -112,6 +112,23 @@ def ensure_store(out: Path, name: str, teacher: Path, data: Path, args, **kw) ->
     return store
 
 
+def reference_targets(out: Path, T: dict) -> Path:
+    """The transfer set with each human reference as the exact answer tokens the teacher learned to emit:
+    reference + end-of-turn marker + EOS (the `score` recipe's text targets stop at the end-of-turn marker, and
+    a student that never saw the EOS would never stop under vLLM)."""
+    from transformers import AutoTokenizer
+
+    from kdpipe.pipeline.generate.config import DEFAULT_SUMMARIZE_TEMPLATE
+    from kdpipe.pipeline.generate.recipes import Prompter
+    from qualitylib import write_jsonl
+
+    tok = AutoTokenizer.from_pretrained(T["tokenizer"])
+    pr = Prompter(tok, True, None)
+    rows = [{**r, "target_ids": pr.target_ids(DEFAULT_SUMMARIZE_TEMPLATE.replace("{text}", r["document"]), r["summary"])
+             + [tok.eos_token_id]} for r in T["transfer"]]
+    return write_jsonl(out / "data" / "transfer-references.jsonl", rows)
+
+
 # ---------------------------------------------------------------------------------------- phase two
 def run_config(run: Path, init: Path, store: Path, seed: int, args, alpha: float, temperature: float = 1.0,
                divergence: str = "forward_kl"):
@@ -312,14 +329,16 @@ def main() -> None:
             overrides[k] = v  # a plain string (a path)
     T = ensure_teacher(out, log=log, **overrides)
     teacher, data = T["teacher"], T["data"]
-    teacher_build_s = json.loads((teacher / "quality-teacher.json").read_text()).get("seconds", 0.0)
+    stamp = teacher / "quality-teacher.json"
+    teacher_build_s = json.loads(stamp.read_text()).get("seconds", 0.0) if stamp.is_file() else 0.0  # 0: external teacher
     log(f"transfer set: {len(T['transfer'])} of {len(T['corpus']['train'])} training documents")
 
     # ---- phase one: one teacher pass per codec on the transfer set; the references scored for sft_ref
     gen = {"recipe": "summarize"}
     topk = ensure_store(out, "topk", teacher, data["transfer"], args, **gen, codec="topk", top_k=args.top_k)
     sampled = ensure_store(out, "sampled", teacher, data["transfer"], args, **gen, codec="sampled", draws=args.draws, top_k=args.top_k)
-    refs = ensure_store(out, "references", teacher, data["transfer"], args, recipe="score", target_field="summary", codec="topk", top_k=1)
+    refs = ensure_store(out, "references", teacher, reference_targets(out, T), args, recipe="score", target_field="target_ids",
+                        codec="topk", top_k=1)
 
     # ---- the kd setting, picked on validation (seed 0, one student per setting of the sweep grid)
     sweep_info: dict = {}
@@ -410,7 +429,7 @@ def main() -> None:
                    "nll_ref": round(by["teacher"]["reference"]["nll_ref"]["mean"], 4),
                    "ece": round(by["teacher"]["reference"]["ece"]["mean"], 4), "p50_s": round(by["teacher"]["latency"]["p50_s"], 5),
                    "size": f"{T['config']['teacher_layers']}x{T['config']['teacher_hidden']}", "steps": T["config"]["teacher_steps"],
-                   "train_pairs": len(T["corpus"]["train"])}
+                   "train_pairs": len(T["corpus"]["train"]), "external": T["config"].get("external_teacher")}
     students = {k: [student_row(k, s) for s in seeds] for k in STUDENTS}
     sft_mean = np.mean([rl[f"sft_ref-s{s}"] for s in seeds], axis=0)  # [N]
     teacher_vs_sft = {"mean_diff": round(float((rl["teacher"] - sft_mean).mean()), 4), "ci": ci(rl["teacher"] - sft_mean)}

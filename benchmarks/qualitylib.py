@@ -62,6 +62,8 @@ class QualitySettings:
     transfer_max: int | None = 2500  # cap, so the students' phase one stays affordable on CPU
     transfer_seed: int = 0
     max_position_embeddings: int = 512
+    # A teacher trained elsewhere (an HF folder with its tokenizer): used as is, never trained or hashed here.
+    external_teacher: str | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 < self.transfer_fraction <= 1.0:
@@ -185,7 +187,12 @@ def ensure_teacher(root: Path, log: Callable[[str], None] = print, **overrides: 
     tok_dir = root / "tokenizer"
     seconds = 0.0
     have = json.loads(stamp.read_text()) if stamp.is_file() else None
-    if have is None or have.get("hash") != th or not (teacher / "model.safetensors").is_file():
+    if s.external_teacher:
+        teacher = tok_dir = Path(s.external_teacher).resolve()
+        if not (teacher / "config.json").is_file():
+            raise ConfigError(f"external_teacher: {teacher} has no config.json (an HF model folder with its tokenizer)")
+        log(f"teacher: external {teacher} (not trained here, no cache hash)")
+    elif have is None or have.get("hash") != th or not (teacher / "model.safetensors").is_file():
         if have is not None:
             changed = sorted(k for k in set(have.get("config", {})) | set(teacher_cfg) if have.get("config", {}).get(k) != teacher_cfg.get(k))
             log(f"teacher cache {teacher}: config hash differs ({', '.join(changed)} changed): retraining")
