@@ -20,8 +20,9 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 install: $(STAMP)
 
+# Quiet by default (one line per stage, engine output in demo-output/**/logs); `make demo DEMO_ARGS=-v` shows everything.
 demo: $(STAMP)
-	$(BIN)/kdpipe demo --out demo-output
+	$(BIN)/kdpipe demo --out demo-output $(DEMO_ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)

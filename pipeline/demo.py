@@ -378,12 +378,43 @@ def _teacher_progress(term: _Terminal, steps: int):
 
 
 # ---------------------------------------------------------------------------------------- demo
+# The demo's derived outputs, removed when the settings change (never anything else in OUT).
+_DERIVED = ("store", "store-ref", "job", "job-ref", "report", "models")
+
+
+def _models_hash(cfg: DemoConfig, data: dict[str, list[dict]]) -> str:
+    """Everything a demo run depends on but its folder: the same hash, the same models, stores and runs."""
+    key = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "out"}
+    key.update({k: cfg.steps(k) for k in BUDGETS[cfg.budget]})
+    key["train"] = hashlib.sha256("\n".join(sorted(r["id"] for r in data["train"])).encode()).hexdigest()
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def _stamp_matches(stamp: Path, models_hash: str, teacher: Path, student: Path) -> bool:
+    try:
+        ok = json.loads(stamp.read_text())["hash"] == models_hash
+    except (OSError, ValueError, KeyError):
+        return False
+    return ok and (teacher / "model.safetensors").is_file() and (student / "model.safetensors").is_file()
+
+
+def _clear_derived(out: Path) -> None:
+    import shutil
+
+    for name in _DERIVED:
+        if (out / name).is_dir():
+            shutil.rmtree(out / name)
+
+
 def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print, verbose: bool = False) -> dict[str, Any]:
     """The whole pipeline; returns the evaluation report (also written under OUT/report)."""
     from kdpipe.jobs.local import run_logged
 
     t_start = time.perf_counter()
     out = Path(cfg.out).resolve()
+    if out.is_dir() and any(out.iterdir()) and not (out / "demo_config.toml").is_file():
+        raise ConfigError(f"out: {out} exists and is not a demo output folder (no demo_config.toml); "
+                          "pass an empty or new folder with --out")
     out.mkdir(parents=True, exist_ok=True)
     write_resolved(cfg, out / "demo_config.toml")
     term = _Terminal(verbose, log, out / "logs" / "demo.log")
@@ -409,15 +440,28 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print, verbose: bool 
             f"{n_train} training pairs (teacher), {n_transfer} of them the transfer set (students), "
             f"{len(data['heldout'])} held-out documents; logs under {_rel(out, out)}/")
 
-        stage(1, f"tokenizer ({cfg.vocab_size}), teacher {cfg.teacher_layers}x{cfg.teacher_hidden} and "
-                 f"student {cfg.student_layers}x{cfg.student_hidden} initialized")
-        teacher_init, student = build_models(cfg, data["train"], out)
+        # A rerun with the same settings reuses the models (and through the stores' cache keys, the
+        # stores and finished runs); other settings mean another teacher or other runs, so whatever
+        # was derived from the old ones is removed first (a store refuses a new teacher).
+        models_hash = _models_hash(cfg, data)
+        stamp = out / "models" / "demo-models.json"
         t_steps = cfg.steps("teacher_steps")
-        stage(2, f"teacher: CE on all {n_train} training pairs, {t_steps} steps of {cfg.batch_size}")
-        teacher = train_teacher(teacher_init, out / "models" / "teacher", data["train"], t_steps, cfg.teacher_lr,
-                                cfg.batch_size, cfg.seed, log if verbose else (lambda s: None),
-                                progress=_teacher_progress(term, t_steps))
-        done()
+        teacher = out / "models" / "teacher"
+        student = out / "models" / "student-init"
+        if _stamp_matches(stamp, models_hash, teacher, student):
+            stage(1, "models: the same settings as the last run in this folder, reused")
+            stage(2, f"teacher: reused ({teacher})")
+        else:
+            _clear_derived(out)
+            stage(1, f"tokenizer ({cfg.vocab_size}), teacher {cfg.teacher_layers}x{cfg.teacher_hidden} and "
+                     f"student {cfg.student_layers}x{cfg.student_hidden} initialized")
+            teacher_init, student = build_models(cfg, data["train"], out)
+            stage(2, f"teacher: CE on all {n_train} training pairs, {t_steps} steps of {cfg.batch_size}")
+            teacher = train_teacher(teacher_init, teacher, data["train"], t_steps, cfg.teacher_lr,
+                                    cfg.batch_size, cfg.seed, log if verbose else (lambda s: None),
+                                    progress=_teacher_progress(term, t_steps))
+            atomic_write_text(stamp, json.dumps({"hash": models_hash}) + "\n")
+            done()
 
         s_steps = cfg.steps("student_steps")
         stage(3, f"phase one + two: the teacher summarizes the {n_transfer} transfer documents into a top-{cfg.top_k} "

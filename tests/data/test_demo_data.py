@@ -38,3 +38,37 @@ def test_refusals_say_what_to_change(rows):
         DemoConfig(teacher_hidden=64, teacher_layers=2)
     with pytest.raises(ConfigError, match="alpha"):
         DemoConfig(alpha=1.0)
+
+
+def test_a_rerun_reuses_only_the_same_settings(rows, tmp_path):
+    from kdpipe.pipeline import demo
+
+    cfg = DemoConfig(out=str(tmp_path / "o"))
+    data = split_rows(cfg, rows)
+    h = demo._models_hash(cfg, data)
+    assert h == demo._models_hash(cfg, split_rows(cfg, list(reversed(rows))))
+    assert h != demo._models_hash(DemoConfig(out=cfg.out, student_steps=7), data)
+    assert h == demo._models_hash(DemoConfig(out=str(tmp_path / "elsewhere")), data)  # the folder is not a setting
+    out = tmp_path / "o"
+    teacher, student = out / "models" / "teacher", out / "models" / "student-init"
+    for d in (teacher, student, out / "store", out / "job"):
+        d.mkdir(parents=True)
+    stamp = out / "models" / "demo-models.json"
+    stamp.write_text('{"hash": "%s"}' % h)
+    assert not demo._stamp_matches(stamp, h, teacher, student)  # no weights yet
+    for d in (teacher, student):
+        (d / "model.safetensors").write_bytes(b"x")
+    assert demo._stamp_matches(stamp, h, teacher, student)
+    assert not demo._stamp_matches(stamp, "other", teacher, student)
+    (out / "notes.txt").write_text("mine")
+    demo._clear_derived(out)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]  # only the demo's own folders go
+
+
+def test_refuses_a_folder_that_is_not_a_demo_output(tmp_path):
+    from kdpipe.pipeline.demo import run_demo
+
+    (tmp_path / "precious.txt").write_text("keep")
+    with pytest.raises(ConfigError, match="not a demo output folder"):
+        run_demo(DemoConfig(out=str(tmp_path)), log=lambda s: None)
+    assert (tmp_path / "precious.txt").read_text() == "keep"
