@@ -90,7 +90,7 @@ def chain(slurm_cluster, tmp_path_factory, tiny_teacher, vllm_student, tiny_data
 def test_every_job_completed(chain):
     root, base, job_file, run_dir, sub, ids, infos = chain
     assert sub["complete"] is True
-    assert list(ids) == ["generate", "finalize", "train-kd", "evaluate-kd", "train-ce"]
+    assert list(ids) == ["generate", "finalize", "train-kd", "evaluate-kd", "train-seqkd"]
     logs = run_dir / "logs"
     for step, recs in infos.items():
         bad = [r for r in recs if r["JobState"] != "COMPLETED"]
@@ -115,7 +115,7 @@ def test_dependencies_held(chain):
     (fin_start,) = times(ev, "start", "finalize")
     (fin_end,) = times(ev, "exit", "finalize")
     assert fin_start >= gen_end, "finalize started before every array task ended"
-    for run in ("kd", "ce"):
+    for run in ("kd", "seqkd"):
         (t_start,) = times(ev, "start", "train", run)
         assert t_start >= fin_end, f"student {run} started before finalize ended"
     (e_start,) = times(ev, "start", "evaluate", "kd")
@@ -124,7 +124,7 @@ def test_dependencies_held(chain):
     end = {s: max(r["EndTime"] for r in infos[i]) for s, i in ids.items()}
     start = {s: min(r["StartTime"] for r in infos[i]) for s, i in ids.items()}
     assert start["finalize"] >= end["generate"]
-    assert start["train-kd"] >= end["finalize"] and start["train-ce"] >= end["finalize"]
+    assert start["train-kd"] >= end["finalize"] and start["train-seqkd"] >= end["finalize"]
     assert start["evaluate-kd"] >= end["train-kd"]
     # ... and from the scripts themselves.
     fin_script = (run_dir / "scripts" / "finalize.sbatch").read_text()
@@ -135,7 +135,7 @@ def test_store_and_reports_exist(chain):
     _, base, _, run_dir, sub, ids, infos = chain
     m = open_store(base / "store $(touch PWNED-S3)")
     assert m.num_sequences == 8
-    for run in ("kd", "ce"):
+    for run in ("kd", "seqkd"):
         rd = run_dir / "runs" / run
         assert (rd / "final").is_dir()
         assert (rd / "metrics.jsonl").read_text().strip()
@@ -168,7 +168,7 @@ def test_second_submission_reuses_the_store(chain, slurm_cluster, tiny_teacher, 
     assert plan.store.status == "finalized"
     assert plan.store.expected_key == plan.store.cache_key  # checked, not assumed
     new_ids = submit_plan(plan, echo=lambda s: None)
-    assert list(new_ids) == ["train-kd", "train-ce"]
+    assert list(new_ids) == ["train-kd", "train-seqkd"]
     sub2 = json.loads((base / "run-again" / "submission.json").read_text())
     assert sub2["store"]["reused"] is True and sub2["store"]["tasks_submitted"] == []
     script = (base / "run-again" / "scripts" / "train-kd.sbatch").read_text()
