@@ -270,7 +270,7 @@ def test_cli_with_toml_and_override_writes_resolved_config(tiny_teacher, docs_fi
         assert np.allclose(mass, 1.0, atol=1e-5)
     # a bad flag is one clear line, no traceback
     r = CliRunner().invoke(cli_command, ["--config", str(toml), "--top-k", "8", "--max-logprobs", "4"])
-    assert r.exit_code != 0 and "top_k=8 is above max_logprobs=4" in r.output and "Traceback" not in r.output
+    assert r.exit_code != 0 and "--top-k=8 is above --max-logprobs=4" in r.output and "Traceback" not in r.output
 
 
 def test_sigterm_finishes_the_open_shard_and_rerun_completes(tiny_teacher, tmp_path):
