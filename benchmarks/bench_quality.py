@@ -482,7 +482,8 @@ def main() -> None:
         "sampled_bytes_le_quarter_of_topk": bpt["sampled"] <= bpt["topk"] / 4,
         "kd_sampled_lower_ece_than_kd": ece["kd_sampled"] < ece["kd"],
         "speedup_ge_2x": speedup >= 2.0,
-        "seconds_le_90min": result["seconds_from_nothing"] <= 90 * 60,
+        # the whole benchmark (5 seeds) from nothing; a run over fewer seeds cannot claim it
+        "seconds_le_90min": result["seconds_from_nothing"] <= 90 * 60 and len(seeds) >= 5,
     }
     print(json.dumps(result))
 
