@@ -33,10 +33,10 @@ from kdpipe.pipeline.train.student import (
     Retokenize, StudentLoss, resolution_notes, autocast_context, batch_inputs, check_inputs, load_student, load_tokenizer, loss_spec,
     no_sync, param_groups, setup_distributed, teacher_tokenizer, wrap_distributed,
 )
+from kdpipe.pipeline.train.xtok import cross_tokenizer_collate
 from kdpipe.pipeline.train.validate import Validator, split_seed
 from kdpipe.pipeline.card import push_to_hub
 from kdpipe.pipeline.trackers import check_trackers, train_trackers
-from kdpipe.pipeline.train.xtok import cross_tokenizer_collate
 from kdpipe.storage.errors import ConfigError
 
 # Settings that may change between a run and its resumption (they do not change what is computed).
@@ -115,6 +115,12 @@ def _resume_point(cfg: TrainConfig, run: Path) -> Path | None:
         raise ConfigError(f"out: {run} already holds {ckpt.name}; pass --resume to continue that run, or choose a new --out")
     saved = read_toml(ckpt / "train_config.toml")
     now = config_to_dict(cfg)
+    # A field added to TrainConfig after the checkpoint was written is absent from its file: the run
+    # was computed with that field's default, so only a non-default value now is a real change.
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
+    for k, v in now.items():
+        if k not in saved and k in defaults and config_to_dict({k: defaults[k]}).get(k) == v:
+            saved[k] = v
     diff = sorted(k for k in set(saved) | set(now) if k not in RESUMABLE_CHANGES and saved.get(k) != now.get(k))
     if diff:
         raise ConfigError(

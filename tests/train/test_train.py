@@ -372,6 +372,31 @@ def test_resume_with_other_settings_is_refused(reference_run, tmp_path):
         train(TrainConfig(**{**cfg.__dict__, "out": str(out), "alpha": 0.9, "resume": True}))
 
 
+def test_resume_from_a_checkpoint_older_than_a_new_field(reference_run, tmp_path):
+    """A TrainConfig field added after a checkpoint was written is missing from its train_config.toml:
+    resuming at that field's default continues the run, a non-default value is still a refused change."""
+    import re
+    import shutil
+
+    from kdpipe.pipeline.train.checkpoint import latest_checkpoint
+    from kdpipe.pipeline.train.trainer import train
+
+    cfg, ref = reference_run
+    out = tmp_path / "old"
+    shutil.copytree(ref, out)
+    shutil.rmtree(out / "final")
+    ckpt = latest_checkpoint(out)
+    saved = ckpt / "train_config.toml"
+    text = saved.read_text()
+    assert re.search(r"(?m)^jsd_beta = ", text)
+    text = text.replace(str(ref), str(out))  # the copy is its own run (out is part of the settings)
+    saved.write_text(re.sub(r"(?m)^jsd_beta = .*\n", "", text))  # as if jsd_beta did not exist yet
+    with pytest.raises(ConfigError, match="jsd_beta"):
+        train(TrainConfig(**{**cfg.__dict__, "out": str(out), "jsd_beta": 0.25, "resume": True}))
+    result = train(TrainConfig(**{**cfg.__dict__, "out": str(out), "resume": True}))
+    assert result.steps == cfg.steps and result.final is not None
+
+
 def test_errors_are_kdpipe_errors():
     assert issubclass(ConfigError, KdpipeError) and issubclass(StoreError, KdpipeError)
 
