@@ -430,6 +430,8 @@ def main() -> None:
                    "ece": round(by["teacher"]["reference"]["ece"]["mean"], 4), "p50_s": round(by["teacher"]["latency"]["p50_s"], 5),
                    "size": f"{T['config']['teacher_layers']}x{T['config']['teacher_hidden']}", "steps": T["config"]["teacher_steps"],
                    "train_pairs": len(T["corpus"]["train"]), "external": T["config"].get("external_teacher")}
+    if teacher_row["external"]:  # trained elsewhere: its size, steps and data are not this benchmark's settings
+        teacher_row.update(size=None, steps=None, train_pairs=None)
     students = {k: [student_row(k, s) for s in seeds] for k in STUDENTS}
     sft_mean = np.mean([rl[f"sft_ref-s{s}"] for s in seeds], axis=0)  # [N]
     teacher_vs_sft = {"mean_diff": round(float((rl["teacher"] - sft_mean).mean()), 4), "ci": ci(rl["teacher"] - sft_mean)}
