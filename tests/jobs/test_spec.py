@@ -37,7 +37,9 @@ def test_every_shipped_example_parses_and_plans(path, tmp_path):
     text = describe(plan)
     assert job.name in text
     kinds = [s.kind for s in plan.steps]
-    assert kinds.count("train") == len(plan.runs) >= 1
+    # one train step per [[students]] run, plus one per on-policy round
+    assert kinds.count("train") == len(plan.runs) + len(plan.rounds) >= 1
+    assert [s.name for s in plan.steps if s.kind == "train"][len(plan.runs):] == [f"onpolicy-r{r.index}-train" for r in plan.rounds]
     if plan.store.status == "new":
         gen = plan.step("generate")
         assert gen.tasks == tuple(range(job.generation.num_tasks))
