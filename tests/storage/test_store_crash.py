@@ -23,6 +23,10 @@ WRITER = textwrap.dedent("""
     import numpy as np
     from kdstore_testutil import fake_sample, make_meta
     from kdpipe.storage import ShardWriter
+    import kdpipe.storage.writer as writer_module
+    # Record batches of ~1.5 kB into 6 kB shards: a shard takes several adds, so the writer sits
+    # between batches with its shard open (a .tmp) -- the state the kill must hit.
+    writer_module.BATCH_BYTES = 1500
     rng = np.random.default_rng(0)
     samples = [(f"s{{i:04d}}", fake_sample(rng)) for i in range(60)]
     slow = sys.argv[2] == "slow"
@@ -33,8 +37,11 @@ WRITER = textwrap.dedent("""
             if sid in done:
                 continue
             w.add(sid, *s)
-            if slow:
-                time.sleep(0.05)
+            if slow and list(w.store_dir.glob("*.arrow")) and list(w.store_dir.glob("*.arrow.tmp")):
+                # a finished shard and an open one: tell the test, which kills us here. The writer
+                # reports it itself, so no polling race decides whether the kill lands mid-shard.
+                print("shard open", flush=True)
+                time.sleep(600)
     print("complete", flush=True)
 """)
 
@@ -47,15 +54,16 @@ def _run_writer(store: Path, mode: str) -> subprocess.Popen:
 def test_killed_writer_leaves_no_partial_shard_and_rerun_completes(tmp_path):
     store = tmp_path / "store"
     proc = _run_writer(store, "slow")
-    # wait until at least one shard is finished and the next one is being written (.tmp exists)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if list(store.glob("*.arrow")) and list(store.glob("*.arrow.tmp")):
+    # wait until the writer says a shard is finished and the next one is being written (.tmp exists)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.strip() == "shard open":
             break
-        time.sleep(0.02)
     else:
-        proc.kill()
-        pytest.fail(f"writer never had a shard open: {proc.communicate()}")
+        proc.wait()
+        pytest.fail(f"writer never had a shard open: {''.join(lines)!r} {proc.stderr.read()!r}")
+    assert list(store.glob("*.arrow.tmp")) and list(store.glob("*.arrow"))
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     # Every visible shard is a complete Arrow IPC file; the partial one is only a .tmp.
