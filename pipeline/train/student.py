@@ -388,7 +388,7 @@ def batch_inputs(batch, device: torch.device, with_teacher: bool) -> dict[str, A
     b = batch.to(device, non_blocking=True)
     out = {"input_ids": b.input_ids, "attention_mask": b.attention_mask, "pred_index": b.pred_index,
            "target_ids": b.target_ids}
-    if with_teacher and getattr(b, "xtok", None) is not None:  # xtok.XBatch: aligned groups, not teacher rows
+    if with_teacher and getattr(b, "xtok", None) is not None:  # xtok_collate.XBatch: aligned groups, not teacher rows
         out["xtok"] = b.xtok
     elif with_teacher:
         out.update(teacher_ids=b.teacher_ids, teacher_logprobs=b.teacher_logprobs, teacher_tail=b.teacher_tail)

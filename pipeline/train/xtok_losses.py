@@ -1,8 +1,8 @@
 """Cross-tokenizer distillation losses on aligned groups: pure functions, named for what they compute.
 
-The student (tokenizer B) learns from a store written by a teacher with tokenizer A. `xtok.py`
-cuts both target token sequences into aligned groups (shortest runs ending at the same byte
-offset). The loss of one optimizer step is
+The student (tokenizer B) learns from a store written by a teacher with tokenizer A.
+`xtok_align.py` cuts both target token sequences into aligned groups (shortest runs ending at
+the same byte offset). The loss of one optimizer step is
 
     loss = α · CE(student, its target tokens) + (1 − α) · T² · Σ_groups D_g
 
@@ -152,7 +152,7 @@ def xtok_chunked_loss_parts(
     weight: torch.Tensor,  # [V_model, H]
     vocab_size: int,  # the student tokenizer's vocabulary
     target_ids: torch.Tensor,  # [N]
-    xtok: dict,  # XBatch.xtok tensors (see xtok.XBatch)
+    xtok: dict,  # XBatch.xtok tensors (see xtok_collate.XBatch)
     spec: LossSpec,
     option: str,  # 'span' | 'uld' | 'hybrid'
     bias: torch.Tensor | None = None,

@@ -16,9 +16,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kdpipe.pipeline.train.chunked import LossSpec, chunked_loss_parts
-from kdpipe.pipeline.train.xtok import (
-    Aligner, XCollate, align, byte_ends, strip_prefix, text_encoder, token_bytes, vocab_map,
-)
+from kdpipe.pipeline.train.xtok_align import Aligner, align, byte_ends, strip_prefix, text_encoder
+from kdpipe.pipeline.train.xtok_bytes import token_bytes, vocab_map
+from kdpipe.pipeline.train.xtok_collate import XCollate
 from kdpipe.pipeline.train.xtok_losses import span_divergence, uld_distance, xtok_chunked_loss_parts, xtok_dense_loss_parts
 from kdpipe.storage import Record, collate
 from kdpipe.storage.errors import ConfigError, DataError, StoreError
