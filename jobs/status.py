@@ -2,8 +2,8 @@
 
 Job states come from squeue while a job is queued or running, then from `scontrol show job`
 (until Slurm forgets it, MinJobAge), and from sacct when the cluster keeps accounting. The
-store's progress is read from its task manifests; each run's last metrics line from its
-metrics file.
+store's progress is read from its task manifests; each run's last training and validation
+lines from RUN/metrics.jsonl.
 """
 
 from __future__ import annotations
@@ -14,9 +14,8 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from kdpipe.pipeline.train.metrics_log import last_metrics
 from kdpipe.storage.errors import ConfigError
-
-METRICS_FILES = ("metrics.jsonl", "train_metrics.jsonl", "log.jsonl")
 
 
 def _run(argv: list[str]) -> str | None:
@@ -83,22 +82,6 @@ def store_progress(store: Path, num_tasks: int) -> dict[str, Any]:
                     pass
     info.update(tasks_complete=complete, tasks_started=started, shards=shards)
     return info
-
-
-def last_metrics(run_dir: Path, split: str | None = None) -> dict[str, Any] | None:
-    """The last metrics line of a run: a training step (split None), or e.g. split="validation"."""
-    for name in METRICS_FILES:
-        p = run_dir / name
-        if p.exists():
-            lines = [ln for ln in p.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
-            for ln in reversed(lines):
-                try:
-                    row = json.loads(ln)
-                except ValueError:
-                    continue
-                if isinstance(row, dict) and row.get("split") == split:
-                    return row
-    return None
 
 
 def collect_status(run_dir: str | Path) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from kdpipe.pipeline.train.metrics_log import read_metrics
 from kdpipe.storage.errors import KdpipeError
 
 CARD_FILE = "README.md"
@@ -32,20 +33,14 @@ def _is_hub_id(s: str) -> bool:
 
 def _metrics(run: Path) -> tuple[dict | None, dict | None, int]:
     """-> the last training line, the last validation line, target tokens trained on."""
-    path = run / "metrics.jsonl"
     last_train = last_val = None
     tokens = 0
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if row.get("split", "train") == "train":
-                last_train = row
-                tokens += int(row.get("target_tokens", 0) or 0)
-            elif row.get("split") == "validation":
-                last_val = row
+    for row in read_metrics(run):
+        if row.get("split", "train") == "train":
+            last_train = row
+            tokens += int(row.get("target_tokens", 0) or 0)
+        elif row.get("split") == "validation":
+            last_val = row
     return last_train, last_val, tokens
 
 

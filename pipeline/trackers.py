@@ -34,6 +34,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from kdpipe.pipeline.train.metrics_log import read_metrics
 from kdpipe.storage.errors import ConfigError
 
 ENV = "KDPIPE_REPORT_TO"
@@ -387,17 +388,7 @@ def train_trackers(cfg: Any, run: Path, resume_step: int | None, enabled: bool) 
 
 
 def _last_step(run: Path) -> int:
-    step = 0
-    path = Path(run) / "metrics.jsonl"
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(row.get("step"), (int, float)):
-                step = max(step, int(row["step"]))
-    return step
+    return max([0] + [int(row["step"]) for row in read_metrics(run) if isinstance(row.get("step"), (int, float))])
 
 
 def _eval_values(m: Mapping[str, Any], prefix: str) -> dict[str, float]:

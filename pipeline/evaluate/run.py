@@ -19,6 +19,7 @@ from kdpipe.pipeline.evaluate import metrics as M
 from kdpipe.pipeline.evaluate.calibration import reference_scores
 from kdpipe.pipeline.evaluate.config import EvalConfig
 from kdpipe.pipeline.trackers import check_installed, evaluation_to_trackers
+from kdpipe.pipeline.train.metrics_log import read_metrics
 from kdpipe.pipeline.evaluate.generate import (
     ModelOutputs, build_prompt_ids, generate_outputs, load_examples, load_tokenizers, resolve_model, summarize_template,
 )
@@ -48,24 +49,18 @@ def read_run(run_dir: str) -> dict[str, Any]:
     if cfg_path.is_file():
         with open(cfg_path, "rb") as f:
             info["config"] = tomllib.load(f)
-    metrics = run / "metrics.jsonl"
-    if metrics.is_file():
-        curve: dict[str, list[list[float]]] = {}
-        for line in metrics.read_text(encoding="utf-8").splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut by a crash: the curve is still useful without it
-            step = row.get("step")
-            if not isinstance(step, (int, float)):
-                continue
-            # Validation lines (train-student --val-store/--val-fraction) are their own curves: val_loss, ...
-            prefix = "val_" if row.get("split") == "validation" else ""
-            for k, v in row.items():
-                if "loss" in k and isinstance(v, (int, float)) and math.isfinite(v):
-                    curve.setdefault(prefix + k, []).append([step, float(v)])
-        # A part that is identically zero (the KD term of a CE-only run) is not a curve.
-        info["curve"] = {k: pts for k, pts in curve.items() if any(v != 0.0 for _, v in pts)}
+    curve: dict[str, list[list[float]]] = {}
+    for row in read_metrics(run):  # a line cut by a crash is left out: the curve is still useful
+        step = row.get("step")
+        if not isinstance(step, (int, float)):
+            continue
+        # Validation lines (train-student --val-store/--val-fraction) are their own curves: val_loss, ...
+        prefix = "val_" if row.get("split") == "validation" else ""
+        for k, v in row.items():
+            if "loss" in k and isinstance(v, (int, float)) and math.isfinite(v):
+                curve.setdefault(prefix + k, []).append([step, float(v)])
+    # A part that is identically zero (the KD term of a CE-only run) is not a curve.
+    info["curve"] = {k: pts for k, pts in curve.items() if any(v != 0.0 for _, v in pts)}
     return info
 
 

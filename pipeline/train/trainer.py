@@ -14,7 +14,6 @@ global batch into ranks × micro-batches — no mean-of-means.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import signal
 import sys
@@ -29,6 +28,7 @@ from kdpipe.pipeline.config import config_to_dict, read_toml, write_resolved
 from kdpipe.pipeline.train.checkpoint import latest_checkpoint, load_training_state, save_checkpoint, save_final
 from kdpipe.pipeline.train.config import TrainConfig
 from kdpipe.pipeline.train.data import DataSpec, StepData
+from kdpipe.pipeline.train.metrics_log import METRICS_FILE, MetricsLog
 from kdpipe.pipeline.train.student import (
     Retokenize, StudentLoss, resolution_notes, autocast_context, batch_inputs, check_inputs, load_student, load_tokenizer, loss_spec,
     no_sync, param_groups, setup_distributed, teacher_tokenizer, wrap_distributed,
@@ -76,35 +76,6 @@ class _Sigterm:
 
     def restore(self) -> None:
         signal.signal(signal.SIGTERM, self._old)
-
-
-class MetricsLog:
-    """RUN/metrics.jsonl, one line per optimizer step (rank 0); a resumed run drops lines past its step.
-
-    Every line written also goes to the run's trackers (--report-to), so they get the same scalars.
-    """
-
-    def __init__(self, path: Path, resume_step: int | None, enabled: bool, trackers=None) -> None:
-        self.f = None
-        self.trackers = trackers
-        if not enabled:
-            return
-        keep: list[str] = []
-        if resume_step is not None and path.exists():
-            keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= resume_step]
-        path.write_text("".join(ln + "\n" for ln in keep))
-        self.f = open(path, "a", encoding="utf-8")
-
-    def write(self, record: dict[str, Any]) -> None:
-        if self.f is not None:
-            self.f.write(json.dumps(record) + "\n")
-            self.f.flush()
-            if self.trackers is not None:
-                self.trackers.log_metrics(record)
-
-    def close(self) -> None:
-        if self.f is not None:
-            self.f.close()
 
 
 def _resume_point(cfg: TrainConfig, run: Path) -> Path | None:
@@ -227,7 +198,7 @@ def _train(cfg: TrainConfig, dist) -> TrainResult:
     if dist.is_main:
         write_resolved(cfg, run / "train_config.toml", header=resolution_notes(cfg, plan, resume_from))
     trackers = train_trackers(cfg, run, step if resume_from else None, dist.is_main)  # RUN/trackers (--report-to)
-    metrics = MetricsLog(run / "metrics.jsonl", step if resume_from else None, dist.is_main, trackers)
+    metrics = MetricsLog(run / METRICS_FILE, step if resume_from else None, dist.is_main, trackers)
     sigterm = _Sigterm()
     bar = tqdm(total=cfg.steps, initial=step, disable=not dist.is_main, desc="train-student", unit="step")
     params = [p for p in wrapped.parameters() if p.requires_grad]
