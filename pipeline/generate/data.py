@@ -2,7 +2,8 @@
 
 Everything here runs before the teacher engine starts, so a bad dataset costs seconds, not an
 engine start: a missing or empty text field names its row, repeated ids name both rows, a
-non-UTF-8 file names its line.
+non-UTF-8 file names its line. A row of a JSON-lines file is named by its 1-based line (what an
+editor shows), any other row (csv, parquet, a .json array, a hub dataset) as "row N (0-based)".
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ TEXT_SUFFIXES = {".json", ".jsonl", ".csv"}
 
 @dataclass(frozen=True)
 class Sample:
-    """One document to process. `row` is its index in the (limited) split, for error messages."""
+    """One document to process. `row` is its 0-based index in the (limited) split; messages name it
+    with `row_names`."""
 
     id: str
     row: int
@@ -62,19 +64,24 @@ def check_utf8(path: Path, chunk: int = 1 << 20) -> None:
             offset += len(block)
 
 
+def _one_json_document(path: Path) -> bool:
+    try:
+        with open(path, encoding="utf-8") as f:
+            json.load(f)
+        return True
+    except json.JSONDecodeError:
+        return False
+
+
 def check_json_lines(path: Path, whole_document_ok: bool = False) -> None:
     """Refuse a JSON-lines file with a line that does not parse, naming its 1-based line number
     and the parser's whole message (the same number `kdpipe evaluate` gives for that line).
 
     `whole_document_ok` (.json files): a file that parses as one JSON document is fine too.
     """
-    if whole_document_ok:
-        try:
-            with open(path, encoding="utf-8") as f:
-                json.load(f)
-            return
-        except json.JSONDecodeError:
-            pass  # not one document: then it must be JSON lines
+    if whole_document_ok and _one_json_document(path):
+        return
+    # a .jsonl, or a .json that is not one document: JSON lines, checked line by line
     with open(path, encoding="utf-8") as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
@@ -83,6 +90,27 @@ def check_json_lines(path: Path, whole_document_ok: bool = False) -> None:
                 json.loads(line.rstrip("\r\n"))  # without its line break, as an editor shows the line
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}: line {line_no} is not valid JSON ({e}); fix that line") from None
+
+
+def row_names(data: str, *rows: int) -> str:
+    """How a message names rows of `data` (0-based indices of the split as loaded): "line 3" or
+    "lines 1 and 3" in a JSON-lines file (1-based; `datasets` skips blank lines, so row i is the
+    (i+1)-th non-blank line), else "row 2 (0-based)" or "rows 0 and 2 (0-based)".
+
+    Only called for a message: the file is scanned then, not for every load.
+    """
+    path = Path(data)
+    suffix = path.suffix.lower()
+    if path.is_file() and (suffix == ".jsonl" or (suffix == ".json" and not _one_json_document(path))):
+        line_of: dict[int, int] = {}  # row -> line
+        with open(path, encoding="utf-8") as f:
+            for line_no, line in enumerate(f, 1):
+                if line.strip():
+                    line_of[len(line_of)] = line_no
+                    if len(line_of) > max(rows):
+                        break
+        return ("line " if len(rows) == 1 else "lines ") + " and ".join(str(line_of[r]) for r in rows)
+    return ("row " if len(rows) == 1 else "rows ") + " and ".join(map(str, rows)) + " (0-based)"
 
 
 def load_table(data: str, split: str):
@@ -124,14 +152,17 @@ def load_table(data: str, split: str):
 def _target_value(value: Any, row: int, field: str, data: str) -> str | list[int]:
     if isinstance(value, str):
         if not value.strip():
-            raise DataError(f"{data}: row {row}: target field '{field}' is empty; fill it or drop the row")
+            raise DataError(f"{data}: {row_names(data, row)}: target field '{field}' is empty; fill it or drop the row")
         return value
     if isinstance(value, (list, tuple)) and value and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
         return [int(v) for v in value]  # pre-tokenized target (token ids of the teacher's tokenizer)
     if value is None or (isinstance(value, (list, tuple)) and not value):
-        raise DataError(f"{data}: row {row}: target field '{field}' is missing or empty; fill it or drop the row")
+        raise DataError(
+            f"{data}: {row_names(data, row)}: target field '{field}' is missing or empty; fill it or drop the row"
+        )
     raise DataError(
-        f"{data}: row {row}: target field '{field}' is a {type(value).__name__}; expected text or a list of token ids"
+        f"{data}: {row_names(data, row)}: target field '{field}' is a {type(value).__name__}; "
+        f"make it text or a list of token ids"
     )
 
 
@@ -177,23 +208,31 @@ def load_task_data(
     for i in range(n):
         text = texts[i]
         if text is None:
-            raise DataError(f"{data}: row {i}: text field '{text_field}' is missing (null); fill it or drop the row")
+            raise DataError(
+                f"{data}: {row_names(data, i)}: text field '{text_field}' is missing (null); fill it or drop the row"
+            )
         if not isinstance(text, str):
-            raise DataError(f"{data}: row {i}: text field '{text_field}' is a {type(text).__name__}, not text")
+            raise DataError(
+                f"{data}: {row_names(data, i)}: text field '{text_field}' is a {type(text).__name__}, not text; "
+                f"make it a string, or pass --text-field with the column that holds the text"
+            )
         if not text.strip():
-            raise DataError(f"{data}: row {i}: text field '{text_field}' is empty; fill it or drop the row")
+            raise DataError(f"{data}: {row_names(data, i)}: text field '{text_field}' is empty; fill it or drop the row")
         if target_field:
             targets[i] = _target_value(targets[i], i, target_field, data)
         if raw_ids is not None:
             rid = raw_ids[i]
             if rid is None or (isinstance(rid, str) and not rid.strip()):
-                raise DataError(f"{data}: row {i}: id field '{id_field}' is empty; every row needs an id")
+                raise DataError(
+                    f"{data}: {row_names(data, i)}: id field '{id_field}' is empty; every row needs an id: "
+                    f"fill it, or drop --id-field to use row numbers"
+                )
             sid = str(rid)
         else:
             sid = str(i)
         if sid in seen:
             raise DataError(
-                f"{data}: id {sid!r} repeats (rows {seen[sid]} and {i}); ids must be unique because resume "
+                f"{data}: id {sid!r} repeats ({row_names(data, seen[sid], i)}); ids must be unique because resume "
                 f"skips finished ids; deduplicate the data or drop --id-field to use row numbers"
             )
         seen[sid] = i

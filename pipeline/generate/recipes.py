@@ -24,7 +24,7 @@ from typing import Callable, Generator
 
 import numpy as np
 
-from kdpipe.pipeline.generate.data import Sample
+from kdpipe.pipeline.generate.data import Sample, row_names
 from kdpipe.pipeline.generate.engines import Request, TeacherOutput
 from kdpipe.storage.errors import DataError
 
@@ -177,8 +177,9 @@ class Score(Summarize):
                 bad = [t for t in s.target if not 0 <= t < self.vocab_size]
                 if bad:
                     raise DataError(
-                        f"row {s.row} (id {s.id!r}): target token id {bad[0]} is outside the teacher's "
-                        f"vocabulary [0, {self.vocab_size}); pre-tokenized targets must use the teacher's tokenizer"
+                        f"{self.cfg.data}: {row_names(self.cfg.data, s.row)} (id {s.id!r}): target token id {bad[0]} "
+                        f"is outside the teacher's vocabulary [0, {self.vocab_size}); pre-tokenized targets must use "
+                        f"the teacher's tokenizer"
                     )
 
     def job(self, sample: Sample) -> Job:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -135,15 +136,37 @@ def test_missing_text_column(tiny_teacher, tmp_path, no_engine):
 
 
 @pytest.mark.parametrize("value,what", [("", "empty"), ("   ", "empty"), (None, "missing")])
-def test_empty_or_missing_text_names_the_row(tiny_teacher, tmp_path, no_engine, value, what):
+def test_empty_or_missing_text_names_the_file_and_line(tiny_teacher, tmp_path, no_engine, value, what):
     data = write_jsonl(tmp_path / "d.jsonl", [{"id": "a", "text": "ok"}, {"id": "b", "text": "ok"}, {"id": "c", "text": value}])
-    with pytest.raises(DataError, match=f"row 2: text field 'text' is {what}"):
+    with pytest.raises(DataError, match=f"d.jsonl: line 3: text field 'text' is {what}.*; fill it or drop the row"):
         generate_logits(cfg_for(tiny_teacher, data, tmp_path / "s"))
+
+
+def test_row_messages_give_jsonl_lines_and_other_rows_0_based(tmp_path):
+    """A JSON-lines row is named by its 1-based line, blank lines counted as the editor counts them;
+    a csv, parquet or .json array row (no line of its own) as "row N (0-based)"."""
+    rows = [{"id": "a", "text": "ok"}, {"id": "b", "text": " "}]
+    jsonl = tmp_path / "d.jsonl"
+    jsonl.write_text('\n{"id": "a", "text": "ok"}\n\n{"id": "b", "text": " "}\n', encoding="utf-8")
+    want = f"^{re.escape(str(jsonl))}: line 4: text field 'text' is empty; fill it or drop the row$"
+    with pytest.raises(DataError, match=want):
+        load_task_data(str(jsonl), id_field="id")
+    csv = tmp_path / "d.csv"
+    csv.write_text("id,text\na,ok\nb, \n", encoding="utf-8")
+    with pytest.raises(DataError, match=f"^{re.escape(str(csv))}: row 1 \\(0-based\\): text field 'text' is empty"):
+        load_task_data(str(csv), id_field="id")
+    array = tmp_path / "d.json"
+    array.write_text(json.dumps(rows), encoding="utf-8")
+    with pytest.raises(DataError, match=r"d.json: row 1 \(0-based\): text field 'text' is empty"):
+        load_task_data(str(array), id_field="id")
+    lines = write_jsonl(tmp_path / "r.json", [{"id": "a", "text": "x"}, {"id": "b", "text": "y"}, {"id": "a", "text": "z"}])
+    with pytest.raises(DataError, match=r"r.json: id 'a' repeats \(lines 1 and 3\)"):
+        load_task_data(str(lines), id_field="id")
 
 
 def test_repeated_ids(tiny_teacher, tmp_path, no_engine):
     data = write_jsonl(tmp_path / "d.jsonl", [{"id": "a", "text": "x"}, {"id": "b", "text": "y"}, {"id": "a", "text": "z"}])
-    with pytest.raises(DataError, match=r"id 'a' repeats \(rows 0 and 2\)"):
+    with pytest.raises(DataError, match=r"id 'a' repeats \(lines 1 and 3\)"):
         generate_logits(cfg_for(tiny_teacher, data, tmp_path / "s"))
 
 
@@ -156,10 +179,17 @@ def test_non_utf8_file(tiny_teacher, tmp_path, no_engine):
 
 def test_score_needs_a_nonempty_target(tiny_teacher, tmp_path, no_engine):
     data = write_jsonl(tmp_path / "d.jsonl", [{"id": "a", "text": "x", "ref": "y"}, {"id": "b", "text": "x", "ref": ""}])
-    with pytest.raises(DataError, match="row 1: target field 'ref' is empty"):
+    with pytest.raises(DataError, match="d.jsonl: line 2: target field 'ref' is empty"):
         generate_logits(cfg_for(tiny_teacher, data, tmp_path / "s", recipe="score", target_field="ref"))
     with pytest.raises(DataError, match="no column 'summary'"):
         generate_logits(cfg_for(tiny_teacher, data, tmp_path / "s", recipe="score", target_field="summary"))
+
+
+def test_score_target_ids_outside_the_vocabulary_name_the_line(tiny_teacher, tmp_path, no_engine):
+    rows = [{"id": "a", "text": "x", "ref": [1, 2]}, {"id": "b", "text": "x", "ref": [3, 10**6]}]
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    with pytest.raises(DataError, match=r"d.jsonl: line 2 \(id 'b'\): target token id 1000000 is outside the teacher's"):
+        generate_logits(cfg_for(tiny_teacher, data, tmp_path / "s", recipe="score", target_field="ref"))
 
 
 def test_missing_file_and_unknown_type(tiny_teacher, tmp_path, no_engine):
