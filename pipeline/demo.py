@@ -51,10 +51,13 @@ from kdpipe.pipeline.config import atomic_write_text, write_resolved
 from kdpipe.storage.errors import ConfigError, DataError
 
 # Step counts, transfer-set and evaluation sizes per budget; "small" is for CI.
+# The teacher's steps are most of the budget: below ~1,000 steps it emits synopsis templates ("GNU R package
+# for the C++ library") that students copy from a few hundred examples; from there it starts to use the
+# document's own words (measured: held-out ROUGE-L 0.147 after 350 steps, 0.197 after 350 + 650).
 BUDGETS = {
-    "small": {"teacher_steps": 350, "student_steps": 100, "transfer_docs": 300, "eval_samples": 48},
-    "default": {"teacher_steps": 500, "student_steps": 200, "transfer_docs": 400, "eval_samples": 100},
-    "large": {"teacher_steps": 1200, "student_steps": 400, "transfer_docs": 800, "eval_samples": 200},
+    "small": {"teacher_steps": 1000, "student_steps": 100, "transfer_docs": 300, "eval_samples": 48},
+    "default": {"teacher_steps": 1200, "student_steps": 200, "transfer_docs": 400, "eval_samples": 100},
+    "large": {"teacher_steps": 2500, "student_steps": 400, "transfer_docs": 800, "eval_samples": 200},
 }
 STUDENTS = ("sft_ref", "seqkd", "kd")
 

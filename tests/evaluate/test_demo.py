@@ -1,6 +1,6 @@
 """`kdpipe demo --budget small` end to end on the Debian corpus: tiny teacher trained on every
 training pair, phase one under vLLM, students sft_ref / seqkd / kd on a small transfer set through
-the jobs layer, evaluation; a quiet terminal, the report's sections, the teacher above every student."""
+the jobs layer, evaluation; a quiet terminal, the report's sections, the teacher visibly above every student."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 
 from kdtest import require
 
-# ~6 min on a quiet 2-core machine; the fixture's subprocess gets room on a loaded one.
+# ~7 min on a quiet 2-core machine (the teacher's 1,000 steps are half of it); the fixture's subprocess gets room on a loaded one.
 pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.timeout(3000)]
 
 
@@ -86,10 +86,11 @@ def test_demo_report_has_every_section_and_the_teacher_leads(demo_out):
         assert (out / "report" / png).stat().st_size > 1000
 
 
-@pytest.mark.xfail(strict=False, reason="issue 10 §6, not met: at the CI budget the teacher's ROUGE-L lead over the "
-                   "seqkd/kd students is within run-to-run noise (measured 0.157 vs 0.150, and 0.141 vs 0.151)")
-def test_demo_teacher_rouge_is_above_every_student(demo_out):
+def test_demo_teacher_rouge_is_visibly_above_every_student(demo_out):
+    # Issue 10 §6: the teacher must visibly beat the students, not trail them. Measured at this budget:
+    # teacher 0.210 vs best student (seqkd) 0.134 on 48 documents; earlier runs of one setting differed by
+    # up to 0.016 in the teacher's ROUGE-L.
     out, _, _ = demo_out
     rep = json.loads((out / "report" / "report.json").read_text())
     rouge = {m["name"]: m["quality"]["rougeL"]["mean"] for m in rep["models"]}
-    assert all(rouge["teacher"] > rouge[s] for s in ("sft_ref", "seqkd", "kd")), rouge
+    assert all(rouge["teacher"] > rouge[s] + 0.02 for s in ("sft_ref", "seqkd", "kd")), rouge
