@@ -255,7 +255,8 @@ def train_teacher(init: Path, out_dir: Path, rows: list[dict], steps: int, lr: f
 def _length_batches(pairs: list[tuple[list[int], list[int]]], batch_size: int, steps: int, seed: int) -> list[list]:
     """`steps` batches: epochs of a seeded shuffle, cut into pools of 16 batches, each pool sorted by length.
 
-    Every pair is seen once per epoch (random sampling repeats some and skips others); sorting
+    Every pair is seen once per epoch but for the last pool's remainder of less than one batch (random
+    sampling repeats some pairs and skips others); sorting
     inside a pool keeps batches of similar lengths, and the batches' order is shuffled again.
     """
     rng = random.Random(seed)
