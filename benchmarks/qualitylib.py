@@ -233,8 +233,14 @@ def ensure_teacher(root: Path, log: Callable[[str], None] = print, **overrides: 
         from kdpipe.pipeline.tiny import build_model
 
         d = root / "students" / f"init-s{seed}"
-        if not (d / "model.safetensors").is_file():
-            build_model(d, tok_dir, _tiny_cfg(s.vocab_size, s.student_layers, s.student_hidden, s.max_position_embeddings, 1000 + seed))
+        cfg = _tiny_cfg(s.vocab_size, s.student_layers, s.student_hidden, s.max_position_embeddings, 1000 + seed)
+        want = {"student": dataclasses.asdict(cfg), "teacher_hash": th}  # the tokenizer is built with the teacher
+        stamp = d / "quality-student.json"
+        # An init built for another size or teacher (tokenizer) is rebuilt: the runs compare students of one init per seed.
+        if not (d / "model.safetensors").is_file() or not stamp.is_file() or json.loads(stamp.read_text()) != want:
+            (d / "model.safetensors").unlink(missing_ok=True)
+            build_model(d, tok_dir, cfg)
+            atomic_write_text(stamp, json.dumps(want, indent=1) + "\n")
         return d
 
     return {
