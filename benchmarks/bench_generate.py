@@ -15,10 +15,11 @@ import argparse
 import json
 import os
 import shutil
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
+
+from tinyteacher import tiny_teacher  # benchmarks/, on the path when run as a script
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -41,15 +42,9 @@ def main() -> None:
     from kdpipe.pipeline.generate.engines import VllmEngine
     from kdpipe.pipeline.generate.recipes import make_recipe
     from kdpipe.pipeline.generate.run import generate_logits
-    from kdpipe.pipeline.tiny import DEFAULT_CORPUS, TinyModelConfig, build_tiny
+    from kdpipe.pipeline.tiny import DEFAULT_CORPUS
 
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-generate-"))
-    work.mkdir(parents=True, exist_ok=True)
-    teacher = work / "teacher"
-    if not (teacher / "config.json").exists():
-        # The shape measured in docs/notes: a 2-layer, 128-wide Llama with a ~2k vocabulary.
-        build_tiny(teacher, [DEFAULT_CORPUS] * 16,
-                   TinyModelConfig(vocab_size=2048, hidden_size=128, intermediate_size=256, seed=0))
+    work, teacher = tiny_teacher(args.workdir, "bench-generate-")
     words = DEFAULT_CORPUS.split()
     data = work / "docs.jsonl"
     with open(data, "w") as f:

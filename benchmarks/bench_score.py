@@ -23,9 +23,10 @@ import json
 import os
 import shutil
 import statistics
-import tempfile
 import time
 from pathlib import Path
+
+from tinyteacher import tiny_teacher  # benchmarks/, on the path when run as a script
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -93,16 +94,9 @@ def main() -> None:
     from kdpipe.pipeline.generate.engines import VllmEngine
     from kdpipe.pipeline.generate.recipes import make_recipe
     from kdpipe.pipeline.generate.run import generate_logits
-    from kdpipe.pipeline.tiny import DEFAULT_CORPUS, TinyModelConfig, build_tiny
     from collections import Counter
 
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-score-"))
-    work.mkdir(parents=True, exist_ok=True)
-    teacher = work / "teacher"
-    if not (teacher / "config.json").exists():
-        # The shape of bench_generate: a 2-layer, 128-wide float32 Llama.
-        build_tiny(teacher, [DEFAULT_CORPUS] * 16,
-                   TinyModelConfig(vocab_size=2048, hidden_size=128, intermediate_size=256, seed=0))
+    work, teacher = tiny_teacher(args.workdir, "bench-score-")
     tok = AutoTokenizer.from_pretrained(teacher)
     rows = make_rows(args.docs, args.doc_tokens, args.target_tokens, tok)
     data = work / "docs.jsonl"
