@@ -41,7 +41,6 @@ SPLITS = ("train", "validation", "heldout")
 # The version of pipeline/demo.py's train_teacher loop (2: length-grouped epochs, prompt-token CE): in the
 # cache hash, so a teacher trained by an older loop is retrained rather than reused.
 TEACHER_LOOP = 2
-DOC_LOSS_WEIGHT = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +59,7 @@ class QualitySettings:
     teacher_seed: int = 0
     # CE weight of the prompt's own tokens (the document). Validation NLL of the answers after 400 steps of
     # a 4x128 teacher (seed 0, 300 validation pairs): 4.376 at weight 0, 4.170 at 0.2, 4.011 at 0.5, 3.941 at 1.
-    teacher_doc_loss_weight: float = DOC_LOSS_WEIGHT
+    teacher_doc_loss_weight: float = 1.0
     # Students: one architecture, one initialization per seed.
     student_layers: int = 2
     student_hidden: int = 64
