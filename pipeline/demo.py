@@ -256,8 +256,8 @@ def _length_batches(pairs: list[tuple[list[int], list[int]]], batch_size: int, s
     """`steps` batches: epochs of a seeded shuffle, cut into pools of 16 batches, each pool sorted by length.
 
     Every pair is seen once per epoch but for the last pool's remainder of less than one batch (random
-    sampling repeats some pairs and skips others); sorting
-    inside a pool keeps batches of similar lengths, and the batches' order is shuffled again.
+    sampling repeats some pairs and skips others); sorting inside a pool keeps batches of similar
+    lengths, and the batches' order is shuffled again.
     """
     rng = random.Random(seed)
     out: list[list] = []
