@@ -387,6 +387,8 @@ def main() -> None:
         }
         ensure_runs(list(cfgs.values()), args.jobs)
         runs = {n: Path(c.out) for n, c in cfgs.items()}
+        if T["config"]["pretrained_bases"]:
+            runs[f"base-s{seed}"] = init  # the pretrained base alone: what distillation adds over it
         reports[seed] = run_eval(out / f"report-s{seed}", {"teacher": teacher, **runs}, data["heldout"], args, args.eval_samples,
                                  baseline=f"sft_ref-s{seed}", stores=(str(topk), str(sampled), str(refs)),
                                  latency_requests=args.latency_requests)
@@ -436,16 +438,19 @@ def main() -> None:
                    "train_pairs": len(T["corpus"]["train"]), "external": T["config"].get("external_teacher")}
     if teacher_row["external"]:  # trained elsewhere: its size, steps and data are not this benchmark's settings
         teacher_row.update(size=None, steps=None, train_pairs=None)
-    students = {k: [student_row(k, s) for s in seeds] for k in STUDENTS}
+    arms = STUDENTS + (("base",) if T["config"]["pretrained_bases"] else ())
+    students = {k: [student_row(k, s) for s in seeds] for k in arms}
     sft_mean = np.mean([rl[f"sft_ref-s{s}"] for s in seeds], axis=0)  # [N]
     teacher_vs_sft = {"mean_diff": round(float((rl["teacher"] - sft_mean).mean()), 4), "ci": ci(rl["teacher"] - sft_mean)}
     kd_vs_seqkd, kd_vs_sft = versus("kd", "seqkd"), versus("kd", "sft_ref")
     samp_vs_kd = versus("kd_sampled", "kd")
-    nll = {k: [r["nll_ref"] for r in students[k]] for k in STUDENTS}
+    nll = {k: [r["nll_ref"] for r in students[k]] for k in arms}
     kd_mean = statistics.mean(mean(f"kd-s{s}") for s in seeds)
+    retention = {k: round(statistics.mean(mean(f"{k}-s{s}") for s in seeds) / teacher_row["rougeL"], 4)
+                 if teacher_row["rougeL"] else None for k in arms}
     kd_p50 = statistics.median(by[f"kd-s{s}"]["latency"]["p50_s"] for s in seeds)
     speedup = by["teacher"]["latency"]["p50_s"] / kd_p50
-    ece = {"teacher": teacher_row["ece"], **{k: round(statistics.mean(r["ece"] for r in students[k]), 4) for k in ("kd", "kd_sampled", "seqkd", "sft_ref")}}
+    ece = {"teacher": teacher_row["ece"], **{k: round(statistics.mean(r["ece"] for r in students[k]), 4) for k in arms}}
     from kdpipe.storage import open_store
 
     bpt = {name: round(m.bytes / max(m.num_target_tokens, 1), 2) for name, m in (("topk", open_store(topk)), ("sampled", open_store(sampled)))}
@@ -458,6 +463,12 @@ def main() -> None:
         "kd_sampled_vs_kd": samp_vs_kd,
         "nll_ref": {"teacher": teacher_row["nll_ref"], **nll},
         "retention": round(kd_mean / teacher_row["rougeL"], 4) if teacher_row["rougeL"] else None,
+        "retention_by_arm": retention,
+        # the miniature's design (issue 20): pretrained bases, the seeds' size ratio
+        "pretrained_bases": T["config"]["pretrained_bases"],
+        "size_ratio_non_embedding": T["size_ratio"],
+        "bases": {n: {"ppl_heldout": b["ppl_heldout"], "seconds": b["seconds"], "steps": b["config"]["steps"]}
+                  for n, b in sorted(T["bases"].items())},
         "speedup": round(speedup, 3),
         "ece": ece,
         "store_bytes_per_token": bpt,
@@ -474,7 +485,7 @@ def main() -> None:
         "goals": {},
         "seconds": round(time.perf_counter() - t0, 1),
         # this invocation reused what earlier ones built: the from-nothing cost is the sum of build times
-        "seconds_from_nothing": round(teacher_build_s + sum(timings.d.values()), 1),
+        "seconds_from_nothing": round(teacher_build_s + sum(b["seconds"] for b in T["bases"].values()) + sum(timings.d.values()), 1),
         "reports": [str(out / f"report-s{s}" / "report.md") for s in seeds],
     }
     result["goals"] = {
@@ -488,6 +499,7 @@ def main() -> None:
         "sampled_bytes_le_quarter_of_topk": bpt["sampled"] <= bpt["topk"] / 4,
         "kd_sampled_lower_ece_than_kd": ece["kd_sampled"] < ece["kd"],
         "speedup_ge_2x": speedup >= 2.0,
+        "size_ratio_in_seeds_range_8_to_14": 8 <= T["size_ratio"] <= 14,
         # the whole benchmark (5 seeds) from nothing; a run over fewer seeds cannot claim it
         "seconds_le_90min": result["seconds_from_nothing"] <= 90 * 60 and len(seeds) >= 5,
     }

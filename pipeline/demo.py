@@ -30,7 +30,6 @@ import hashlib
 import json
 import logging
 import os
-import random
 import sys
 import time
 import warnings
@@ -48,6 +47,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 from kdpipe.pipeline.config import atomic_write_text, write_resolved
+from kdpipe.pipeline.lm_train import train_teacher
 from kdpipe.storage.errors import ConfigError, DataError
 
 # Step counts, transfer-set and evaluation sizes per budget; "small" is for CI.
@@ -183,97 +183,6 @@ def build_models(cfg: DemoConfig, rows: list[dict], out: Path) -> tuple[Path, Pa
         num_key_value_heads=cfg.student_hidden // 32, max_position_embeddings=512, seed=cfg.seed + 1,
     ))
     return teacher, student
-
-
-def train_teacher(init: Path, out_dir: Path, rows: list[dict], steps: int, lr: float, batch_size: int, seed: int,
-                  log=print, progress: Callable[[int, float], None] | None = None, doc_loss_weight: float = 0.0) -> Path:
-    """A plain CE loop on (summarize prompt -> reference summary) pairs: the prompts phase one will send.
-
-    The target is the chat-formatted answer (summary + end-of-turn marker) followed by EOS, so the
-    teacher stops by itself under vLLM. `doc_loss_weight` > 0 adds the next-token CE of the prompt
-    tokens at that weight: a model trained from scratch otherwise learns its language from the
-    ~15% of tokens that are the answer. Batches are drawn from a seeded shuffle of the pairs and
-    grouped by length (padding was ~40% of a step's tokens with random batches). `log` gets a line
-    every 50 steps; `progress(step, loss)`, if given, is called after every step with the answer's CE.
-    """
-    import torch
-    import torch.nn.functional as F
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from kdpipe.pipeline.generate.config import DEFAULT_SUMMARIZE_TEMPLATE
-    from kdpipe.pipeline.generate.recipes import Prompter
-
-    torch.manual_seed(seed)
-    tok = AutoTokenizer.from_pretrained(init)
-    model = AutoModelForCausalLM.from_pretrained(init, dtype=torch.float32)
-    prompter = Prompter(tok, True, None)
-    pairs = []
-    for r in rows:
-        user = DEFAULT_SUMMARIZE_TEMPLATE.replace("{text}", r["document"])
-        pairs.append((prompter.ids(user), prompter.target_ids(user, r["summary"]) + [tok.eos_token_id]))
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    batches = _length_batches(pairs, min(batch_size, len(pairs)), steps, seed)
-    warmup = max(1, steps // 20)
-    model.train()
-    t0 = time.perf_counter()
-    for step, batch in enumerate(batches):
-        # Linear warmup, then linear decay to 5%: short runs need the high learning rate early.
-        f = min(1.0, (step + 1) / warmup) * max(0.05, 1.0 - step / steps)
-        for g in opt.param_groups:
-            g["lr"] = lr * f
-        T = max(len(p) + len(t) for p, t in batch)
-        ids = torch.full((len(batch), T), tok.pad_token_id, dtype=torch.long)  # [B, T]
-        answer = torch.full((len(batch), T), -100, dtype=torch.long)  # [B, T]; labels of the answer tokens
-        prompt = torch.full((len(batch), T), -100, dtype=torch.long)  # [B, T]; labels of the prompt tokens
-        mask = torch.zeros((len(batch), T), dtype=torch.long)
-        for i, (p, t) in enumerate(batch):
-            seq = p + t
-            ids[i, : len(seq)] = torch.tensor(seq)
-            mask[i, : len(seq)] = 1
-            answer[i, len(p) : len(seq)] = torch.tensor(t)
-            prompt[i, 1 : len(p)] = torch.tensor(p[1:])
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()  # [B, T-1, V]
-        flat = logits.reshape(-1, logits.shape[-1])
-        loss = F.cross_entropy(flat, answer[:, 1:].reshape(-1), ignore_index=-100)
-        total = loss
-        if doc_loss_weight > 0:
-            total = loss + doc_loss_weight * F.cross_entropy(flat, prompt[:, 1:].reshape(-1), ignore_index=-100)
-        total.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if progress is not None:
-            progress(step + 1, loss.item())
-        if (step + 1) % 50 == 0 or step + 1 == steps:
-            log(f"  teacher step {step + 1}/{steps}  loss {loss.item():.3f}  ({time.perf_counter() - t0:.0f} s)")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir, safe_serialization=True)
-    tok.save_pretrained(out_dir)
-    return out_dir
-
-
-def _length_batches(pairs: list[tuple[list[int], list[int]]], batch_size: int, steps: int, seed: int) -> list[list]:
-    """`steps` batches: epochs of a seeded shuffle, cut into pools of 16 batches, each pool sorted by length.
-
-    Every pair is seen once per epoch but for the last pool's remainder of less than one batch (random
-    sampling repeats some pairs and skips others); sorting inside a pool keeps batches of similar
-    lengths, and the batches' order is shuffled again.
-    """
-    rng = random.Random(seed)
-    out: list[list] = []
-    while len(out) < steps:
-        order = list(range(len(pairs)))
-        rng.shuffle(order)
-        pool = 16 * batch_size
-        epoch = []
-        for s in range(0, len(order) - batch_size + 1, pool):
-            chunk = sorted(order[s : s + pool], key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
-            epoch += [chunk[b : b + batch_size] for b in range(0, len(chunk) - batch_size + 1, batch_size)]
-        if not epoch:  # fewer pairs than one batch: one batch of all of them
-            epoch = [order]
-        rng.shuffle(epoch)
-        out += [[pairs[i] for i in b] for b in epoch]
-    return out[:steps]
 
 
 def _student(cfg: DemoConfig, name: str, alpha: float, student: Path) -> dict[str, Any]:

@@ -74,21 +74,6 @@ def test_refuses_a_folder_that_is_not_a_demo_output(tmp_path):
     assert (tmp_path / "precious.txt").read_text() == "keep"
 
 
-def test_teacher_batches_cover_each_pair_once_per_epoch_grouped_by_length():
-    from kdpipe.pipeline.demo import _length_batches
-
-    pairs = [([1] * (3 + i % 17), [2] * (1 + i % 5)) for i in range(1000)]
-    batches = _length_batches(pairs, 8, steps=250, seed=0)
-    assert len(batches) == 250 and all(len(b) == 8 for b in batches)
-    first_epoch = [id(p) for b in batches[:125] for p in b]  # 1000 pairs / 8 = 125 batches per epoch
-    assert len(set(first_epoch)) == 1000  # every pair once, none repeated
-    # Grouped by length: a batch's lengths spread far less than random batches' would (17 x 5 lengths).
-    spread = [max(map(lambda p: len(p[0]) + len(p[1]), b)) - min(map(lambda p: len(p[0]) + len(p[1]), b)) for b in batches]
-    assert sum(spread) / len(spread) < 3
-    assert _length_batches(pairs, 8, 250, seed=0) == batches and _length_batches(pairs, 8, 250, seed=1) != batches
-    assert len(_length_batches(pairs[:3], 8, steps=4, seed=0)) == 4  # fewer pairs than a batch: one batch of all
-
-
 def test_teacher_doc_loss_weight_is_refused_below_0():
     with pytest.raises(ConfigError, match="teacher_doc_loss_weight"):
         DemoConfig(teacher_doc_loss_weight=-0.5)
