@@ -47,7 +47,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from qualitylib import ensure_teacher  # noqa: E402
+from qualitylib import ensure_teacher, recorded_settings  # noqa: E402
 
 
 def log(s: str) -> None:
@@ -225,8 +225,7 @@ def main() -> None:
     if not args.reduced and (root / "teacher" / "quality-teacher.json").is_file():
         # Read-only use of the shared cache: ask for exactly the recorded settings, so this never
         # retrains (overwrites) the quality benchmark's teacher when its defaults change later.
-        recorded = json.loads((root / "teacher" / "quality-teacher.json").read_text())["config"]
-        overrides = {k: v for k, v in recorded.items() if k != "train_fingerprint"}
+        overrides = recorded_settings(root)
     q = ensure_teacher(root, log=log, **overrides)
     if q["teacher_seconds"]:
         log(f"trained the quality teacher first (cache was empty or stale): {q['teacher_seconds']:.0f} s")

@@ -58,18 +58,6 @@ def student_tokenizer(out: Path, corpus: dict, vocab: int) -> Path:
     return d
 
 
-def student_b_init(out: Path, tok_b: Path, seed: int, layers: int, hidden: int) -> Path:
-    from qualitylib import _tiny_cfg
-    from transformers import AutoTokenizer
-
-    from kdpipe.pipeline.tiny import build_model
-
-    d = out / "students" / f"b-init-s{seed}"
-    if not (d / "model.safetensors").is_file():
-        build_model(d, tok_b, _tiny_cfg(len(AutoTokenizer.from_pretrained(tok_b)), layers, hidden, 512, 1000 + seed))
-    return d
-
-
 def ensure_store(out: Path, teacher: Path, data: Path, args) -> Path:
     from kdpipe.pipeline.generate.config import GenerateConfig
     from kdpipe.pipeline.generate.run import generate_logits
@@ -252,7 +240,7 @@ def main() -> None:
     args = ap.parse_args()
     t_start = time.perf_counter()
 
-    from qualitylib import QualitySettings, ensure_teacher
+    from qualitylib import ensure_teacher, recorded_settings
     from transformers import AutoTokenizer
 
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -266,14 +254,10 @@ def main() -> None:
             overrides[k] = json.loads(v)
         except json.JSONDecodeError:
             overrides[k] = v
-    stamp = Path(args.quality_root) / "teacher" / "quality-teacher.json"
-    if not overrides and stamp.is_file():
-        # The cached teacher's own settings, so its hash matches and it is reused, never retrained here.
-        import dataclasses
-
-        names = {f.name for f in dataclasses.fields(QualitySettings)}
-        overrides = {k: v for k, v in json.loads(stamp.read_text())["config"].items() if k in names}
-        log(f"reusing the cached teacher {stamp.parent} with its settings {overrides}")
+    if not overrides and recorded_settings(Path(args.quality_root)):
+        # The cached teacher's own settings, so its hash matches and it (and its bases) are reused, never retrained here.
+        overrides = recorded_settings(Path(args.quality_root))
+        log(f"reusing the cached teacher under {args.quality_root} with its settings {overrides}")
     T = ensure_teacher(Path(args.quality_root), log=log, **overrides)
     if T["teacher_seconds"]:
         log(f"the teacher cache was empty: trained it first ({T['teacher_seconds']:.0f} s)")
@@ -283,14 +267,14 @@ def main() -> None:
     log(f"tokenizer A: byte-level BPE {len(tok_a)}; tokenizer B: Unigram + byte fallback {len(tok_b)}")
     store = ensure_store(out, T["teacher"], T["data"]["transfer"], args)
 
-    qs = QualitySettings(**overrides)
     held = T["corpus"]["heldout"][: args.eval_samples]
     prompts = student_prompts(tok_a, tok_b, [r["document"] for r in held])
     refs = [r["summary"] for r in held]
     scores: dict[str, list[float]] = {o: [] for o in options + ["fallback"]}
     per_example: dict[str, list[list[float]]] = {o: [] for o in scores}
     for seed in seeds:
-        init = student_b_init(out, tok_b_dir, seed, qs.student_layers, qs.student_hidden)
+        # the student's base in tokenizer B: pretrained on the same text as every base, in its own tokenization
+        init = T["student_init"](seed, tokenizer=tok_b_dir)
         for name in scores:
             kw = dict(alpha=1.0) if name == "fallback" else dict(alpha=0.5, cross_tokenizer=name)
             final = train_run(out / "runs" / f"{name}-s{seed}", init, store, seed, args, **kw)
@@ -305,8 +289,7 @@ def main() -> None:
     wins = sum(b > f for b, f in zip(scores[best], scores["fallback"]))
     mean_diff, ci = paired(scores[best], scores["fallback"])
     al = alignment_figures(store, tok_a, tok_b, "hybrid", rows=512)  # hybrid: its mapped-group share at the threshold
-    st = step_time_ratio(store, student_b_init(out, tok_b_dir, seeds[0], qs.student_layers, qs.student_hidden),
-                         tok_a, tok_b, args, best)
+    st = step_time_ratio(store, T["student_init"](seeds[0], tokenizer=tok_b_dir), tok_a, tok_b, args, best)
     n = len(seeds)
     reduced = n < 5 or args.steps < 300 or args.transfer_limit is not None or args.eval_samples < 300
     minutes = (time.perf_counter() - t_start) / 60

@@ -32,6 +32,7 @@ killed build continues from its last checkpoint on a rerun; the loss curve is in
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
@@ -202,6 +203,17 @@ def _tiny_cfg(vocab: int, layers: int, hidden: int, max_pos: int, seed: int):
                            max_position_embeddings=max_pos, seed=seed)
 
 
+def recorded_settings(root: Path) -> dict[str, Any]:
+    """The QualitySettings of the teacher cached under ROOT ({} when there is none): a benchmark that shares
+    another's cache asks for exactly these, so it reuses (never retrains) that teacher and its bases."""
+    stamp = Path(root) / "teacher" / "quality-teacher.json"
+    if not stamp.is_file():
+        return {}
+    have = json.loads(stamp.read_text())
+    names = {f.name for f in dataclasses.fields(QualitySettings)}
+    return {k: v for k, v in (have.get("settings") or have["config"]).items() if k in names}
+
+
 def _file_hash(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
@@ -211,14 +223,24 @@ def ensure_base(root: Path, name: str, tokenizer: Path, arch, texts: list[str], 
     """ROOT/bases/NAME: a causal LM of `arch` (a TinyModelConfig, seeded) pretrained on `texts` in `tokenizer`'s
     tokenization; reused when its recorded hash matches, rebuilt (saying which settings changed) otherwise, and
     resumed from its last checkpoint when a build was killed. -> (folder, its stamp: hash, config, seconds, ppl)."""
-    from kdpipe.pipeline.config import atomic_write_text
-    from kdpipe.pipeline.lm_train import perplexity, pretrain_base
-    from kdpipe.pipeline.tiny import build_model
-
     cfg = {"arch": dataclasses.asdict(arch), "steps": steps, **s.base_part(),
            "tokenizer": _file_hash(Path(tokenizer) / "tokenizer.json"), "text": _hash(texts)}
     h = _hash(cfg)
     d = Path(root) / "bases" / name
+    d.parent.mkdir(parents=True, exist_ok=True)
+    # Two benchmarks on one ROOT (bench_onpolicy beside bench_quality) may ask for the same base at once: the
+    # second waits for the first's build and then reuses it.
+    with open(d.with_name(name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _ensure_base_locked(d, name, h, cfg, tokenizer, arch, texts, heldout, steps, s, log)
+
+
+def _ensure_base_locked(d: Path, name: str, h: str, cfg: dict, tokenizer: Path, arch, texts: list[str],
+                        heldout: list[str], steps: int, s: QualitySettings, log: Callable[[str], None]) -> tuple[Path, dict]:
+    from kdpipe.pipeline.config import atomic_write_text
+    from kdpipe.pipeline.lm_train import perplexity, pretrain_base
+    from kdpipe.pipeline.tiny import build_model
+
     stamp = d / "quality-base.json"
     have = json.loads(stamp.read_text()) if stamp.is_file() else None
     if have is not None and have.get("hash") == h and (d / "model.safetensors").is_file():
@@ -323,7 +345,9 @@ def ensure_teacher(root: Path, log: Callable[[str], None] = print, **overrides: 
             train_teacher(start, teacher, corpus["train"], s.teacher_steps, s.teacher_lr, s.teacher_batch, s.teacher_seed, log,
                           doc_loss_weight=s.teacher_doc_loss_weight, key=th)
             seconds = time.perf_counter() - t0
-            atomic_write_text(stamp, json.dumps({"hash": th, "config": teacher_cfg, "seconds": round(seconds, 1)}, indent=2) + "\n")
+            # "settings": every QualitySettings field, so another benchmark can ask for exactly this teacher and its bases
+            atomic_write_text(stamp, json.dumps({"hash": th, "config": teacher_cfg, "seconds": round(seconds, 1),
+                                                 "settings": dataclasses.asdict(s)}, indent=2) + "\n")
         else:
             log(f"teacher cache {teacher}: same config hash ({th[:12]}), reused")
 
