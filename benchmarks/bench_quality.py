@@ -3,15 +3,21 @@
 Corpus: Debian package descriptions (document) and their maintainers' one-line synopses (summary),
 split by package group into train / validation / heldout (kdpipe.pipeline.data.build_debian_corpus).
 
-1. Teacher (benchmarks/qualitylib.py, cached under OUT/teacher, config hash checked): plain CE on
-   ALL training pairs, larger than the students in depth and width; one tokenizer for all models.
+0. Bases (benchmarks/qualitylib.py, cached under OUT/bases with a config hash, shared with bench_onpolicy
+   and bench_xtok): causal LMs pretrained on the training documents without their synopses, one for the
+   teacher's architecture (6x192) and one per seed for the students' (2x96; 12x fewer non-embedding
+   parameters, the seeds' 9-13x). The miniature of "Llama-3.1-8B base": every student writes the domain's
+   language before distillation starts (issue 20).
+1. Teacher (cached under OUT/teacher, config hash checked): its base fine-tuned (plain CE) on ALL training
+   pairs; one tokenizer for all models.
 2. Phase one, once per codec, on the TRANSFER set (a seeded 10-20% of the training documents):
    the teacher's greedy summaries into a top-k store and, with the same pass settings, a
    sampled-codec store; and the human references scored by the teacher (`score` recipe) for
    the no-teacher baseline (only its target tokens are used: alpha = 1).
 3. The kd setting (alpha x T x divergence, the grid of jobs/examples/debian-sweep.toml) is picked
    on the VALIDATION split: one seed-0 student per setting, ROUGE-L on validation (ties: NLL).
-4. Per seed (same student architecture and initialization per seed):
+4. Per seed (every arm starts from that seed's student base):
+     base        the pretrained base alone, no task training (what distillation adds over it)
      sft_ref     CE on the human references of the transfer set (no teacher)
      seqkd       CE only (alpha = 1) on the teacher's summaries: sequence-level KD
      kd          logit KD on the top-k store, the setting picked on validation
@@ -272,6 +278,50 @@ def pick_on_validation(out: Path, runs: dict[str, Path], T: dict, data: dict, ar
     return {n: (None, -done[f"{n}@{(run / 'final' / 'model.safetensors').stat().st_mtime}:{len(rows)}"]) for n, run in runs.items()}
 
 
+def sampled_store_probe(topk: Path, sampled: Path, max_rows: int = 1000) -> dict:
+    """What the sampled store tells a student about the teacher's top-1 probability, against the top-k store of the
+    same pass (same greedy sequences): the calibration signal a student's ECE measures.
+
+    -> topk_tail_mass: mean teacher mass outside the top-k (what top-k + exact tail leaves unknown: only how that
+       mass spreads over the rest of the vocabulary); p1: mean teacher top-1 probability; p1_bias / p1_mae:
+       mean (p̂1 - p1) and mean |p̂1 - p1| of the sampled store's estimate of it; argmax_differs: share of
+       positions whose most-drawn id is not the teacher's top-1; ids_per_position: distinct ids a sampled position
+       holds. Over the first `max_rows` sequences (in store order) present in both stores.
+    """
+    import numpy as np
+
+    from kdpipe.storage import StoreReader
+
+    def rows(store: Path) -> dict:
+        out = {}
+        for rec in StoreReader(store, shuffle=False):
+            out[rec.sample_id] = rec
+            if len(out) >= max_rows:
+                break
+        return out
+
+    a, b = rows(topk), rows(sampled)
+    tail, p1, est, differs, nids = [], [], [], [], []
+    for sid in sorted(set(a) & set(b)):
+        ra, rb = a[sid], b[sid]
+        if ra.ids.shape[0] != rb.ids.shape[0]:
+            continue  # not the same sequence: not comparable
+        top1 = ra.ids[:, 0]  # [P] entries are sorted by log-prob, descending
+        p1.append(np.exp(ra.logprobs[:, 0]))
+        tail.append(ra.tail)
+        hit = rb.ids == top1[:, None]  # [P, K]
+        est.append(np.where(hit, np.exp(rb.logprobs), 0.0).sum(axis=1))
+        differs.append(rb.ids[np.arange(len(top1)), np.argmax(rb.logprobs, axis=1)] != top1)
+        nids.append((rb.ids >= 0).sum(axis=1))
+    if not p1:
+        return {}
+    p1, est, tail = np.concatenate(p1), np.concatenate(est), np.concatenate(tail)
+    return {"positions": int(p1.size), "topk_tail_mass": round(float(tail.mean()), 4), "p1": round(float(p1.mean()), 4),
+            "p1_bias": round(float((est - p1).mean()), 4), "p1_mae": round(float(np.abs(est - p1).mean()), 4),
+            "argmax_differs": round(float(np.concatenate(differs).mean()), 4),
+            "ids_per_position": round(float(np.concatenate(nids).mean()), 2)}
+
+
 class Timings:
     """Seconds each artifact took to build, kept across reruns: the from-nothing total of a resumed benchmark."""
 
@@ -472,6 +522,8 @@ def main() -> None:
         "speedup": round(speedup, 3),
         "ece": ece,
         "store_bytes_per_token": bpt,
+        # why kd_sampled's ECE is (not) below kd's: what each store says about the teacher's top-1 probability
+        "sampled_store_probe": sampled_store_probe(topk, sampled),
         "settings": {
             "kd": chosen, "kd_sampled": sampled_setting, "sweep": sweep_info, "seeds": seeds, "student_steps": args.student_steps, "student_lr": args.student_lr,
             "tokens_per_batch": args.tokens_per_batch, "top_k": args.top_k, "draws": args.draws,
