@@ -417,8 +417,16 @@ def main() -> None:
                       "chosen": best, "grid": "--sweep-settings " + args.sweep_settings if args.sweep_settings
                       else f"{Path(args.sweep_job).name} ({len(grid)} settings)"}
     # A sampled store holds draws from the teacher at T = 1 (tempering is not linear in p, so train-student
-    # refuses T != 1 on it): kd_sampled keeps kd's alpha and divergence at T = 1.
+    # refuses T != 1 on it) and supports only the forward KL (the one divergence linear in the teacher's p):
+    # kd_sampled keeps kd's setting at T = 1 when kd's divergence is forward KL, else it takes the best forward-KL
+    # setting of the same validation sweep (kd's alpha when there was no sweep).
     sampled_setting = {**chosen, "temperature": 1.0}
+    if chosen["divergence"] != "forward_kl":
+        fkl = [s for s in (grid if not args.kd_setting else []) if s["divergence"] == "forward_kl"]
+        best_fkl = max(fkl, key=lambda s: score[setting_name(s)]) if fkl else {**chosen, "divergence": "forward_kl"}
+        sampled_setting = {**best_fkl, "temperature": 1.0}
+        sweep_info["kd_sampled"] = (f"kd's divergence {chosen['divergence']} needs the teacher's p at every id; "
+                                    f"the sampled store supports forward KL only: its best validation setting at T = 1")
     log(f"kd setting: {chosen}; kd_sampled: {sampled_setting}")
     timings.save()
 
