@@ -40,8 +40,11 @@ from kdpipe.pipeline.trackers import check_trackers, train_trackers
 from kdpipe.storage.errors import ConfigError
 
 # Settings that may change between a run and its resumption (they do not change what is computed).
+# loss_backward and loss_chunk_size change only how the same loss and gradients are computed (equal in
+# float64, tests/train/test_fused.py), and their per-device defaults moved (config.loss_defaults): a run
+# written with the old defaults (recompute, 1024) resumes on CUDA with the new ones.
 RESUMABLE_CHANGES = {"steps", "save_every", "log_every", "keep_checkpoints", "resume", "prefetch", "eval_every",
-                     "report_to", "push_to_hub"}
+                     "report_to", "push_to_hub", "loss_backward", "loss_chunk_size"}
 
 
 @dataclass

@@ -397,6 +397,42 @@ def test_resume_from_a_checkpoint_older_than_a_new_field(reference_run, tmp_path
     assert result.steps == cfg.steps and result.final is not None
 
 
+def test_resume_a_run_written_with_the_old_loss_defaults_on_cuda_defaults(reference_run, tmp_path):
+    """Issue 22: loss_backward / loss_chunk_size resolve per device (CUDA: in_forward, 4096). A run written with
+    the old defaults (recompute, 1024), or before the fields existed, resumes with the new ones: the same loss
+    computed another way, so the losses continue the uninterrupted run's."""
+    import re
+    import shutil
+
+    from kdpipe.pipeline.config import read_toml
+    from kdpipe.pipeline.train.checkpoint import latest_checkpoint
+    from kdpipe.pipeline.train.trainer import train
+
+    cfg, ref = reference_run
+    assert (cfg.loss_backward, cfg.loss_chunk_size) == ("recompute", 1024)  # resolved on CPU
+    for drop in (False, True):
+        out = tmp_path / f"old{int(drop)}"
+        shutil.copytree(ref, out)
+        shutil.rmtree(out / "final")
+        ckpt = latest_checkpoint(out)
+        for f in out.rglob("train_config.toml"):
+            text = f.read_text().replace(str(ref), str(out))
+            if drop:  # written before the two fields existed
+                text = re.sub(r"(?m)^loss_(backward|chunk_size) = .*\n", "", text)
+            f.write_text(text)
+        with open(out / "metrics.jsonl") as fh:
+            kept = [line for line in fh if json.loads(line)["step"] <= int(ckpt.name.rsplit("-", 1)[1])]
+        (out / "metrics.jsonl").write_text("".join(kept))
+        new = TrainConfig(**{**cfg.__dict__, "out": str(out), "resume": True, "loss_backward": "in_forward",
+                             "loss_chunk_size": 4096})  # what "auto" resolves to on CUDA
+        result = train(new)
+        assert result.steps == cfg.steps
+        saved = read_toml(out / "train_config.toml")
+        assert (saved["loss_backward"], saved["loss_chunk_size"]) == ("in_forward", 4096)
+        for got, want in zip(losses(out), losses(ref)):
+            assert got == pytest.approx(want, rel=1e-4, abs=1e-5)
+
+
 def test_errors_are_kdpipe_errors():
     assert issubclass(ConfigError, KdpipeError) and issubclass(StoreError, KdpipeError)
 
