@@ -137,7 +137,8 @@ def test_run_outputs(reference_run):
     ms = metrics(out)
     assert [m["step"] for m in ms] == [1, 2, 3, 4, 5, 6]
     for m in ms:
-        assert set(m) >= {"step", "loss", "loss_ce", "loss_kd", "tokens_per_s", "lr", "grad_norm"}
+        assert set(m) >= {"step", "loss", "loss_ce", "loss_kd", "tokens_per_s", "lr", "grad_norm", "step_s", "data_wait_s"}
+        assert 0 <= m["data_wait_s"] <= m["step_s"]
         assert m["loss"] == pytest.approx(0.5 * m["loss_ce"] + 0.5 * m["loss_kd"], rel=1e-6)
     assert ms[-1]["loss"] < ms[0]["loss"]
     for step in (2, 4, 6):
