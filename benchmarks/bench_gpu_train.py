@@ -33,8 +33,8 @@ Goals (last-line JSON "goals"): kd tokens/s ≥ 0.97 × ce and ≥ 0.95 × plain
 step time; MFU ≥ 40%; resumed losses equal to the uninterrupted run's (max relative difference
 ≤ 1e-6; "resume_bitwise" says whether they are identical).
 
-Needs torch (CUDA) + transformers + the store's numpy, pyarrow, zstandard, xxhash (small wheels);
-no `pip install` of kdpipe (the checkout goes on the path as `kdpipe`). One H200: < 8 minutes.
+Needs torch (CUDA) + transformers + the store's numpy, pyarrow, xxhash, and the CLI's click and tomli-w
+(small pure-Python wheels); no `pip install` of kdpipe (the checkout goes on the path as `kdpipe`). One H200: < 8 minutes.
 `--smoke` runs the same code on CPU with a tiny shape (a test runs it): figures mean nothing there,
 goals other than resume are null.
 
