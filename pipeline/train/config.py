@@ -31,12 +31,14 @@ def loss_defaults(device: str) -> dict[str, object]:
     in_forward was faster than recompute at both chunk sizes (47.3 vs 57.5 ms at 4096, 50.8 vs
     63.3 ms at 1024): it skips the logits' recompute, one lm_head matmul of three. Chunk 4096 was
     the fastest; since the loss keeps one [chunk, V] buffer in the matmul dtype (fused.py), it holds
-    ~2 GiB beyond its inputs there (bench_loss_memory.py; 7.9 GiB before). CPU: recompute and 1024,
-    as measured by benchmarks/bench_loss.py (docs/train.md).
+    ~2 GiB beyond its inputs there (bench_loss_memory.py; 7.9 GiB before; expected, not yet measured
+    on a GPU). CPU, from benchmarks/bench_loss.py (docs/train.md, 1,022 tokens × 32k vocabulary):
+    in_forward took 0.83× recompute's CPU time and 0.59× its step memory at chunk 1024, 0.67× and
+    0.83× at chunk 256; the CPU chunk stays 1024.
     """
     if device == "cuda":
         return {"loss_backward": "in_forward", "loss_chunk_size": 4096}
-    return {"loss_backward": "recompute", "loss_chunk_size": 1024}
+    return {"loss_backward": "in_forward", "loss_chunk_size": 1024}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +61,7 @@ class TrainConfig:
     # but ran 7% slower on an H200 (docs/train.md); 4096 is the fastest and stays within ~2 GiB extra.
     loss_chunk_size: int = 0  # target tokens per chunk of [chunk, V] logits; 0 = auto: 4096 on CUDA, 1024 on CPU (docs/train.md; tune with benchmarks/bench_gpu.py)
     compile_loss: Literal["auto", "on", "off"] = "auto"  # torch.compile the per-chunk loss; auto = on CUDA with Triton, off on CPU
-    loss_backward: Literal["auto", "recompute", "in_forward"] = "auto"  # recompute: checkpointed chunks, logits recomputed in backward; in_forward: gradients computed per chunk in the forward pass (one lm_head matmul fewer, a [V, H] gradient buffer); auto: in_forward on CUDA, recompute on CPU
+    loss_backward: Literal["auto", "recompute", "in_forward"] = "auto"  # recompute: checkpointed chunks, logits recomputed in backward; in_forward: gradients computed per chunk in the forward pass (one lm_head matmul fewer, a [V, H] gradient buffer); auto: in_forward (measured faster on CUDA and CPU, see loss_defaults)
     # ---- a student with another tokenizer than the teacher's (xtok.py, xtok_bytes.py, xtok_align.py, xtok_collate.py, xtok_losses.py, docs/cross-tokenizer.md)
     cross_tokenizer: Literal["none", "span", "uld", "hybrid"] = "none"  # logit KD on byte-aligned token groups when the tokenizers differ; none = refuse (or --alpha 1, sequence-level)
     xtok_min_mapped_mass: float = 0.9  # hybrid: a 1:1 group takes the vocabulary-mapped KL when its mapped ids hold this share of the teacher's kept mass

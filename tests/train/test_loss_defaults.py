@@ -12,10 +12,10 @@ from kdpipe.storage.errors import ConfigError
 
 def test_loss_defaults_per_device():
     assert loss_defaults("cuda") == {"loss_backward": "in_forward", "loss_chunk_size": 4096}
-    assert loss_defaults("cpu") == {"loss_backward": "recompute", "loss_chunk_size": 1024}
+    assert loss_defaults("cpu") == {"loss_backward": "in_forward", "loss_chunk_size": 1024}
 
 
-@pytest.mark.parametrize("device, want", [("cpu", ("recompute", 1024)), ("cuda", ("in_forward", 4096)),
+@pytest.mark.parametrize("device, want", [("cpu", ("in_forward", 1024)), ("cuda", ("in_forward", 4096)),
                                           ("auto", None)])
 def test_auto_resolves_in_the_config_and_is_written(tmp_path, device, want):
     cfg = TrainConfig(student="s", stores=("a",), out="o", device=device)
@@ -32,8 +32,8 @@ def test_auto_resolves_in_the_config_and_is_written(tmp_path, device, want):
 def test_explicit_values_are_kept_and_bad_ones_refused():
     cfg = TrainConfig(student="s", stores=("a",), out="o", device="cuda", loss_backward="recompute", loss_chunk_size=512)
     assert (cfg.loss_backward, cfg.loss_chunk_size) == ("recompute", 512)
-    cfg = TrainConfig(student="s", stores=("a",), out="o", device="cpu", loss_backward="in_forward")
-    assert (cfg.loss_backward, cfg.loss_chunk_size) == ("in_forward", 1024)
+    cfg = TrainConfig(student="s", stores=("a",), out="o", device="cpu", loss_backward="recompute")
+    assert (cfg.loss_backward, cfg.loss_chunk_size) == ("recompute", 1024)
     with pytest.raises(ConfigError, match="loss_chunk_size"):
         TrainConfig(student="s", stores=("a",), out="o", loss_chunk_size=-1)
     with pytest.raises(ConfigError, match="loss_backward"):

@@ -399,9 +399,9 @@ def test_resume_from_a_checkpoint_older_than_a_new_field(reference_run, tmp_path
 
 
 def test_resume_a_run_written_with_the_old_loss_defaults_on_cuda_defaults(reference_run, tmp_path):
-    """Issue 22: loss_backward / loss_chunk_size resolve per device (CUDA: in_forward, 4096). A run written with
-    the old defaults (recompute, 1024), or before the fields existed, resumes with the new ones: the same loss
-    computed another way, so the losses continue the uninterrupted run's."""
+    """Issue 22: loss_backward / loss_chunk_size resolve per device (CUDA: in_forward, 4096; CPU: in_forward, 1024).
+    A run written with the old defaults (recompute, 1024), or before the fields existed, resumes with the new
+    ones: the same loss computed another way, so the losses continue the uninterrupted run's."""
     import re
     import shutil
 
@@ -410,7 +410,7 @@ def test_resume_a_run_written_with_the_old_loss_defaults_on_cuda_defaults(refere
     from kdpipe.pipeline.train.trainer import train
 
     cfg, ref = reference_run
-    assert (cfg.loss_backward, cfg.loss_chunk_size) == ("recompute", 1024)  # resolved on CPU
+    assert (cfg.loss_backward, cfg.loss_chunk_size) == ("in_forward", 1024)  # resolved on CPU
     for drop in (False, True):
         out = tmp_path / f"old{int(drop)}"
         shutil.copytree(ref, out)
@@ -420,6 +420,9 @@ def test_resume_a_run_written_with_the_old_loss_defaults_on_cuda_defaults(refere
             text = f.read_text().replace(str(ref), str(out))
             if drop:  # written before the two fields existed
                 text = re.sub(r"(?m)^loss_(backward|chunk_size) = .*\n", "", text)
+            else:  # written with the old defaults
+                text = re.sub(r"(?m)^loss_backward = .*$", 'loss_backward = "recompute"', text)
+                assert re.search(r"(?m)^loss_chunk_size = 1024$", text)
             f.write_text(text)
         with open(out / "metrics.jsonl") as fh:
             kept = [line for line in fh if json.loads(line)["step"] <= int(ckpt.name.rsplit("-", 1)[1])]
