@@ -66,6 +66,7 @@ FIELDS = ("device", "date", "torch", "transformers", "shape", "matmul_tflops", "
           "kd_vs_plain", "resume_max_rel_diff", "resume_bitwise", "goals", "seconds", "smoke")
 GOALS = ("kd_ge_0.97x_ce", "kd_ge_0.95x_plain", "data_wait_lt_2pct", "mfu_ge_40pct", "resume_exact")
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
+MARKER = ".bench_gpu_train"
 
 
 def _kdpipe_path() -> str:
@@ -135,17 +136,20 @@ def build_store(out: Path, shape: dict, tok) -> int:
                      codec=CodecConfig(name="topk", top_k=K), dataset_fingerprint=f"bench-gpu-train-{shape['seqs']}",
                      generation_params={})
     rng = np.random.default_rng(0)
-    base = np.log(0.9 * np.exp(-0.15 * np.arange(K)) / np.exp(-0.15 * np.arange(K)).sum())  # [K] desc, 10% tail
     pos = np.arange(1, T)  # every position after the first is a target
+    gap = max(1, min(1000, (V - len(SPECIALS)) // (2 * K)))
     with ShardWriter(out, meta, task_index=0, num_tasks=1) as w:
         for i in range(shape["seqs"]):
             ids = rng.integers(len(SPECIALS), V, T)
             ids[0] = tok.bos_token_id
-            start = rng.integers(len(SPECIALS), V - K, (T - 1, 1))
-            top = (start + np.arange(K)).astype(np.int64)  # [P, K] distinct ids per row
-            top[:, 0] = ids[1:]  # the teacher's top-1 is the next token
+            # [P, K] distinct ids per row (increasing by random gaps, as incompressible as real ids), the
+            # teacher's top-1 the next token; log-probs sorted, varying per row, 10% tail mass
+            start = rng.integers(len(SPECIALS), V - K * gap, (T - 1, 1))
+            top = start + np.cumsum(rng.integers(1, gap + 1, (T - 1, K)), axis=1) - 1
             top[:, 1:] = np.where(top[:, 1:] == ids[1:, None], len(SPECIALS) - 1, top[:, 1:])  # no id twice
-            lp = np.broadcast_to(base, (T - 1, K)).astype(np.float32)
+            top[:, 0] = ids[1:]
+            z = -np.cumsum(rng.exponential(0.3, (T - 1, K)), axis=1)  # [P, K] decreasing logits
+            lp = (z - np.log(np.exp(z).sum(axis=1, keepdims=True)) + np.log(0.9)).astype(np.float32)
             w.add(f"b{i:05d}", ids, pos, top, lp)
     finalize_store(out)
     return shape["seqs"] * (T - 1)
@@ -258,9 +262,13 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit("bench_gpu_train: no CUDA device; run with --smoke for the tiny CPU shape")
     device = torch.device("cuda" if cuda else "cpu")
     out = Path(a.out)
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+    if out.exists() and any(out.iterdir()):
+        if not (out / MARKER).is_file():
+            raise SystemExit(f"bench_gpu_train: {out} exists and is not an earlier output of this benchmark; "
+                             "choose a new --out")
+        shutil.rmtree(out)  # an earlier run of this benchmark: start over
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text("written by benchmarks/bench_gpu_train.py; rerunning it with this --out replaces it\n")
     tflops = matmul_tflops(device)
     log(f"{device}: {tflops:.1f} TFLOP/s on one matmul")
     tok = build_tokenizer(out / "tokenizer", shape["vocab"])

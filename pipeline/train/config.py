@@ -15,17 +15,9 @@ from kdpipe.pipeline.trackers import parse_report_to
 from kdpipe.storage.errors import ConfigError
 
 
-def resolved_device(device: str) -> str:
-    """"cuda" or "cpu": what device = "auto" means here (cuda when torch sees one)."""
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def loss_defaults(device: str) -> dict[str, object]:
-    """What loss_backward = "auto" and loss_chunk_size = 0 resolve to on `device` ("cuda" or "cpu").
+    """What loss_backward = "auto" and loss_chunk_size = 0 resolve to on `device` ("cuda" or "cpu"),
+    applied by TrainConfig.with_loss_defaults in the trainer, so RUN/train_config.toml holds the values.
 
     CUDA, from bench_gpu on an H200 (docs/train.md, 8k tokens x 128k vocabulary x 4096 hidden):
     in_forward was faster than recompute at both chunk sizes (47.3 vs 57.5 ms at 4096, 50.8 vs
@@ -58,7 +50,8 @@ class TrainConfig:
     # Chunk size: 0 = auto (loss_defaults): 4096 on CUDA, 1024 on CPU. On CUDA the loss writes one
     # [chunk, V] buffer in the matmul dtype (the logits, overwritten by their gradient) beside the [V, H]
     # lm_head gradient: at 128k vocabulary, chunk 4096 holds ~1 GiB of it (bf16), chunk 1024 ~0.25 GiB
-    # but ran 7% slower on an H200 (docs/train.md); 4096 is the fastest and stays within ~2 GiB extra.
+    # but ran 7% slower on an H200 (docs/train.md); 4096 was the fastest, and is expected (not yet measured
+    # on a GPU) to stay within ~2 GiB beyond its inputs at 8k tokens × 128k × 4096.
     loss_chunk_size: int = 0  # target tokens per chunk of [chunk, V] logits; 0 = auto: 4096 on CUDA, 1024 on CPU (docs/train.md; tune with benchmarks/bench_gpu.py)
     compile_loss: Literal["auto", "on", "off"] = "auto"  # torch.compile the per-chunk loss; auto = on CUDA with Triton, off on CPU
     loss_backward: Literal["auto", "recompute", "in_forward"] = "auto"  # recompute: checkpointed chunks, logits recomputed in backward; in_forward: gradients computed per chunk in the forward pass (one lm_head matmul fewer, a [V, H] gradient buffer); auto: in_forward (measured faster on CUDA and CPU, see loss_defaults)
@@ -185,12 +178,19 @@ class TrainConfig:
             raise bad("backend", "'nccl' needs CUDA but device = 'cpu'; use backend = 'gloo' or 'auto'")
         # resolved here, once: the written train_config.toml records the trackers actually used
         object.__setattr__(self, "report_to", parse_report_to(self.report_to, "report_to"))
-        # and the loss's per-device defaults, so that train_config.toml records what ran
-        auto = loss_defaults(resolved_device(self.device))
-        if self.loss_backward == "auto":
-            object.__setattr__(self, "loss_backward", auto["loss_backward"])
-        if self.loss_chunk_size == 0:
-            object.__setattr__(self, "loss_chunk_size", auto["loss_chunk_size"])
+        # (the loss's per-device defaults are not: with_loss_defaults, on the device that trains)
+
+    def with_loss_defaults(self, device: str) -> "TrainConfig":
+        """This config with loss_backward = "auto" and loss_chunk_size = 0 resolved for `device` ("cuda"/"cpu").
+
+        Called by the trainer on the device that trains, which then writes RUN/train_config.toml:
+        the run records what ran, while a config built elsewhere (a job planned on a login node
+        without a GPU, configs/*.toml) keeps "auto" and resolves on the compute node.
+        """
+        auto = loss_defaults(device)
+        return dataclasses.replace(
+            self, loss_backward=auto["loss_backward"] if self.loss_backward == "auto" else self.loss_backward,
+            loss_chunk_size=auto["loss_chunk_size"] if self.loss_chunk_size == 0 else self.loss_chunk_size)
 
     @property
     def weights(self) -> tuple[float, ...]:

@@ -160,6 +160,7 @@ def train(cfg: TrainConfig) -> TrainResult:
 def _train(cfg: TrainConfig, dist) -> TrainResult:
     from tqdm.auto import tqdm
 
+    cfg = cfg.with_loss_defaults(dist.device.type)  # loss_backward / loss_chunk_size "auto": this device's
     run = Path(cfg.out)
     resume_from = _resume_point(cfg, run)
     if dist.is_main and resume_from is not None:

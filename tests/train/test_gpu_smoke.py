@@ -81,7 +81,7 @@ def test_train_config_compile_loss():
     from kdpipe.storage.errors import ConfigError
 
     cfg = TrainConfig(student="s", stores=("a",), out="o")
-    assert cfg.compile_loss == "auto" and cfg.loss_backward == "in_forward"
+    assert cfg.compile_loss == "auto" and cfg.loss_backward == "auto" and cfg.with_loss_defaults("cpu").loss_backward == "in_forward"
     with pytest.raises(ConfigError, match="compile_loss"):
         TrainConfig(student="s", stores=("a",), out="o", compile_loss="sometimes")
     with pytest.raises(ConfigError, match="loss_backward"):

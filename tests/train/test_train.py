@@ -150,7 +150,8 @@ def test_run_outputs(reference_run):
     assert not list(out.glob("*.tmp"))
     from kdpipe.pipeline.config import load_config
 
-    assert load_config(TrainConfig, out / "final" / "train_config.toml") == cfg
+    # the run records what ran: "auto" loss settings resolved for this device (issue 22)
+    assert load_config(TrainConfig, out / "final" / "train_config.toml") == cfg.with_loss_defaults("cpu")
 
 
 def test_saved_student_loads_with_transformers(reference_run, padded_student):
@@ -410,7 +411,9 @@ def test_resume_a_run_written_with_the_old_loss_defaults_on_cuda_defaults(refere
     from kdpipe.pipeline.train.trainer import train
 
     cfg, ref = reference_run
-    assert (cfg.loss_backward, cfg.loss_chunk_size) == ("in_forward", 1024)  # resolved on CPU
+    assert (cfg.loss_backward, cfg.loss_chunk_size) == ("auto", 0)
+    assert (read_toml(ref / "train_config.toml")["loss_backward"], read_toml(ref / "train_config.toml")["loss_chunk_size"]) \
+        == ("in_forward", 1024)  # resolved on CPU and written
     for drop in (False, True):
         out = tmp_path / f"old{int(drop)}"
         shutil.copytree(ref, out)
