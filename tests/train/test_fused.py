@@ -72,6 +72,21 @@ def test_in_forward_equals_recompute(kw, chunk):
     assert torch.count_nonzero(got[2][61:]) == 0  # padded vocabulary rows: no gradient
 
 
+@pytest.mark.parametrize("backward", ["recompute", "in_forward"])
+def test_unpadded_vocabulary_passes_the_weight_itself(backward):
+    """V = the lm_head's rows: no slice (whose backward would allocate a second [V, H] gradient), same values."""
+    h, w, b, V, target, ids, lp, tail = _inputs(pad=0, bias=True)
+    ref = _run(LossSpec(chunk_size=8, alpha=0.5, temperature=2.0), _inputs(pad=0, bias=True))
+    hh, ww, bb = h.clone().requires_grad_(), w.clone().requires_grad_(), b.clone().requires_grad_()
+    parts = chunked_loss_parts(hh, ww, V, target, ids, lp, tail, LossSpec(chunk_size=8, alpha=0.5, temperature=2.0,
+                                                                         backward=backward), bias=bb)
+    (parts["loss"] * 0.37).backward()
+    assert type(ww.grad_fn).__name__ != "SliceBackward0"
+    torch.testing.assert_close(parts["loss"].detach(), ref[0]["loss"].detach(), rtol=1e-10, atol=1e-10)
+    for g, want in zip((hh.grad, ww.grad, bb.grad), ref[1:]):
+        torch.testing.assert_close(g, want, rtol=1e-9, atol=1e-12)
+
+
 def test_in_forward_sampled_codec_and_ce_only():
     inputs = _inputs(codec="sampled")
     for teacher in (True, False):
