@@ -5,7 +5,9 @@ tokens (1022 target tokens), one training step = forward + backward + AdamW step
 same `StudentLoss` module train-student uses:
 
   ce     chunked CE alone (alpha = 1: the teacher tensors are not even read)
-  kd     alpha = 0.5, forward KL, k = 64, bucket tail, T = 1 (the default KD setting)
+  kd     alpha = 0.5, forward KL, k = 64, bucket tail, T = 1 (the default KD setting; loss_backward recompute)
+  kd_if  the same with loss_backward = in_forward (gradients per chunk in the forward pass, fused.py):
+         which of the two the CPU default should be (config.loss_defaults)
   naive  KD by materializing dense [N, V] teacher and student probability tensors from full
          [B, T, V] logits (what the chunked sparse loss avoids)
   hf_ce  transformers' own `model(labels=...)` loss: plain fine-tuning as most trainers do it
@@ -37,6 +39,7 @@ import sys
 import time
 
 V, H, LAYERS, B, T, K = 32000, 256, 2, 2, 512, 64
+VARIANTS = ("ce", "kd", "kd_if", "naive", "hf_ce")
 
 
 def _rss_kb() -> int:
@@ -52,7 +55,7 @@ def _trim() -> None:
         pass
 
 
-def build(threads: int):
+def build(threads: int, chunk: int = 1024):
     """The student, the batch, the teacher targets, and a step function per variant."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -83,14 +86,19 @@ def build(threads: int):
     labels = torch.full_like(input_ids, -100)
     labels.view(-1)[pred_index + 1] = target_ids
     modules = {name: StudentLoss(model, V, LossSpec(alpha=alpha, temperature=1.0, divergence="forward_kl",
-                                                    tail_mode="bucket"))
-               for name, alpha in (("ce", 1.0), ("kd", 0.5))}
+                                                    tail_mode="bucket", backward=backward,
+                                                    chunk_size=chunk))
+               for name, alpha, backward in (("ce", 1.0, "recompute"), ("kd", 0.5, "recompute"),
+                                             ("kd_if", 0.5, "in_forward"))}
 
     def loss_ce():
         return modules["ce"](input_ids, attention_mask, pred_index, target_ids)["loss"] / n
 
     def loss_kd():
         return modules["kd"](input_ids, attention_mask, pred_index, target_ids, teacher_ids, teacher_lp, teacher_tail)["loss"] / n
+
+    def loss_kd_if():
+        return modules["kd_if"](input_ids, attention_mask, pred_index, target_ids, teacher_ids, teacher_lp, teacher_tail)["loss"] / n
 
     def loss_naive():
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits.float()  # [B, T, V]
@@ -106,7 +114,7 @@ def build(threads: int):
         return model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
 
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    fns = {"ce": loss_ce, "kd": loss_kd, "naive": loss_naive, "hf_ce": loss_hf_ce}
+    fns = {"ce": loss_ce, "kd": loss_kd, "kd_if": loss_kd_if, "naive": loss_naive, "hf_ce": loss_hf_ce}
 
     def step(name: str) -> float:
         loss = fns[name]()
@@ -118,9 +126,9 @@ def build(threads: int):
     return step
 
 
-def measure_memory(name: str, threads: int) -> dict:
+def measure_memory(name: str, threads: int, chunk: int) -> dict:
     """One variant in this (fresh) process: RSS high-water of a step over the RSS before it."""
-    step = build(threads)
+    step = build(threads, chunk)
     _trim()
     rss0 = _rss_kb()
     step(name)
@@ -129,10 +137,10 @@ def measure_memory(name: str, threads: int) -> dict:
     return {"variant": name, "step_peak_mb": (peak - rss0) / 1024, "process_peak_mb": peak / 1024, "rss_before_mb": rss0 / 1024}
 
 
-def measure_time(rounds: int, threads: int) -> dict:
+def measure_time(rounds: int, threads: int, chunk: int) -> dict:
     """All variants in one process, interleaved round by round (load drifts hit them alike); min per variant."""
-    step = build(threads)
-    names = ("ce", "kd", "naive", "hf_ce")
+    step = build(threads, chunk)
+    names = VARIANTS
     for nm in names:
         step(nm)  # warm-up (AdamW state, allocator)
     cpu: dict[str, list[float]] = {nm: [] for nm in names}
@@ -151,22 +159,24 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5, help="timed steps per variant (interleaved); min is kept")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads; with 1 the CPU time of a step is its work, whatever else runs on the machine")
+    ap.add_argument("--chunk-size", type=int, default=1024,
+                    help="loss_chunk_size of every variant (1022 target tokens: below 1022 the chunks are checkpointed)")
     ap.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.memory_of:
-        print(json.dumps(measure_memory(a.memory_of, a.threads)))
+        print(json.dumps(measure_memory(a.memory_of, a.threads, a.chunk_size)))
         return
     mem = {}
-    for v in ("ce", "kd", "naive", "hf_ce"):
+    for v in VARIANTS:
         # A fixed mmap threshold: every large tensor is its own mapping, returned to the OS when freed,
         # so RSS follows live memory. With glibc's default (dynamic) threshold, freed [N, V] buffers
         # stay in the heap and the same step measures ±50 MB apart from run to run.
         env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
-        p = subprocess.run([sys.executable, __file__, "--memory-of", v, "--threads", str(a.threads)],
+        p = subprocess.run([sys.executable, __file__, "--memory-of", v, "--threads", str(a.threads), "--chunk-size", str(a.chunk_size)],
                            capture_output=True, text=True, check=True, env=env)
         mem[v] = json.loads(p.stdout.strip().splitlines()[-1])
         print(json.dumps(mem[v]), file=sys.stderr)
-    times = measure_time(a.rounds, a.threads)
+    times = measure_time(a.rounds, a.threads, a.chunk_size)
     print(json.dumps({"times_s": times}), file=sys.stderr)
     t = {v: min(x) for v, x in times["cpu"].items()}
     tw = {v: min(x) for v, x in times["wall"].items()}
@@ -180,11 +190,13 @@ def main() -> None:
         "process_mem_ratio": round(pm["kd"] / pm["ce"], 4),
         "wall_time_ratio": round(tw["kd"] / tw["ce"], 4),
         "naive_wall_time_ratio": round(tw["naive"] / tw["ce"], 4),
+        "kd_in_forward_vs_recompute_time_ratio": round(t["kd_if"] / t["kd"], 4),
+        "kd_in_forward_vs_recompute_mem_ratio": round(m["kd_if"] / m["kd"], 4),
         "kd_vs_hf_ce_time_ratio": round(t["kd"] / t["hf_ce"], 4),
         "kd_vs_hf_ce_mem_ratio": round(m["kd"] / m["hf_ce"], 4),
         "cpu_time_s": {k: round(x, 4) for k, x in t.items()},
         "wall_time_s": {k: round(x, 4) for k, x in tw.items()},
-        "threads": a.threads,
+        "threads": a.threads, "chunk_size": a.chunk_size,
         "step_peak_mb": {k: round(x, 1) for k, x in m.items()},
         "vocab": V, "seq_len": T, "batch": B, "top_k": K, "target_tokens": B * (T - 1),
     }

@@ -189,8 +189,11 @@ def chunked_loss_parts(
 
     Same values as `losses.distillation_loss_parts` on the dense logits, without the [N, V] tensor.
     """
-    w = weight[:vocab_size]  # [V, H] a view: padded rows get no logits and no gradient
-    b = bias[:vocab_size] if bias is not None else None
+    # [V, H]: padded rows get no logits and no gradient. Sliced only when padded: a slice's backward
+    # writes its gradient into a new [V_model, H] tensor, a second lm_head-sized buffer.
+    padded = vocab_size != weight.shape[0]
+    w = weight[:vocab_size] if padded else weight
+    b = bias[:vocab_size] if bias is not None and padded else bias
     n = hidden.shape[0]
     with_kd = teacher_ids is not None and spec.alpha < 1.0
     ids = teacher_ids.clamp_min(0) if with_kd else None  # [N, K]

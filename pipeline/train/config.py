@@ -15,6 +15,24 @@ from kdpipe.pipeline.trackers import parse_report_to
 from kdpipe.storage.errors import ConfigError
 
 
+def loss_defaults(device: str) -> dict[str, object]:
+    """What loss_backward = "auto" and loss_chunk_size = 0 resolve to on `device` ("cuda" or "cpu"),
+    applied by TrainConfig.with_loss_defaults in the trainer, so RUN/train_config.toml holds the values.
+
+    CUDA, from bench_gpu on an H200 (docs/train.md, 8k tokens x 128k vocabulary x 4096 hidden):
+    in_forward was faster than recompute at both chunk sizes (47.3 vs 57.5 ms at 4096, 50.8 vs
+    63.3 ms at 1024): it skips the logits' recompute, one lm_head matmul of three. Chunk 4096 was
+    the fastest; since the loss keeps one [chunk, V] buffer in the matmul dtype (fused.py), it holds
+    ~2 GiB beyond its inputs there (bench_loss_memory.py; 7.9 GiB before; expected, not yet measured
+    on a GPU). CPU, from benchmarks/bench_loss.py (docs/train.md, 1,022 tokens × 32k vocabulary):
+    in_forward took 0.83× recompute's CPU time and 0.59× its step memory at chunk 1024, 0.67× and
+    0.83× at chunk 256; the CPU chunk stays 1024.
+    """
+    if device == "cuda":
+        return {"loss_backward": "in_forward", "loss_chunk_size": 4096}
+    return {"loss_backward": "in_forward", "loss_chunk_size": 1024}
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     # ---- what to train on what
@@ -29,9 +47,14 @@ class TrainConfig:
     divergence: Literal["auto", "forward_kl", "reverse_kl", "generalized_jsd", "total_variation", "reverse_kl_sampled_token"] = "auto"  # D(teacher_T || student_T), see losses.py; auto = reverse_kl on on-policy stores, else forward_kl
     jsd_beta: float = 0.5  # β of generalized_jsd, 0 < β < 1
     tail_mode: Literal["bucket", "renormalize"] = "bucket"  # topk stores: the tail mass as one extra category (bucket) or the top-k renormalized
-    loss_chunk_size: int = 1024  # target tokens per chunk of [chunk, V] logits (tune per device: benchmarks/bench_gpu.py)
+    # Chunk size: 0 = auto (loss_defaults): 4096 on CUDA, 1024 on CPU. On CUDA the loss writes one
+    # [chunk, V] buffer in the matmul dtype (the logits, overwritten by their gradient) beside the [V, H]
+    # lm_head gradient: at 128k vocabulary, chunk 4096 holds ~1 GiB of it (bf16), chunk 1024 ~0.25 GiB
+    # but ran 7% slower on an H200 (docs/train.md); 4096 was the fastest, and is expected (not yet measured
+    # on a GPU) to stay within ~2 GiB beyond its inputs at 8k tokens × 128k × 4096.
+    loss_chunk_size: int = 0  # target tokens per chunk of [chunk, V] logits; 0 = auto: 4096 on CUDA, 1024 on CPU (docs/train.md; tune with benchmarks/bench_gpu.py)
     compile_loss: Literal["auto", "on", "off"] = "auto"  # torch.compile the per-chunk loss; auto = on CUDA with Triton, off on CPU
-    loss_backward: Literal["recompute", "in_forward"] = "recompute"  # recompute: checkpointed chunks, logits recomputed in backward; in_forward: gradients computed per chunk in the forward pass (one lm_head matmul fewer, a [V, H] gradient buffer)
+    loss_backward: Literal["auto", "recompute", "in_forward"] = "auto"  # recompute: checkpointed chunks, logits recomputed in backward; in_forward: gradients computed per chunk in the forward pass (one lm_head matmul fewer, a [V, H] gradient buffer); auto: in_forward (measured faster on CUDA and CPU, see loss_defaults)
     # ---- a student with another tokenizer than the teacher's (xtok.py, xtok_bytes.py, xtok_align.py, xtok_collate.py, xtok_losses.py, docs/cross-tokenizer.md)
     cross_tokenizer: Literal["none", "span", "uld", "hybrid"] = "none"  # logit KD on byte-aligned token groups when the tokenizers differ; none = refuse (or --alpha 1, sequence-level)
     xtok_min_mapped_mass: float = 0.9  # hybrid: a 1:1 group takes the vocabulary-mapped KL when its mapped ids hold this share of the teacher's kept mass
@@ -112,7 +135,9 @@ class TrainConfig:
             raise bad("xtok_min_mapped_mass", f"{self.xtok_min_mapped_mass} must be in (0, 1]")
         if not (0.0 < self.jsd_beta < 1.0):
             raise bad("jsd_beta", f"{self.jsd_beta} must be strictly between 0 and 1")
-        for key in ("loss_chunk_size", "steps", "tokens_per_batch", "grad_accum", "shuffle_buffer", "lora_r", "prefetch"):
+        if self.loss_chunk_size < 0:
+            raise bad("loss_chunk_size", f"{self.loss_chunk_size} must be >= 1 (or 0 = auto: per device)")
+        for key in ("steps", "tokens_per_batch", "grad_accum", "shuffle_buffer", "lora_r", "prefetch"):
             if getattr(self, key) < 1:
                 raise bad(key, f"{getattr(self, key)} must be >= 1")
         for key in ("warmup_steps", "save_every", "keep_checkpoints", "log_every"):
@@ -147,12 +172,25 @@ class TrainConfig:
             raise bad("best_metric", "'loss_kd' is always 0 with alpha = 1.0 (no logit distillation); use 'loss' or 'loss_ce'")
         if self.compile_loss not in ("auto", "on", "off"):
             raise bad("compile_loss", f"{self.compile_loss!r} is not one of auto (on CUDA with Triton), on, off")
-        if self.loss_backward not in ("recompute", "in_forward"):
-            raise bad("loss_backward", f"{self.loss_backward!r} is not one of recompute, in_forward")
+        if self.loss_backward not in ("auto", "recompute", "in_forward"):
+            raise bad("loss_backward", f"{self.loss_backward!r} is not one of auto, recompute, in_forward")
         if self.device == "cpu" and self.backend == "nccl":
             raise bad("backend", "'nccl' needs CUDA but device = 'cpu'; use backend = 'gloo' or 'auto'")
         # resolved here, once: the written train_config.toml records the trackers actually used
         object.__setattr__(self, "report_to", parse_report_to(self.report_to, "report_to"))
+        # (the loss's per-device defaults are not: with_loss_defaults, on the device that trains)
+
+    def with_loss_defaults(self, device: str) -> "TrainConfig":
+        """This config with loss_backward = "auto" and loss_chunk_size = 0 resolved for `device` ("cuda"/"cpu").
+
+        Called by the trainer on the device that trains, which then writes RUN/train_config.toml:
+        the run records what ran, while a config built elsewhere (a job planned on a login node
+        without a GPU, configs/*.toml) keeps "auto" and resolves on the compute node.
+        """
+        auto = loss_defaults(device)
+        return dataclasses.replace(
+            self, loss_backward=auto["loss_backward"] if self.loss_backward == "auto" else self.loss_backward,
+            loss_chunk_size=auto["loss_chunk_size"] if self.loss_chunk_size == 0 else self.loss_chunk_size)
 
     @property
     def weights(self) -> tuple[float, ...]:

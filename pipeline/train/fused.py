@@ -16,9 +16,20 @@ Per chunk (T = temperature, α = alpha, p = softmax(z), p_T = softmax(z / T)):
 then through the logit transforms (softcap: × (1 − (z/cap)²); logit_scale: × scale), and
     dloss/dh_chunk = dz @ W ,  dloss/dW += dz^T @ h_chunk ,  dloss/db += Σ_rows dz.
 The gradients are stored in the parameters' dtypes (dW: a [V, H] buffer, 1 GiB in bf16 / 2 GiB in
-float32 at 128k × 4096) and scaled by the incoming gradient of `loss` in backward. Only `loss` is differentiable: `ce` and `kd` are returned
+float32 at 128k × 4096) and scaled by the incoming gradient of `loss` in backward; autograd hands
+that buffer on as W.grad without a copy. Only `loss` is differentiable: `ce` and `kd` are returned
 for logging (backward through them raises). Exactly the values and gradients of the default path
-(tests/train/test_fused.py compares them in float64, every divergence and tail mode).
+(tests/train/test_fused.py compares them in float64, every divergence, tail mode and codec).
+
+Memory (issue 22 §3). A chunk holds one [chunk, V] buffer in the matmul dtype: the lm_head output,
+read by reductions and gathers (no float32 copy of the logits is written), then overwritten in place
+by dloss/dz (pointwise, float32 inside the kernel), then the 1 + K one-hot positions per row are
+overwritten with their exact values, and dz is multiplied back into dh and dW (addmm_ into the
+gradient buffer). Compiled, each step writes in place (checked in inductor's generated code on CPU:
+no [chunk, V] allocation in the two gradient graphs). Before, the compiled path held the float32
+logits, p, the scattered gradient and its bf16 cast: ~4 float32 [chunk, V] buffers (7.9 GiB beyond
+the inputs at 8k tokens × 128k × 4096, chunk 4096, on an H200); now ~1 GiB of buffer + 1 GiB of dW
+in bf16 there (expected, not yet measured on a GPU; benchmarks/bench_loss_memory.py shows it on CPU).
 """
 
 from __future__ import annotations
@@ -30,53 +41,119 @@ import torch
 from kdpipe.pipeline.train.losses import kd_divergence_from_kept
 
 
-def _logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, spec) -> tuple[torch.Tensor, torch.Tensor]:
-    """(z after the logit transforms in float32 [c, V], lse(z) [c, 1])."""
-    z = torch.nn.functional.linear(h, weight, bias)  # [c, V]
-    if z.dtype not in (torch.float32, torch.float64):
-        z = z.float()
+def _transformed(buf: torch.Tensor, spec) -> torch.Tensor:
+    """The logits z after the float32 upcast and the logit transforms, [c, V]: `buf` itself when none applies
+    (float32/float64 logits, no scale, no softcap), else a new tensor (fused into its readers when compiled)."""
+    z = buf if buf.dtype in (torch.float32, torch.float64) else buf.float()
     if spec.logit_scale != 1.0:
         z = z * spec.logit_scale
     if spec.logit_softcap:
         z = spec.logit_softcap * torch.tanh(z / spec.logit_softcap)
-    return z, torch.logsumexp(z, dim=-1, keepdim=True)
+    return z
 
 
-def _chunk_forward(h, weight, bias, target_ids, teacher_ids, spec):
-    """(z [c, V], lse [c, 1], CE per row [c], log q_T at the kept ids [c, K] or None)."""
-    z, lse = _logits(h, weight, bias, spec)
+def _chunk_stats(buf, target_ids, teacher_ids, spec):
+    """(lse(z) [c, 1], lse(z / T) [c, 1] or None, CE per row [c], log q_T at the kept ids [c, K] or None).
+
+    Reads the raw logits buf [c, V] and writes no [c, V] tensor (compiled: reductions and gathers only).
+    """
+    z = _transformed(buf, spec)
+    lse = torch.logsumexp(z, dim=-1, keepdim=True)  # [c, 1]
     ce_rows = lse.squeeze(-1) - z.gather(-1, target_ids.unsqueeze(-1)).squeeze(-1)  # [c]
     if teacher_ids is None:
-        return z, lse, ce_rows, None
+        return lse, None, ce_rows, None
     if spec.temperature == 1.0:
-        kept = z.gather(-1, teacher_ids) - lse  # [c, K]
-    else:
-        zt = z / spec.temperature
-        kept = zt.gather(-1, teacher_ids) - torch.logsumexp(zt, dim=-1, keepdim=True)  # [c, K]
-    return z, lse, ce_rows, kept
+        return lse, None, ce_rows, z.gather(-1, teacher_ids) - lse  # [c, K]
+    zt = z / spec.temperature
+    lse_t = torch.logsumexp(zt, dim=-1, keepdim=True)  # [c, 1]
+    return lse, lse_t, ce_rows, zt.gather(-1, teacher_ids) - lse_t  # [c, K]
 
 
-def _chunk_grad_z(z, lse, target_ids, teacher_ids, g, spec, out_dtype):
-    """dloss/d(raw logits) [c, V] in `out_dtype` (see module doc); g = dD/dkept [c, K] or None."""
-    p = torch.exp(z - lse)  # [c, V]
-    grad = spec.alpha * p
-    grad.scatter_add_(-1, target_ids.unsqueeze(-1), torch.full_like(z[:, :1], -spec.alpha))
-    if g is not None:
-        w = (1.0 - spec.alpha) * spec.temperature
-        p_t = p if spec.temperature == 1.0 else torch.softmax(z / spec.temperature, dim=-1)
-        grad = grad - (w * g.sum(-1, keepdim=True)) * p_t
-        grad.scatter_add_(-1, teacher_ids, w * g)
-    if spec.logit_softcap:
-        grad = grad * (1.0 - (z / spec.logit_softcap) ** 2)
+def _dense_grad_(x, lse, lse_t, a, b, spec, extra=None):
+    """In place on float raw logits x [c, P] (P = V, or a few gathered ids): x <- dloss/dx without the scatters,
+
+        x <- (a·p + b·p_T + extra) · softcap'(x) · scale,   p = exp(z − lse), p_T = exp(z/T − lse_t),
+
+    a, b [c, 1] (T = 1: b folded into a). In place so that eager keeps one [c, V] buffer (one more with
+    T != 1 or a softcap); compiled, the chain is one pointwise kernel that writes over its input.
+    """
     if spec.logit_scale != 1.0:
-        grad = grad * spec.logit_scale
-    return grad.to(out_dtype)
+        x.mul_(spec.logit_scale)
+    slope = None
+    if spec.logit_softcap:
+        x.div_(spec.logit_softcap).tanh_()
+        slope = 1.0 - x * x  # d(cap·tanh(u/cap))/du
+        x.mul_(spec.logit_softcap)
+    p_t = None
+    if b is not None and lse_t is not None:
+        p_t = (x / spec.temperature).sub_(lse_t).exp_().mul_(b)  # b · p_T
+    x.sub_(lse).exp_().mul_(a)  # a · p
+    if p_t is not None:
+        x.add_(p_t)
+    if extra is not None:
+        x.add_(extra)
+    if slope is not None:
+        x.mul_(slope)
+    if spec.logit_scale != 1.0:
+        x.mul_(spec.logit_scale)
+    return x
+
+
+def _grad_at_one_hots(buf, lse, lse_t, target_ids, teacher_ids, g, spec):
+    """(a [c, 1], b [c, 1] or None, pos [c, P], exact [c, P]): the gradient's dense coefficients, and its exact
+    float32 values at the P = 1 + K positions with a one-hot term, from the raw logits there (see _chunk_grad_).
+
+    dloss/dz = α·p − α·onehot(target) + w·(scatter(ids, g) − Σ_k g_k·p_T),  w = (1 − α)·T;
+    an id given twice in a row (the target among the kept ids, padding clamped to one id) gets every term at it.
+    """
+    alpha = spec.alpha
+    pos = target_ids.unsqueeze(-1) if g is None else torch.cat([target_ids.unsqueeze(-1), teacher_ids], -1)  # [c, P]
+    acc = lse.dtype
+    corr = torch.full_like(lse, -alpha)  # [c, 1]
+    a, b = torch.full_like(lse, alpha), None
+    if g is not None:
+        w = (1.0 - alpha) * spec.temperature
+        corr = torch.cat([corr, (w * g).to(acc)], -1)  # [c, 1 + K]
+        s = (w * g.sum(-1, keepdim=True)).to(acc)  # [c, 1]
+        if lse_t is None:  # T = 1: p_T = p
+            a = a - s
+        else:
+            b = -s
+        same = (pos.unsqueeze(-1) == pos.unsqueeze(-2)).to(acc)  # [c, P, P] equal ids in a row
+        corr = (same @ corr.unsqueeze(-1)).squeeze(-1)  # [c, P]
+    exact = _dense_grad_(buf.gather(-1, pos).to(acc), lse, lse_t, a, b, spec, extra=corr)  # [c, P]
+    return a, b, pos, exact.to(buf.dtype)
+
+
+def _dense_grad_over_(buf, lse, lse_t, a, b, spec):
+    """buf [c, V] <- the dense part of the gradient (_dense_grad_), in buf's dtype, in place.
+    Compiled: one pointwise kernel reading and writing buf (float32 inside the kernel only)."""
+    x = buf if buf.dtype == lse.dtype else buf.to(lse.dtype)
+    x = _dense_grad_(x, lse, lse_t, a, b, spec)
+    if x is not buf:
+        buf.copy_(x)
+    return buf
+
+
+def _chunk_grad_(buf, lse, lse_t, target_ids, teacher_ids, g, spec, fns=(None, None)):
+    """Overwrite the raw logits buf [c, V] with dloss/d(raw logits) in buf's dtype (see module doc); g = dD/dkept.
+
+    The dense part is written over buf in place; then the P positions with a one-hot term are
+    overwritten with their exact values, computed in float32 from the logits gathered before the
+    overwrite: one rounding to buf's dtype per element, as a float32 gradient cast once. Three
+    steps, so that compiled each writes in place (a scatter fused into the pointwise kernel would
+    make inductor write a second [c, V] buffer and copy it back). `fns`: compiled twins of the first two.
+    """
+    at_one_hots, dense_over = fns[0] or _grad_at_one_hots, fns[1] or _dense_grad_over_
+    a, b, pos, exact = at_one_hots(buf, lse, lse_t, target_ids, teacher_ids, g, spec)  # before buf is overwritten
+    dense_over(buf, lse, lse_t, a, b, spec)
+    return buf.scatter_(-1, pos, exact)
 
 
 class _InForwardLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, target_ids, teacher_ids, teacher_logprobs, teacher_tail, spec, fns):
-        chunk_fwd, chunk_grad = fns
+        chunk_stats, grad_fns = fns
         with_kd = teacher_ids is not None
         # The matmul dtype: the autocast dtype when autocast is on (as the default path's linear), else the weight's.
         dev = hidden.device.type
@@ -98,7 +175,8 @@ class _InForwardLoss(torch.autograd.Function):
                 sl = slice(start, min(start + spec.chunk_size, n))
                 h_c, t_c = h_mm[sl], target_ids[sl]
                 ids_c = teacher_ids[sl] if with_kd else None
-                z, lse, ce_rows, kept = chunk_fwd(h_c, w_mm, b_mm, t_c, ids_c, spec)
+                buf = torch.nn.functional.linear(h_c, w_mm, b_mm)  # [c, V] raw logits, later their gradient
+                lse, lse_t, ce_rows, kept = chunk_stats(buf, t_c, ids_c, spec)
                 ce_sum = ce_sum + ce_rows.sum()
                 g = None
                 if with_kd:
@@ -111,14 +189,17 @@ class _InForwardLoss(torch.autograd.Function):
                         ).sum()
                         (g,) = torch.autograd.grad(d, k)  # [c, K]
                     kd_sum = kd_sum + spec.temperature**2 * d.detach()
-                dz = chunk_grad(z, lse, t_c, ids_c, g, spec, mm)  # [c, V]
-                del z, lse
+                dz = _chunk_grad_(buf, lse, lse_t, t_c, ids_c, g, spec, grad_fns)  # [c, V] dloss/dlogits, in place of the logits
+                del buf
                 if need_h:
-                    grad_h[sl] = dz @ w_mm  # [c, H]
+                    if grad_h.dtype == mm:
+                        torch.mm(dz, w_mm, out=grad_h[sl])  # [c, H], no temporary
+                    else:
+                        grad_h[sl] = dz @ w_mm  # float32 hidden states under bf16 autocast
                 if need_w and grad_w.dtype == mm and grad_w.is_contiguous():
-                    grad_w.addmm_(dz.t(), h_c)  # [V, H] += [V, c] @ [c, H]
+                    grad_w.addmm_(dz.t(), h_c)  # [V, H] += [V, c] @ [c, H], into the buffer autograd hands on as .grad
                 elif need_w:
-                    grad_w += dz.t() @ h_c  # float32 master weights under bf16 autocast
+                    grad_w += dz.t() @ h_c  # float32 master weights under bf16 autocast: a [V, H] bf16 product per chunk
                 if need_b:
                     grad_b += dz.sum(0).to(grad_b.dtype)
         # Kept on ctx (not save_for_backward): backward scales them in place and drops them; one backward only.
@@ -151,5 +232,5 @@ def in_forward_loss_parts(hidden, weight, target_ids, teacher_ids, teacher_logpr
     `compiled(fn)` returns fn or its torch.compile'd twin.
     """
     ce, kd, loss = _InForwardLoss.apply(hidden, weight, bias, target_ids, teacher_ids, teacher_logprobs, teacher_tail,
-                                        spec, (compiled(_chunk_forward), compiled(_chunk_grad_z)))
+                                        spec, (compiled(_chunk_stats), (compiled(_grad_at_one_hots), compiled(_dense_grad_over_))))
     return {"ce": ce, "kd": kd, "loss": loss}

@@ -40,8 +40,11 @@ from kdpipe.pipeline.trackers import check_trackers, train_trackers
 from kdpipe.storage.errors import ConfigError
 
 # Settings that may change between a run and its resumption (they do not change what is computed).
+# loss_backward and loss_chunk_size change only how the same loss and gradients are computed (equal in
+# float64, tests/train/test_fused.py), and their per-device defaults moved (config.loss_defaults): a run
+# written with the old defaults (recompute, 1024) resumes on CUDA with the new ones.
 RESUMABLE_CHANGES = {"steps", "save_every", "log_every", "keep_checkpoints", "resume", "prefetch", "eval_every",
-                     "report_to", "push_to_hub"}
+                     "report_to", "push_to_hub", "loss_backward", "loss_chunk_size"}
 
 
 @dataclass
@@ -157,6 +160,7 @@ def train(cfg: TrainConfig) -> TrainResult:
 def _train(cfg: TrainConfig, dist) -> TrainResult:
     from tqdm.auto import tqdm
 
+    cfg = cfg.with_loss_defaults(dist.device.type)  # loss_backward / loss_chunk_size "auto": this device's
     run = Path(cfg.out)
     resume_from = _resume_point(cfg, run)
     if dist.is_main and resume_from is not None:
@@ -210,6 +214,7 @@ def _train(cfg: TrainConfig, dist) -> TrainResult:
         while step < cfg.steps:
             t0 = time.perf_counter()
             batch = next(data)  # this rank's micro-batches of the step, and the data cursor after them
+            data_wait = time.perf_counter() - t0  # the prefetch thread was behind by this much (0 when ahead)
 
             sums, n_global = forward_backward(wrapped, batch.micro_batches, dist, cfg, with_teacher)
 
@@ -224,12 +229,18 @@ def _train(cfg: TrainConfig, dist) -> TrainResult:
 
             # ---- log: parts by name, per target token of the global batch
             stats = dist.all_reduce_sum(torch.cat([sums, sums.new_tensor([float(batch.truncated), float(sigterm.flag)])]))
-            ce, kd, loss, tokens, truncated, stop = stats.tolist()
+            ce, kd, loss, tokens, truncated, stop = stats.tolist()  # .tolist() waits for the device: step_s is real
             n = max(n_global, 1.0)
+            step_s = time.perf_counter() - t0
             last = {
                 "step": step, "loss": loss / n, "loss_ce": ce / n, "loss_kd": kd / n,
-                "tokens_per_s": tokens / (time.perf_counter() - t0), "lr": lr, "grad_norm": float(grad_norm),
+                "tokens_per_s": tokens / step_s, "lr": lr, "grad_norm": float(grad_norm),
                 "target_tokens": int(n_global), "truncated": int(truncated),
+                # rank 0's wall time of the step (data, forward, backward, all-reduce, optimizer) and of it the
+                # wait for the next batch; on CUDA the allocator's high-water mark since the process started
+                "step_s": step_s, "data_wait_s": data_wait,
+                **({"max_memory_gib": torch.cuda.max_memory_allocated(dist.device) / 2**30}
+                   if dist.device.type == "cuda" else {}),
             }
             metrics.write(last)
             bar.update(1)

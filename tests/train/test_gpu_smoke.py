@@ -81,7 +81,7 @@ def test_train_config_compile_loss():
     from kdpipe.storage.errors import ConfigError
 
     cfg = TrainConfig(student="s", stores=("a",), out="o")
-    assert cfg.compile_loss == "auto" and cfg.loss_backward == "recompute"
+    assert cfg.compile_loss == "auto" and cfg.loss_backward == "auto" and cfg.with_loss_defaults("cpu").loss_backward == "in_forward"
     with pytest.raises(ConfigError, match="compile_loss"):
         TrainConfig(student="s", stores=("a",), out="o", compile_loss="sometimes")
     with pytest.raises(ConfigError, match="loss_backward"):
@@ -101,6 +101,7 @@ def test_bench_gpu_smoke_has_every_field(capsys, tmp_path):
     # Memory and the goals are GPU figures: null on CPU, never a made-up value.
     assert last["ce_peak_gb"] is None and last["mem_ratio"] is None
     assert set(last["goals"]) == {"kd_step_time_ratio_le_1.10", "kd_step_mem_ratio_le_1.10",
-                                  "loss_only_faster_than_liger_60.7ms", "loss_only_mem_le_liger_11.1gb"}
+                                  "loss_only_faster_than_liger_60.7ms", "loss_only_mem_le_liger_11.1gb",
+                                  "loss_only_within_3pct_le_3gib_extra"}
     assert all(v is None for v in last["goals"].values()) and last["smoke"] is True
     assert json.loads((tmp_path / "gpu.json").read_text()) == last

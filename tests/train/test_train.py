@@ -137,7 +137,8 @@ def test_run_outputs(reference_run):
     ms = metrics(out)
     assert [m["step"] for m in ms] == [1, 2, 3, 4, 5, 6]
     for m in ms:
-        assert set(m) >= {"step", "loss", "loss_ce", "loss_kd", "tokens_per_s", "lr", "grad_norm"}
+        assert set(m) >= {"step", "loss", "loss_ce", "loss_kd", "tokens_per_s", "lr", "grad_norm", "step_s", "data_wait_s"}
+        assert 0 <= m["data_wait_s"] <= m["step_s"]
         assert m["loss"] == pytest.approx(0.5 * m["loss_ce"] + 0.5 * m["loss_kd"], rel=1e-6)
     assert ms[-1]["loss"] < ms[0]["loss"]
     for step in (2, 4, 6):
@@ -149,7 +150,8 @@ def test_run_outputs(reference_run):
     assert not list(out.glob("*.tmp"))
     from kdpipe.pipeline.config import load_config
 
-    assert load_config(TrainConfig, out / "final" / "train_config.toml") == cfg
+    # the run records what ran: "auto" loss settings resolved for this device (issue 22)
+    assert load_config(TrainConfig, out / "final" / "train_config.toml") == cfg.with_loss_defaults("cpu")
 
 
 def test_saved_student_loads_with_transformers(reference_run, padded_student):
@@ -395,6 +397,47 @@ def test_resume_from_a_checkpoint_older_than_a_new_field(reference_run, tmp_path
         train(TrainConfig(**{**cfg.__dict__, "out": str(out), "jsd_beta": 0.25, "resume": True}))
     result = train(TrainConfig(**{**cfg.__dict__, "out": str(out), "resume": True}))
     assert result.steps == cfg.steps and result.final is not None
+
+
+def test_resume_a_run_written_with_the_old_loss_defaults_on_cuda_defaults(reference_run, tmp_path):
+    """Issue 22: loss_backward / loss_chunk_size resolve per device (CUDA: in_forward, 4096; CPU: in_forward, 1024).
+    A run written with the old defaults (recompute, 1024), or before the fields existed, resumes with the new
+    ones: the same loss computed another way, so the losses continue the uninterrupted run's."""
+    import re
+    import shutil
+
+    from kdpipe.pipeline.config import read_toml
+    from kdpipe.pipeline.train.checkpoint import latest_checkpoint
+    from kdpipe.pipeline.train.trainer import train
+
+    cfg, ref = reference_run
+    assert (cfg.loss_backward, cfg.loss_chunk_size) == ("auto", 0)
+    assert (read_toml(ref / "train_config.toml")["loss_backward"], read_toml(ref / "train_config.toml")["loss_chunk_size"]) \
+        == ("in_forward", 1024)  # resolved on CPU and written
+    for drop in (False, True):
+        out = tmp_path / f"old{int(drop)}"
+        shutil.copytree(ref, out)
+        shutil.rmtree(out / "final")
+        ckpt = latest_checkpoint(out)
+        for f in out.rglob("train_config.toml"):
+            text = f.read_text().replace(str(ref), str(out))
+            if drop:  # written before the two fields existed
+                text = re.sub(r"(?m)^loss_(backward|chunk_size) = .*\n", "", text)
+            else:  # written with the old defaults
+                text = re.sub(r"(?m)^loss_backward = .*$", 'loss_backward = "recompute"', text)
+                assert re.search(r"(?m)^loss_chunk_size = 1024$", text)
+            f.write_text(text)
+        with open(out / "metrics.jsonl") as fh:
+            kept = [line for line in fh if json.loads(line)["step"] <= int(ckpt.name.rsplit("-", 1)[1])]
+        (out / "metrics.jsonl").write_text("".join(kept))
+        new = TrainConfig(**{**cfg.__dict__, "out": str(out), "resume": True, "loss_backward": "in_forward",
+                             "loss_chunk_size": 4096})  # what "auto" resolves to on CUDA
+        result = train(new)
+        assert result.steps == cfg.steps
+        saved = read_toml(out / "train_config.toml")
+        assert (saved["loss_backward"], saved["loss_chunk_size"]) == ("in_forward", 4096)
+        for got, want in zip(losses(out), losses(ref)):
+            assert got == pytest.approx(want, rel=1e-4, abs=1e-5)
 
 
 def test_errors_are_kdpipe_errors():
