@@ -15,7 +15,7 @@ Records (one per training row, the first --rows in id order), in A's tokens:
 * teacher entries: a bigram model of A's tokens over every training document (the teacher is a real
   distribution over A's real vocabulary, however weak): at each target position the top --top-k next
   tokens after the previous token, p = count / (count(prev) + 1), the rest in the tail; a previous
-  token never seen gives the unigram top-k. No vLLM: this measures alignment, not a teacher.
+  token never seen gives the unigram top-k (counted on the first --bigram-docs training documents). No vLLM: this measures alignment, not a teacher.
 
 Figures per pair: the share of 1:1 groups of all groups, of groups scored by the mapped KL (hybrid),
 the mapped mass (the teacher's kept mass the vocabulary map covers on 1:1 groups, of its whole mass),
@@ -24,9 +24,10 @@ of this process (one thread: torch and the Rust tokenizer are held to one) throu
 stage in batches of --batch-rows records: cold (a fresh Aligner: every student prompt is retokenized)
 and warm (a second pass: prompts memoized, as in every epoch after the first), each the best of
 --repeats passes (the machine is shared; the best pass is the least disturbed one). The aligner's
-setup (byte tables, vocabulary map) is timed apart: once per run.
+setup (byte tables, vocabulary map) is timed apart: once per run. `student_encode_tokens_per_s` is
+the cold pass's floor: the student tokenizer's own encode of the same prompts and texts, alone.
 
-    python benchmarks/bench_align.py                       # all pairs, 2000 rows
+    python benchmarks/bench_align.py                       # all pairs, 1000 rows
     python benchmarks/bench_align.py --rows 300 --pairs llama3:qwen2.5
 
 The last line of stdout is one JSON object:
@@ -148,7 +149,7 @@ def measure_pair(a_name: str, b_name: str, toy: dict[str, Path], corpus: dict, a
 
     tok_a, tok_b = load_tokenizer(a_name, toy), load_tokenizer(b_name, toy)
     rows, targets = target_texts(corpus, args.rows, args.target_chars)
-    bigram = bigram_teacher(tok_a, corpus["unlabeled"], args.top_k)
+    bigram = bigram_teacher(tok_a, corpus["unlabeled"][:args.bigram_docs], args.top_k)
     recs = make_records(tok_a, rows, targets, args.top_k, bigram)
     torch.set_num_threads(1)
     n_t = sum(len(r.target_positions) for r in recs)
@@ -165,7 +166,14 @@ def measure_pair(a_name: str, b_name: str, toy: dict[str, Path], corpus: dict, a
             stats = [xc(recs[i:i + args.batch_rows]).stats for i in range(0, len(recs), args.batch_rows)]
             best[name] = min(best[name], time.process_time() - t0)
     aligner = xc.aligner
-    s_tokens = sum(len(c) for c in aligner._encode(targets, add_special_tokens=False))
+    # The cold pass's floor: the student tokenizer's own (Rust) encode of the decoded prompts and of the texts.
+    prompts = aligner._decode([r.input_ids[:int(r.target_positions[0])].tolist() for r in recs])
+    enc_s = float("inf")
+    for _ in range(args.repeats):
+        t0 = time.process_time()
+        aligner._encode(prompts, add_special_tokens=True)
+        s_tokens = sum(len(c) for c in aligner._encode(targets, add_special_tokens=False))
+        enc_s = min(enc_s, time.process_time() - t0)
     summ = alignment_summary(stats)
     return {
         "teacher": a_name, "student": b_name, "vocab": [len(tok_a), len(tok_b)],
@@ -176,7 +184,8 @@ def measure_pair(a_name: str, b_name: str, toy: dict[str, Path], corpus: dict, a
         "unknown_actual": summ["unknown_actual"],
         "vocab_mapped_share": round(float(np.mean(aligner.map >= 0)), 4),
         "align_tokens_per_s": round(n_t / max(best["cold"], 1e-9)),
-        "align_tokens_per_s_warm": round(n_t / max(best["warm"], 1e-9)), "setup_s": round(setup, 2),
+        "align_tokens_per_s_warm": round(n_t / max(best["warm"], 1e-9)),
+        "student_encode_tokens_per_s": round(n_t / max(enc_s, 1e-9)), "setup_s": round(setup, 2),
     }
 
 
@@ -184,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="bench-output/align", help="the toy pair's tokenizers are built here")
     ap.add_argument("--pairs", default=DEFAULT_PAIRS, help="TEACHER:STUDENT,...  (realtok names, toy-a, toy-b)")
-    ap.add_argument("--rows", type=int, default=2000)
+    ap.add_argument("--rows", type=int, default=1000)
+    ap.add_argument("--bigram-docs", type=int, default=4000, help="training documents the bigram teacher counts")
     ap.add_argument("--target-chars", type=int, default=400)
     ap.add_argument("--top-k", type=int, default=8)
     ap.add_argument("--batch-rows", type=int, default=32)
@@ -204,15 +214,19 @@ def main(argv: list[str] | None = None) -> int:
         res[f"{a}->{b}"] = r = measure_pair(a, b, toy, corpus, args)
         log(json.dumps(r))
     real = {k: v for k, v in res.items() if not k.startswith("toy-")}
+    toy_pairs = {k: v for k, v in res.items() if k.startswith("toy-")}
+    goal = lambda group, key: bool(group) and all(v[key] >= GOAL_TOKENS_PER_S for v in group.values())  # noqa: E731
     goals = {
         "real_pairs_ge_2": len(real) >= 2,
-        "cold_ge_200k_tokens_per_s_all_pairs": all(v["align_tokens_per_s"] >= GOAL_TOKENS_PER_S for v in res.values()),
-        "warm_ge_200k_tokens_per_s_all_pairs": all(v["align_tokens_per_s_warm"] >= GOAL_TOKENS_PER_S
-                                                   for v in res.values()),
+        "cold_ge_200k_tokens_per_s_real_pairs": goal(real, "align_tokens_per_s"),
+        "warm_ge_200k_tokens_per_s_real_pairs": goal(real, "align_tokens_per_s_warm"),
+        "cold_ge_200k_tokens_per_s_toy_pair": goal(toy_pairs, "align_tokens_per_s"),
+        "warm_ge_200k_tokens_per_s_toy_pair": goal(toy_pairs, "align_tokens_per_s_warm"),
     }
     print(json.dumps({
         "pairs": res, "goals": goals,
         "settings": {"rows": args.rows, "target_chars": args.target_chars, "top_k": args.top_k,
+                     "bigram_docs": args.bigram_docs,
                      "batch_rows": args.batch_rows, "repeats": args.repeats, "option": "hybrid", "min_mapped_mass": 0.9,
                      "load_average": round(os.getloadavg()[0], 2), "minutes": round((time.time() - t_start) / 60, 1)},
     }))

@@ -113,3 +113,21 @@ def test_real_pair_groups_cover_every_byte_once_and_rebuild_the_text(toks, teach
     # the collate stage runs on the same records (the path train-student takes)
     xb = XCollate(aligner, "hybrid", 1.0, 0.9, 0)(recs)
     assert xb.stats["groups"] == groups + len(recs)
+
+
+def test_concat_rows_is_concat_per_row(toks):
+    """The batch byte gather (the aligner's fast path) equals the per-token join, empty rows and specials included."""
+    from kdpipe.pipeline.train.xtok import token_bytes
+
+    tb = token_bytes(toks["llama3"])
+    rng = np.random.default_rng(0)
+    counts = np.array([0, 5, 300, 0, 1, 194])
+    ids = rng.integers(0, len(tb.table), int(counts.sum()))
+    ids[:3] = [toks["llama3"].eos_token_id, 0, toks["llama3"].bos_token_id]  # special tokens carry no bytes
+    data, off = tb.concat_rows(ids, counts)
+    starts = np.concatenate(([0], np.cumsum(counts)))
+    assert len(off) == len(counts) + 1 and off[-1] == len(data)
+    for r in range(len(counts)):
+        assert data[off[r]:off[r + 1]] == tb.concat(ids[starts[r]:starts[r + 1]].tolist())
+    empty, off0 = tb.concat_rows(np.zeros(0, np.int64), np.zeros(0, np.int64))
+    assert empty == b"" and off0.tolist() == [0]
