@@ -39,6 +39,7 @@ teacher's: no retokenization, group i = token i, the map is the identity.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import chain
 from typing import Sequence
 
 import numpy as np
@@ -47,7 +48,7 @@ from kdpipe.pipeline.train.xtok_bytes import TokenBytes, token_bytes, vocab_map
 from kdpipe.storage.errors import DataError
 from kdpipe.storage.reader import Record
 
-PROMPT_CACHE_ROWS = 20_000  # student prompts memoized per teacher prompt (cleared when full)
+PROMPT_CACHE_ROWS = 20_000  # student prompts (per teacher prompt) and completions (per text) memoized; cleared when full
 
 
 # ------------------------------------------------------------------------------- the exact-bytes rule
@@ -123,6 +124,13 @@ class _TeacherSide:
     final: bool  # the targets end with the teacher's EOS: the trailing specials form the last group
     text: bytes
     drop: int
+    string: str  # text as str (what the student's encoder reads)
+
+
+def _rows(a: np.ndarray, counts: np.ndarray) -> list[np.ndarray]:
+    """`a` cut into consecutive rows of `counts` entries (views; np.split's per-row overhead is larger)."""
+    ends = np.cumsum(counts).tolist()
+    return [a[s:e] for s, e in zip([0] + ends[:-1], ends)]
 
 
 def _fast(tok):
@@ -145,7 +153,9 @@ def text_encoder(tok):
 
     own = Tokenizer.from_str(fast.to_str())
     own.encode_special_tokens = True
-    return lambda texts, add_special_tokens: [e.ids for e in own.encode_batch(texts, add_special_tokens=add_special_tokens)]
+    # encode_batch_fast: the same ids without character offsets (which alignment never reads), where available
+    encode = getattr(own, "encode_batch_fast", own.encode_batch)
+    return lambda texts, add_special_tokens: [e.ids for e in encode(texts, add_special_tokens=add_special_tokens)]
 
 
 class Aligner:
@@ -167,6 +177,7 @@ class Aligner:
         self._start = start
         self._encoder = None if identical else text_encoder(student_tok)
         self._prompt_cache: dict[bytes, np.ndarray] = {}
+        self._completion_cache: dict[bytes, tuple[np.ndarray, int]] = {}  # text -> (student ids, dropped bytes)
 
     def _where(self, rec: Record) -> str:
         return f"{self.store}: sample {rec.sample_id!r}"
@@ -177,11 +188,10 @@ class Aligner:
     def batch(self, records: Sequence[Record]) -> list[Aligned]:
         if self.identical:
             return [self._identical(r) for r in records]
-        sides = [self._teacher_side(r) for r in records]
+        sides = self._teacher_sides(records)
         p_ids = self._prompts(records, sides)
-        c_lists = self._encode([s.text.decode("utf-8") for s in sides], add_special_tokens=False)
-        drops = [self._student_drop(s, c) for s, c in zip(sides, c_lists)]
-        return self._align_batch(sides, p_ids, c_lists, drops)
+        c_arrs, drops = self._completions(sides)
+        return self._align_batch(sides, p_ids, c_arrs, drops)
 
     def _prompts(self, records: Sequence[Record], sides: Sequence["_TeacherSide"]) -> list[list[int]]:
         """The student's prompts (the sequence-level rule: decoded without special tokens, re-encoded),
@@ -201,17 +211,32 @@ class Aligner:
                 self._prompt_cache[keys[i]] = np.asarray(p, np.int64)
         return [self._prompt_cache[k] for k in keys]
 
-    def _student_drop(self, s: "_TeacherSide", c: list[int]) -> int:
-        s_got = self.tb_s.concat(c)
-        drop = strip_prefix(self.tb_s, s_got, s.text)
-        if drop is None:
-            raise DataError(
-                f"{self._where(s.rec)}: the student tokenizer does not reproduce the text byte for byte "
-                f"({_first_diff(s_got, s.text)}); its normalizer alters the text or it lacks byte fallback (<unk>), "
-                "so the two tokenizations cannot be aligned. Use a student tokenizer with byte fallback and no "
-                "normalizer, or drop the sample"
-            )
-        return drop
+    def _completions(self, sides: Sequence["_TeacherSide"]) -> tuple[list[np.ndarray], list[int]]:
+        """The student's tokens of each row's text and its dropped prefix bytes (the exact-bytes rule), memoized by
+        the text like the prompts: one batched encode and one numpy byte gather for the rows not seen yet."""
+        cache = self._completion_cache
+        todo = [i for i, s in enumerate(sides) if s.text not in cache]
+        if todo:
+            enc = self._encode([sides[i].string for i in todo], add_special_tokens=False)
+            lens = np.fromiter((len(c) for c in enc), np.int64, len(enc))
+            ids = np.fromiter(chain.from_iterable(enc), np.int64, int(lens.sum()))
+            got, off = self.tb_s.concat_rows(ids, lens)
+            if len(cache) + len(todo) > PROMPT_CACHE_ROWS:
+                cache.clear()
+            for j, (i, c) in enumerate(zip(todo, _rows(ids, lens))):
+                s = sides[i]
+                s_got = got[off[j]:off[j + 1]]
+                drop = strip_prefix(self.tb_s, s_got, s.text)
+                if drop is None:
+                    raise DataError(
+                        f"{self._where(s.rec)}: the student tokenizer does not reproduce the text byte for byte "
+                        f"({_first_diff(s_got, s.text)}); its normalizer alters the text or it lacks byte fallback "
+                        "(<unk>), so the two tokenizations cannot be aligned. Use a student tokenizer with byte "
+                        "fallback and no normalizer, or drop the sample"
+                    )
+                cache[s.text] = (c, drop)
+        out = [cache[s.text] for s in sides]
+        return [c for c, _ in out], [d for _, d in out]
 
     def _align_batch(self, sides, p_ids, c_lists, drops_s) -> list[Aligned]:
         """`align` for every record at once: the records' bytes laid end to end (row r from base_r), so one
@@ -223,14 +248,17 @@ class Aligner:
         R = len(sides)
         eos = self.tb_s.eos_id
         final = np.fromiter((s.final for s in sides), bool, R)
-        c_arrs = [np.asarray(c + [eos] if s.final else c, np.int64) for s, c in zip(sides, c_lists)]
+        eos_arr = np.asarray([eos if eos is not None else 0], np.int64)
+        pieces = []  # each row's student tokens, then the appended EOS where the teacher's targets end with its EOS
+        for s, c in zip(sides, c_lists):
+            pieces += (c, eos_arr) if s.final else (c,)
         nt = np.fromiter((len(s.actual) for s in sides), np.int64, R)
-        ns = np.fromiter((len(c) for c in c_arrs), np.int64, R)
+        ns = np.fromiter((len(c) for c in c_lists), np.int64, R) + final
         nb = np.fromiter((s.n_body for s in sides), np.int64, R)
         B = np.fromiter((len(s.text) for s in sides), np.int64, R)
         base = np.cumsum(B) - B
         t_ids = np.concatenate([s.actual for s in sides]) if R else np.zeros(0, np.int64)
-        s_ids = np.concatenate(c_arrs) if R else np.zeros(0, np.int64)
+        s_ids = np.concatenate(pieces) if R else np.zeros(0, np.int64)
         t_row, s_row = np.repeat(np.arange(R), nt), np.repeat(np.arange(R), ns)
         t_start, s_start = np.cumsum(nt) - nt, np.cumsum(ns) - ns
         t_idx, s_idx = np.arange(len(t_ids)) - t_start[t_row], np.arange(len(s_ids)) - s_start[s_row]  # index in row
@@ -271,7 +299,7 @@ class Aligner:
         if R and final.any():
             sg[(s_start + ns - 1)[final]] = n_text[final]
         out = []
-        tgs, sgs = np.split(tg, t_start[1:]), np.split(sg, s_start[1:])
+        tgs, sgs, c_arrs = _rows(tg, nt), _rows(sg, ns), _rows(s_ids, ns)
         for r, s in enumerate(sides):
             rec, p, c = s.rec, p_ids[r], c_arrs[r]
             t_grp, t_sel = tgs[r], None
@@ -317,17 +345,28 @@ class Aligner:
         return Aligned(rec.sample_id, ids[: int(pos[-1]) + 1], pos, rec.ids.astype(np.int64), rec.logprobs, rec.tail,
                        ids[pos], ar, ar, P)
 
-    def _teacher_side(self, rec: Record) -> _TeacherSide:
-        pos = self._check_positions(rec)
-        actual = rec.input_ids[pos].astype(np.int64)  # [P_t]
-        n_body = len(actual)
-        final = (self.tb_t.eos_id is not None and int(actual[-1]) == self.tb_t.eos_id and self.tb_s.eos_id is not None)
-        if final:  # the trailing special tokens (end-of-turn marker, EOS) form the last group
-            while n_body and self._t_special[actual[n_body - 1]]:
-                n_body -= 1
-        got = self.tb_t.concat(actual[:n_body].tolist())
+    def _teacher_sides(self, records: Sequence[Record]) -> list[_TeacherSide]:
+        """Each record's teacher targets and text (the exact-bytes rule); the target bytes of all records come
+        from one numpy gather (`TokenBytes.concat_rows`), not one bytes object per token."""
+        heads = []
+        for rec in records:
+            pos = self._check_positions(rec)
+            actual = rec.input_ids[pos].astype(np.int64)  # [P_t]
+            n_body = len(actual)
+            final = (self.tb_t.eos_id is not None and int(actual[-1]) == self.tb_t.eos_id
+                     and self.tb_s.eos_id is not None)
+            if final:  # the trailing special tokens (end-of-turn marker, EOS) form the last group
+                while n_body and self._t_special[actual[n_body - 1]]:
+                    n_body -= 1
+            heads.append((rec, pos, actual, n_body, final))
+        nb = np.fromiter((h[3] for h in heads), np.int64, len(heads))
+        ids = np.concatenate([h[2][:h[3]] for h in heads]) if heads else np.zeros(0, np.int64)
+        got, off = self.tb_t.concat_rows(ids, nb)
+        return [self._teacher_text(*h, got[off[r]:off[r + 1]]) for r, h in enumerate(heads)]
+
+    def _teacher_text(self, rec: Record, pos, actual, n_body: int, final: bool, got: bytes) -> _TeacherSide:
         if rec.text is not None:
-            text = rec.text.encode("utf-8")
+            string, text = rec.text, rec.text.encode("utf-8")
             drop = strip_prefix(self.tb_t, got, text)
             if drop is None:
                 raise DataError(
@@ -338,11 +377,12 @@ class Aligner:
         else:
             drop = 1 if (self.tb_t.prefix_space and got[:1] == b" ") else 0
             text = got[drop:]
-        try:
-            text.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise DataError(
-                f"{self._where(rec)}: the teacher's target tokens are not valid UTF-8 ({e.reason} at byte {e.start}), "
-                "so no student can tokenize them exactly; drop the sample or regenerate it with a longer max_new_tokens"
-            ) from None
-        return _TeacherSide(rec, pos, actual, n_body, final, text, drop)
+            try:
+                string = text.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(
+                    f"{self._where(rec)}: the teacher's target tokens are not valid UTF-8 ({e.reason} at byte {e.start}), "
+                    "so no student can tokenize them exactly; drop the sample or regenerate it with a longer "
+                    "max_new_tokens"
+                ) from None
+        return _TeacherSide(rec, pos, actual, n_body, final, text, drop, string)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Sequence
 
 import numpy as np
@@ -75,6 +76,24 @@ class TokenBytes:
     def concat(self, ids: Sequence[int]) -> bytes:
         t = self.table
         return b"".join([t[i] for i in ids])
+
+    @cached_property
+    def flat(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every id's bytes end to end ([sum of lengths] uint8) and each id's start in them ([V] int64), built
+        once: `concat_rows` gathers a whole batch from them with numpy instead of one bytes object per token."""
+        return np.frombuffer(b"".join(self.table), np.uint8), np.cumsum(self.lengths) - self.lengths
+
+    def concat_rows(self, ids: np.ndarray, row_tokens: np.ndarray) -> tuple[bytes, np.ndarray]:
+        """The bytes of many rows at once: ids [N] (the rows' tokens end to end), row_tokens [R] tokens per row
+        -> (their bytes end to end, [R+1] int64 offset of each row's bytes in them); row r is
+        `concat(its ids)` = data[off[r]:off[r+1]]."""
+        buf, start = self.flat
+        ids = np.asarray(ids, np.int64)
+        lens = self.lengths[ids]  # [N]
+        ends = np.cumsum(lens)
+        idx = np.arange(int(ends[-1]) if len(ends) else 0) + np.repeat(start[ids] - (ends - lens), lens)
+        tok_end = np.concatenate(([0], ends))
+        return buf[idx].tobytes(), tok_end[np.concatenate(([0], np.cumsum(row_tokens)))]
 
 
 def token_bytes(tokenizer, name: str = "tokenizer") -> TokenBytes:
