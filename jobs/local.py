@@ -15,7 +15,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from kdpipe.jobs.plan import Plan, Step, write_configs
+from kdpipe.jobs.plan import Plan, write_configs
+from kdpipe.jobs.steps import Step
 from kdpipe.jobs.render import local_argv
 from kdpipe.jobs.submit import events_file, logs_dir
 from kdpipe.pipeline.config import atomic_write_text

@@ -195,7 +195,7 @@ def _sampled_from_other_weights(store: Path, sampler: str) -> str | None:
 def round_steps(job, python: str, runs: list[RunSpec], steps: list, toml) -> tuple[list, list[str], list[RoundPlan]]:
     """The round chain's steps (appended after the off-policy ones), the skipped ones (why), and each round's state."""
     from kdpipe.jobs import phases
-    from kdpipe.jobs.plan import Step, _same_config, inspect_store
+    from kdpipe.jobs.steps import Step, check_store as inspect_store, same_config as _same_config
 
     op = job.on_policy
     cfgdir = job.run_dir / "configs"
@@ -265,7 +265,7 @@ def round_steps(job, python: str, runs: list[RunSpec], steps: list, toml) -> tup
 
 
 def phases_eval_gpus(job, ev) -> int:
-    from kdpipe.jobs.plan import _eval_gpus
+    from kdpipe.jobs.steps import eval_gpus as _eval_gpus
 
     return _eval_gpus(job, ev)
 
