@@ -32,7 +32,7 @@ class Plan:
     steps: tuple[Step, ...]
     python: str  # interpreter the commands run with
     skipped: tuple[str, ...] = ()  # steps left out because their output already exists (why)
-    rounds: tuple = ()  # jobs.onpolicy.RoundPlan per on-policy round ([on_policy])
+    rounds: tuple = ()  # jobs.rounds.RoundPlan per on-policy round ([on_policy])
 
     def step(self, name: str) -> Step:
         for s in self.steps:
@@ -127,8 +127,8 @@ def make_plan(job: JobSpec, python: str | None = None) -> Plan:
                 config=epath, config_text=eval_text, run=run,
             ))
     rounds: list = []
-    if job.on_policy is not None:  # the round chain, after the off-policy steps (jobs/onpolicy.py)
-        from kdpipe.jobs.onpolicy import round_steps
+    if job.on_policy is not None:  # the round chain, after the off-policy steps (jobs/rounds.py)
+        from kdpipe.jobs.rounds import round_steps
 
         op_steps, op_skipped, rounds = round_steps(job, python, runs, steps, _toml)
         steps += op_steps
@@ -208,7 +208,7 @@ def describe(plan: Plan) -> str:
         if s.after:
             what += f"  after {', '.join(s.after)}"
         lines.append(what)
-    from kdpipe.jobs.onpolicy import describe_rounds
+    from kdpipe.jobs.rounds import describe_rounds
 
     lines += describe_rounds(plan)
     lines.append(f"runs: {len(plan.runs)}")

@@ -114,8 +114,6 @@ def collect_status(run_dir: str | Path) -> dict[str, Any]:
          "last_validation": last_metrics(Path(r["dir"]), "validation")} for r in doc.get("runs", [])
     ]
     if doc.get("on_policy"):
-        from kdpipe.jobs.onpolicy import rounds_status
-
         status["rounds"] = rounds_status(doc["on_policy"])
     return status
 
@@ -142,8 +140,6 @@ def format_status(st: dict[str, Any]) -> str:
         state = "finalized" if store["finalized"] else f"{len(store['tasks_complete'])}/{store['num_tasks']} tasks complete"
         lines.append(f"store {store['path']}: {state}, {store['shards']} shard(s)" + (" (reused)" if store.get("reused") else ""))
     if st.get("rounds"):
-        from kdpipe.jobs.onpolicy import format_rounds
-
         lines += format_rounds(st["rounds"])
     for r in st.get("runs", []):
         m = r["last_metrics"]
@@ -151,3 +147,24 @@ def format_status(st: dict[str, Any]) -> str:
         if r.get("last_validation"):
             lines.append(f"run {r['name']} validation: " + json.dumps(r["last_validation"], sort_keys=True))
     return "\n".join(lines)
+
+
+def rounds_status(rounds: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for rd in rounds:
+        run, num_tasks = Path(rd["run"]), int(rd.get("num_tasks", 1))
+        store = store_progress(Path(rd["store"]), num_tasks)
+        state = ("done" if (run / "final").is_dir() else "training" if (run / "metrics.jsonl").exists()
+                 else "store finalized" if store["finalized"] else f"generating ({len(store['tasks_complete'])}/{num_tasks} tasks)"
+                 if store["tasks_started"] else "waiting")
+        out.append({**rd, "state": state, "store_progress": store, "last_metrics": last_metrics(run)})
+    return out
+
+
+def format_rounds(rounds: list[dict[str, Any]]) -> list[str]:
+    lines = []
+    for rd in rounds:
+        m = rd.get("last_metrics")
+        lines.append(f"round {rd['round']}: {rd['state']}" + (f"  step {m['step']} loss {m['loss']:.4f} loss_kd {m['loss_kd']:.4f}" if m else "")
+                     + f"  ({rd['run']})")
+    return lines or [json.dumps(rounds)]

@@ -18,7 +18,7 @@ import subprocess
 from pathlib import Path
 from typing import Callable
 
-from kdpipe.jobs.onpolicy import rounds_doc
+from kdpipe.jobs.rounds import rounds_doc
 from kdpipe.jobs.plan import Plan, write_configs
 from kdpipe.jobs.steps import Step, ranges
 from kdpipe.jobs.render import events_block, render, shell_command
