@@ -102,8 +102,8 @@ def train_run(run: Path, init: Path, store: Path, seed: int, args, **kw) -> Path
 def student_prompts(teacher_tok, student_tok, docs: list[str]) -> list[list[int]]:
     """The student's prompt exactly as training built it (xtok.Aligner / Retokenize): the teacher's
     chat-templated prompt decoded without special tokens, re-encoded by the student."""
-    from kdpipe.pipeline.generate.config import DEFAULT_SUMMARIZE_TEMPLATE
-    from kdpipe.pipeline.generate.recipes import Prompter
+    from kdpipe.pipeline.prompts import DEFAULT_SUMMARIZE_TEMPLATE
+    from kdpipe.pipeline.prompts import Prompter
 
     prompter = Prompter(teacher_tok, True, None)
     out = []

@@ -166,7 +166,7 @@ def split_rows(cfg: DemoConfig, rows: list[dict]) -> dict[str, list[dict]]:
 # ---------------------------------------------------------------------------------------- models
 def build_models(cfg: DemoConfig, rows: list[dict], out: Path) -> tuple[Path, Path]:
     """Tokenizer trained on `rows`; teacher and student initialized from configs (seeded)."""
-    from kdpipe.pipeline.generate.config import DEFAULT_SUMMARIZE_TEMPLATE
+    from kdpipe.pipeline.prompts import DEFAULT_SUMMARIZE_TEMPLATE
     from kdpipe.pipeline.tiny import TinyModelConfig, build_model, build_tokenizer
 
     teacher, student = out / "models" / "teacher-init", out / "models" / "student-init"

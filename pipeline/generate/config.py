@@ -10,12 +10,11 @@ import os
 from dataclasses import dataclass
 from typing import Literal
 
+from kdpipe.pipeline.prompts import DEFAULT_SUMMARIZE_TEMPLATE
 from kdpipe.storage.errors import ConfigError
 
 RECIPES = ("summarize", "score", "basic-reading", "on-policy")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-
-DEFAULT_SUMMARIZE_TEMPLATE = "Summarize the following text in a few sentences.\n\nText: {text}\n\nSummary:"
 
 # Few-shot prompt for Basic Reading Distillation (Zhou et al., ACL 2025): per sentence, the teacher
 # lists named entities with types, then asks questions about the sentence and answers them from it.

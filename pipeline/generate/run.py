@@ -32,7 +32,7 @@ from kdpipe.pipeline.config import write_resolved
 from kdpipe.pipeline.console import engine_output
 from kdpipe.pipeline.generate.config import GenerateConfig
 from kdpipe.pipeline.generate.data import load_task_data
-from kdpipe.pipeline.generate.dtype import resolve_dtype
+from kdpipe.pipeline.dtype import resolve_dtype
 from kdpipe.pipeline.generate.engines import Engine, make_engine
 from kdpipe.pipeline.generate.recipes import Recipe, Result, make_recipe
 from kdpipe.storage import CodecConfig, ShardWriter, StoreMeta, tokenizer_fingerprint
