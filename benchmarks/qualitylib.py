@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see pipeline/demo.py: shared cores
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see jobs/demo.py: shared cores
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -14,7 +14,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from kdpipe.pipeline.train.metrics_log import last_metrics
+from kdpipe.pipeline.metrics_log import last_metrics
 from kdpipe.storage.errors import ConfigError
 
 

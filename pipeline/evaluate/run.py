@@ -19,7 +19,7 @@ from kdpipe.pipeline.evaluate import metrics as M
 from kdpipe.pipeline.evaluate.calibration import reference_scores
 from kdpipe.pipeline.evaluate.config import EvalConfig
 from kdpipe.pipeline.trackers import check_installed, evaluation_to_trackers
-from kdpipe.pipeline.train.metrics_log import read_metrics
+from kdpipe.pipeline.metrics_log import read_metrics
 from kdpipe.pipeline.evaluate.generate import (
     ModelOutputs, build_prompt_ids, generate_outputs, load_examples, load_tokenizers, resolve_model, summarize_template,
 )

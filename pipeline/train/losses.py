@@ -93,11 +93,6 @@ DIVERGENCES: tuple[str, ...] = ("forward_kl", "reverse_kl", "generalized_jsd", "
 # itself, which only on-policy stores (recipe_params.target_entry) keep as an entry.
 TARGET_ENTRY_DIVERGENCES: tuple[str, ...] = ("reverse_kl_sampled_token",)
 
-
-def default_divergence(codec: str, on_policy: bool) -> str:
-    """What divergence = "auto" means: reverse KL for on-policy topk stores, forward KL otherwise
-    (a sampled store supports only the forward KL, see check_supported)."""
-    return "reverse_kl" if on_policy and codec == "topk" else "forward_kl"
 TAIL_MODES: tuple[str, ...] = ("bucket", "renormalize")
 TAIL_FLOOR_EPS = 8.0
 

@@ -19,7 +19,8 @@ from torch import nn
 from kdpipe.pipeline.train.chunked import LossSpec, chunked_loss_parts, logit_transform_of
 from kdpipe.pipeline.train.config import TrainConfig
 from kdpipe.pipeline.train.data import store_max_sequence_length
-from kdpipe.pipeline.train.losses import TARGET_ENTRY_DIVERGENCES, check_supported, default_divergence
+from kdpipe.pipeline.divergence import default_divergence
+from kdpipe.pipeline.train.losses import TARGET_ENTRY_DIVERGENCES, check_supported
 from kdpipe.storage.interop import check_tail_known
 from kdpipe.storage.manifest import open_store, tokenizer_fingerprint
 from kdpipe.storage.reader import Record

@@ -28,7 +28,7 @@ from kdpipe.pipeline.config import config_to_dict, read_toml, write_resolved
 from kdpipe.pipeline.train.checkpoint import latest_checkpoint, load_training_state, save_checkpoint, save_final
 from kdpipe.pipeline.train.config import TrainConfig
 from kdpipe.pipeline.train.data import DataSpec, StepData
-from kdpipe.pipeline.train.metrics_log import METRICS_FILE, MetricsLog
+from kdpipe.pipeline.metrics_log import METRICS_FILE, MetricsLog
 from kdpipe.pipeline.train.student import (
     Retokenize, StudentLoss, resolution_notes, autocast_context, batch_inputs, check_inputs, load_student, load_tokenizer, loss_spec,
     no_sync, param_groups, setup_distributed, teacher_tokenizer, wrap_distributed,
