@@ -100,7 +100,7 @@ def _train_config(job, model: str, store: Path, run: Path):
 
 def _sampled_from_other_weights(store: Path, sampler: str) -> str | None:
     """Why a finalized round store no longer matches its sampler's weights (None when it does / cannot tell)."""
-    from kdpipe.pipeline.generate.run import local_model_revision
+    from kdpipe.pipeline.generate.teacher import local_model_revision
     from kdpipe.storage import open_store
 
     if not Path(sampler).is_dir():

@@ -136,7 +136,6 @@ def test_cycle_finder_finds_a_cycle():
 
 # Cycles that issue 21's moves have not yet removed; the test fails on any other (and on a stale entry).
 KNOWN_CYCLES: list[list[str]] = [
-    ["kdpipe.pipeline.generate.onpolicy", "kdpipe.pipeline.generate.recipes", "kdpipe.pipeline.generate.run"],
 ]
 
 
