@@ -83,7 +83,7 @@ def build_meta(cfg: GenerateConfig, tokenizer, recipe, dataset_fingerprint: str,
         vocab_size=len(tokenizer),
         recipe=cfg.recipe,
         recipe_params=recipe.params(),
-        # on-policy keeps the scored token as one entry beyond the top-K (onpolicy.py)
+        # on-policy keeps the scored token as one entry beyond the top-K (recipes/onpolicy.py)
         codec=CodecConfig(name=cfg.codec, top_k=cfg.top_k + getattr(recipe, "extra_entries", 0), top_p=cfg.top_p,
                           draws=cfg.draws, seed=cfg.seed),
         dataset_fingerprint=dataset_fingerprint,
