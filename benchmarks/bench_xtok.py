@@ -143,7 +143,8 @@ def alignment_figures(store: Path, teacher_tok, student_tok, option: str, rows: 
     in every epoch after the first)."""
     import torch
 
-    from kdpipe.pipeline.train.xtok import Aligner, XCollate, alignment_summary
+    from kdpipe.pipeline.train.xtok.align import Aligner
+    from kdpipe.pipeline.train.xtok.collate import XCollate, alignment_summary
     from kdpipe.storage import StoreReader
 
     recs = []
@@ -176,7 +177,8 @@ def step_time_ratio(store: Path, init_b: Path, teacher_tok, student_tok, args, o
 
     from kdpipe.pipeline.train.chunked import LossSpec
     from kdpipe.pipeline.train.student import StudentLoss, batch_inputs
-    from kdpipe.pipeline.train.xtok import Aligner, XCollate
+    from kdpipe.pipeline.train.xtok.align import Aligner
+    from kdpipe.pipeline.train.xtok.collate import XCollate
     from kdpipe.storage import StoreReader
 
     recs = []

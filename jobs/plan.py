@@ -221,7 +221,7 @@ def describe(plan: Plan) -> str:
 
 def _cross_tokenizer_lines(plan: Plan, run: RunSpec) -> list[str]:
     """A run with cross_tokenizer set: its alignment, loss and share of 1:1 groups on a store sample."""
-    from kdpipe.pipeline.train.xtok import cross_tokenizer_plan
+    from kdpipe.pipeline.train.xtok.hooks import cross_tokenizer_plan
 
     try:
         cfg = phases.train_config(plan.job, run, plan.run_dir_of(run))

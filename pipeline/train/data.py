@@ -120,7 +120,7 @@ class DataSpec:
     holdout_seed: int = 0
     # Optional record rewrite (sequence-level distillation retokenizes the teacher's text).
     transform: Callable[[Record], Record] | None = field(default=None, repr=False)
-    # Optional Records -> Batch (cross-tokenizer KD aligns in the collate stage, xtok_collate.XCollate); None = storage collate.
+    # Optional Records -> Batch (cross-tokenizer KD aligns in the collate stage, xtok/collate.py XCollate); None = storage collate.
     collate: Callable[[list[Record]], Batch] | None = field(default=None, repr=False)
 
 

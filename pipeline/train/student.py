@@ -194,7 +194,7 @@ def check_inputs(cfg: TrainConfig, tokenizer, model: nn.Module) -> Plan:
             "for sequence-level distillation on the stored teacher text, retokenized for the student"
         )
     if xtok is not None:
-        from kdpipe.pipeline.train.xtok import check_cross_tokenizer
+        from kdpipe.pipeline.train.xtok.hooks import check_cross_tokenizer
 
         check_cross_tokenizer(cfg, metas, tokenizer)  # teacher tokenizer files, byte offsets, the stores' recipes
     # divergence "auto": reverse KL when every store is on-policy (the student's own text), else forward KL.
@@ -277,7 +277,7 @@ class Retokenize:
 
 def teacher_tokenizer(cfg: TrainConfig):
     m = open_store(cfg.stores[0])
-    from kdpipe.pipeline.train.xtok import load_teacher_tokenizer
+    from kdpipe.pipeline.train.xtok.hooks import load_teacher_tokenizer
     from kdpipe.storage.tokenizer_files import teacher_tokenizer_dir
 
     if cfg.teacher_tokenizer or teacher_tokenizer_dir(m.store_dir):  # the store's own files (checked), or the flag
@@ -309,7 +309,7 @@ class StudentLoss(nn.Module):
         self.model = model
         self.vocab_size = vocab_size
         self.spec = spec
-        self.cross_tokenizer = cross_tokenizer  # None, or the xtok_losses option on aligned groups
+        self.cross_tokenizer = cross_tokenizer  # None, or the xtok/losses.py option on aligned groups
 
     def forward(self, input_ids, attention_mask, pred_index, target_ids, teacher_ids=None, teacher_logprobs=None,
                 teacher_tail=None, xtok=None) -> dict[str, torch.Tensor]:
@@ -319,7 +319,7 @@ class StudentLoss(nn.Module):
         h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, pred_index)  # [N, H]
         head = hf.get_output_embeddings()
         if xtok is not None:  # another tokenizer than the teacher's: the loss on aligned groups
-            from kdpipe.pipeline.train.xtok_losses import xtok_chunked_loss_parts
+            from kdpipe.pipeline.train.xtok.losses import xtok_chunked_loss_parts
 
             return xtok_chunked_loss_parts(h, head.weight, self.vocab_size, target_ids, xtok, self.spec,
                                            self.cross_tokenizer, bias=getattr(head, "bias", None))
@@ -389,7 +389,7 @@ def batch_inputs(batch, device: torch.device, with_teacher: bool) -> dict[str, A
     b = batch.to(device, non_blocking=True)
     out = {"input_ids": b.input_ids, "attention_mask": b.attention_mask, "pred_index": b.pred_index,
            "target_ids": b.target_ids}
-    if with_teacher and getattr(b, "xtok", None) is not None:  # xtok_collate.XBatch: aligned groups, not teacher rows
+    if with_teacher and getattr(b, "xtok", None) is not None:  # xtok/collate.py XBatch: aligned groups, not teacher rows
         out["xtok"] = b.xtok
     elif with_teacher:
         out.update(teacher_ids=b.teacher_ids, teacher_logprobs=b.teacher_logprobs, teacher_tail=b.teacher_tail)

@@ -33,7 +33,7 @@ from kdpipe.pipeline.train.student import (
     Retokenize, StudentLoss, resolution_notes, autocast_context, batch_inputs, check_inputs, load_student, load_tokenizer, loss_spec,
     no_sync, param_groups, setup_distributed, teacher_tokenizer, wrap_distributed,
 )
-from kdpipe.pipeline.train.xtok import cross_tokenizer_collate
+from kdpipe.pipeline.train.xtok.hooks import cross_tokenizer_collate
 from kdpipe.pipeline.train.validate import Validator, split_seed
 from kdpipe.pipeline.card import push_to_hub
 from kdpipe.pipeline.trackers import check_trackers, train_trackers
@@ -172,7 +172,7 @@ def _train(cfg: TrainConfig, dist) -> TrainResult:
     if dist.is_main:
         run.mkdir(parents=True, exist_ok=True)  # only now: a refused run leaves no empty --out behind
     transform = Retokenize(tokenizer, teacher_tokenizer(cfg)) if plan.sequence_level else None
-    collate = cross_tokenizer_collate(cfg, plan, tokenizer) if plan.cross_tokenizer else None  # aligns groups (xtok.py)
+    collate = cross_tokenizer_collate(cfg, plan, tokenizer) if plan.cross_tokenizer else None  # aligns groups (xtok/hooks.py)
     with_teacher = cfg.alpha < 1.0 and not plan.sequence_level
     module = StudentLoss(model.to(dist.device), plan.vocab_size, loss_spec(cfg, plan, model), plan.cross_tokenizer)
     wrapped = wrap_distributed(module, cfg, dist)

@@ -106,7 +106,7 @@ class ValidationData:
     def batches(self) -> Iterator[Batch]:
         """Rows × longest row <= tokens_per_batch, as in training (a longer row goes alone)."""
         budget = self.spec.tokens_per_batch
-        # the training run's collate stage (cross-tokenizer KD aligns there, xtok_collate.XCollate)
+        # the training run's collate stage (cross-tokenizer KD aligns there, xtok/collate.py XCollate)
         batch_of = self.spec.collate or (lambda rs: collate(rs, pad_id=self.spec.pad_id))
         recs: list[Record] = []
         longest = 0
