@@ -176,7 +176,7 @@ def step_time_ratio(store: Path, init_b: Path, teacher_tok, student_tok, args, o
     from transformers import AutoModelForCausalLM
 
     from kdpipe.pipeline.train.chunked import LossSpec
-    from kdpipe.pipeline.train.student import StudentLoss, batch_inputs
+    from kdpipe.pipeline.train.student_loss import StudentLoss, batch_inputs
     from kdpipe.pipeline.train.xtok.align import Aligner
     from kdpipe.pipeline.train.xtok.collate import XCollate
     from kdpipe.storage import StoreReader

@@ -1,4 +1,4 @@
-"""What `divergence = "auto"` resolves to: training (train/student.py) and the model card (card.py) both
+"""What `divergence = "auto"` resolves to: training (train/student.py, check_inputs) and the model card (card.py) both
 say it, and the card must not import the training phase."""
 
 from __future__ import annotations

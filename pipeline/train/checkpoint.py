@@ -26,7 +26,7 @@ from torch import nn
 
 from kdpipe.pipeline.card import write_model_card
 from kdpipe.pipeline.config import atomic_write_text, write_resolved
-from kdpipe.pipeline.train.student import Dist
+from kdpipe.pipeline.train.distributed import Dist
 from kdpipe.storage.errors import ConfigError, KdpipeError
 
 CKPT_RE = re.compile(r"^checkpoint-(\d+)$")

@@ -29,10 +29,11 @@ from kdpipe.pipeline.train.checkpoint import latest_checkpoint, load_training_st
 from kdpipe.pipeline.train.config import TrainConfig
 from kdpipe.pipeline.train.data import DataSpec, StepData
 from kdpipe.pipeline.metrics_log import METRICS_FILE, MetricsLog
+from kdpipe.pipeline.train.distributed import autocast_context, no_sync, setup_distributed, wrap_distributed
 from kdpipe.pipeline.train.student import (
-    Retokenize, StudentLoss, resolution_notes, autocast_context, batch_inputs, check_inputs, load_student, load_tokenizer, loss_spec,
-    no_sync, param_groups, setup_distributed, teacher_tokenizer, wrap_distributed,
+    Retokenize, resolution_notes, check_inputs, load_student, load_tokenizer, param_groups, teacher_tokenizer,
 )
+from kdpipe.pipeline.train.student_loss import StudentLoss, batch_inputs, loss_spec
 from kdpipe.pipeline.train.xtok.hooks import cross_tokenizer_collate
 from kdpipe.pipeline.train.validate import Validator, split_seed
 from kdpipe.pipeline.card import push_to_hub
