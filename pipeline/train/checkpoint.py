@@ -28,6 +28,7 @@ from kdpipe.pipeline.card import write_model_card
 from kdpipe.pipeline.config import atomic_write_text, write_resolved
 from kdpipe.pipeline.train.distributed import Dist
 from kdpipe.storage.errors import ConfigError, KdpipeError
+from kdpipe.storage.manifest import fsync_dir
 
 CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
 
@@ -142,7 +143,7 @@ def _save_checkpoint(run: Path, step: int, wrapped: nn.Module, model: nn.Module,
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_dir(run)
+        fsync_dir(run)
         if keep > 0:
             for _, old in checkpoints(run)[:-keep]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -172,7 +173,7 @@ def _save_final(run: Path, model: nn.Module, tokenizer, cfg, dist: Dist) -> Path
         write_model_card(tmp, run)  # README.md in the Hub's format: the folder uploads as it is
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        _fsync_dir(run)
+        fsync_dir(run)
     dist.barrier()
     return final
 
@@ -203,10 +204,3 @@ def load_training_state(ckpt: Path, wrapped: nn.Module, optimizer, scheduler, cf
         torch.cuda.set_rng_state(rng["cuda"], dist.device)
     return train_state, cursor
 
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

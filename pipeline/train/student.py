@@ -19,7 +19,6 @@ from kdpipe.pipeline.train.config import TrainConfig
 from kdpipe.pipeline.train.data import store_max_sequence_length
 from kdpipe.pipeline.divergence import default_divergence
 from kdpipe.pipeline.train.losses import TARGET_ENTRY_DIVERGENCES, check_supported
-from kdpipe.storage.interop import check_tail_known
 from kdpipe.storage.manifest import open_store, tokenizer_fingerprint
 from kdpipe.storage.reader import Record
 from kdpipe.storage.errors import ConfigError, StoreError
@@ -102,6 +101,20 @@ class InputPlan:
     cross_tokenizer: str | None = None  # tokenizers differ and cfg.cross_tokenizer is on: 'span' | 'uld' | 'hybrid'
 
 
+def _check_tail_known(manifests, tail_mode: str) -> None:
+    """tail_mode = bucket needs the tail mass, which a renormalized import lacks (StoreMeta.tail_known)."""
+    if tail_mode != "bucket":
+        return
+    for m in manifests:
+        if not m.meta.tail_known:
+            raise ConfigError(
+                f"tail_mode: 'bucket' needs the teacher's tail mass, but {m.store_dir} was imported from "
+                f"{m.meta.generation_params.get('imported_from', 'a source')} with renormalized top-k lists (meta "
+                "generation_params.tail = 'unknown'); pass --tail-mode renormalize, or import log-probs that "
+                "are not renormalized"
+            )
+
+
 def check_inputs(cfg: TrainConfig, tokenizer, model: nn.Module) -> InputPlan:
     """Every refusal of bad input, before training starts (see module doc)."""
     metas = []
@@ -122,7 +135,7 @@ def check_inputs(cfg: TrainConfig, tokenizer, model: nn.Module) -> InputPlan:
         raise StoreError("stores: " + ", ".join(str(m.store_dir) for m in metas) + " come from different tokenizers; mix only stores of one teacher tokenizer")
     codec = codecs.pop()
     if codec == "topk" and cfg.alpha < 1.0:
-        check_tail_known(metas, cfg.tail_mode)  # a renormalized import has no tail for tail_mode = bucket
+        _check_tail_known(metas, cfg.tail_mode)  # a renormalized import has no tail for tail_mode = bucket
     store_vocab = metas[0].meta.vocab_size
     student_fp = tokenizer_fingerprint(tokenizer)
     differ = student_fp != metas[0].meta.tokenizer_fingerprint

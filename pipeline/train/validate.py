@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from kdpipe.pipeline.config import atomic_write_text, write_resolved
-from kdpipe.pipeline.train.checkpoint import _fsync_dir, _write_failed, _write_failure, save_model
+from kdpipe.pipeline.train.checkpoint import _write_failed, _write_failure, save_model
 from kdpipe.pipeline.train.config import TrainConfig
 from kdpipe.pipeline.train.data import DataSpec, in_validation, store_max_sequence_length, truncate_record
 from kdpipe.pipeline.train.distributed import Dist, autocast_context, unwrap
@@ -46,7 +46,7 @@ from kdpipe.pipeline.train.student import InputPlan
 from kdpipe.pipeline.train.student_loss import batch_inputs
 from kdpipe.storage.batch import Batch, collate
 from kdpipe.storage.errors import ConfigError, DataError, StoreError
-from kdpipe.storage.manifest import open_store
+from kdpipe.storage.manifest import fsync_dir, open_store
 from kdpipe.storage.reader import Record, StoreReader
 
 def split_seed(cfg: TrainConfig) -> int:
@@ -245,7 +245,7 @@ class Validator:
                     os.replace(best, old)
                 os.replace(tmp, best)
                 shutil.rmtree(old, ignore_errors=True)
-                _fsync_dir(run)
+                fsync_dir(run)
             dist.barrier()
         except Exception as e:
             if not _write_failure(e):
