@@ -25,7 +25,6 @@ any working directory and on any compute node.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import itertools
 import os
 import re
@@ -33,6 +32,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from kdpipe.pipeline.config import read_toml
+from kdpipe.pipeline.config import suggest as config_suggest
 from kdpipe.storage.errors import ConfigError
 
 # Names become Slurm job names, file names and TOML keys: keep them to a safe alphabet.
@@ -58,11 +58,7 @@ SYNONYMS = {
 
 
 def suggest(key: str, allowed) -> str:
-    allowed = list(allowed)
-    if SYNONYMS.get(key) in allowed:
-        return f" (did you mean '{SYNONYMS[key]}'?)"
-    close = difflib.get_close_matches(key, allowed, n=1)
-    return f" (did you mean '{close[0]}'?)" if close else ""
+    return config_suggest(key, allowed, SYNONYMS)
 
 
 def unknown_key_error(where: str, key: str, allowed) -> ConfigError:
