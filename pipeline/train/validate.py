@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from kdpipe.pipeline.config import atomic_write_text, write_resolved
-from kdpipe.pipeline.train.checkpoint import _write_failed, _write_failure, save_model
+from kdpipe.pipeline.train.checkpoint import write_failed, write_failure, save_model
 from kdpipe.pipeline.train.config import TrainConfig
 from kdpipe.pipeline.train.data import DataSpec, in_validation, store_max_sequence_length, truncate_record
 from kdpipe.pipeline.train.distributed import Dist, autocast_context, unwrap
@@ -248,9 +248,9 @@ class Validator:
                 fsync_dir(run)
             dist.barrier()
         except Exception as e:
-            if not _write_failure(e):
+            if not write_failure(e):
                 raise
-            raise _write_failed(e, tmp, run, f"best model of step {step}") from e
+            raise write_failed(e, tmp, run, f"best model of step {step}") from e
 
     def _echo(self, msg: str) -> None:
         if self.dist.is_main:
