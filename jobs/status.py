@@ -65,23 +65,18 @@ def slurm_states(job_ids: list[str]) -> dict[str, list[dict[str, str]]]:
 
 
 def store_progress(store: Path, num_tasks: int) -> dict[str, Any]:
-    from kdpipe.storage.format import MANIFEST_FILE, SHARD_RE, TASKS_DIR
+    from kdpipe.storage.state import store_files
 
-    info: dict[str, Any] = {"path": str(store), "num_tasks": num_tasks, "finalized": (store / MANIFEST_FILE).exists()}
-    complete, started, shards = [], [], 0
-    if store.is_dir():
-        shards = sum(1 for p in store.iterdir() if SHARD_RE.match(p.name))
-        for i in range(num_tasks):
-            tm = store / TASKS_DIR / f"task-{i:05d}.json"
-            if tm.exists():
-                started.append(i)
-                try:
-                    if json.loads(tm.read_text()).get("complete"):
-                        complete.append(i)
-                except ValueError:
-                    pass
-    info.update(tasks_complete=complete, tasks_started=started, shards=shards)
-    return info
+    files = store_files(store, num_tasks)
+    complete, started = [], []
+    for i, doc in files.tasks.items():
+        started.append(i)
+        if isinstance(doc, OSError):
+            raise doc
+        if not isinstance(doc, ValueError) and doc.get("complete"):  # an unreadable manifest: started, not complete
+            complete.append(i)
+    return {"path": str(store), "num_tasks": num_tasks, "finalized": files.finalized, "tasks_complete": complete,
+            "tasks_started": started, "shards": files.shards}
 
 
 def collect_status(run_dir: str | Path) -> dict[str, Any]:

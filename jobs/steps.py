@@ -55,6 +55,7 @@ def check_store(path: Path, num_tasks: int, expected_key: str | None, comparable
     are compared with the store's metadata instead, so a store of another teacher is never reused.
     """
     from kdpipe.storage.format import MANIFEST_FILE, META_FILE, TASKS_DIR
+    from kdpipe.storage.state import store_files
 
     if not path.exists() or (path.is_dir() and not any(path.iterdir())):
         return StoreState(path, "new", None, expected_key, key_note)
@@ -92,9 +93,11 @@ def check_store(path: Path, num_tasks: int, expected_key: str | None, comparable
         manifest = open_store(path)
         return StoreState(path, "finalized", key, expected_key, key_note, tuple(range(num_tasks)), manifest.num_sequences)
     done = []
-    for i in range(num_tasks):
-        tm = path / TASKS_DIR / f"task-{i:05d}.json"
-        if tm.exists() and _read_json(tm).get("complete"):
+    files = store_files(path, num_tasks)
+    for i, doc in files.tasks.items():
+        if isinstance(doc, (OSError, ValueError)):
+            raise StoreError(f"{files.task_manifest(i)}: unreadable ({doc}); remove the store directory or fix the file")
+        if doc.get("complete"):
             done.append(i)
     extra = [
         p.name for p in sorted((path / TASKS_DIR).glob("task-*.json"))
