@@ -26,7 +26,6 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
 from kdpipe.pipeline.config import write_resolved
 from kdpipe.pipeline.console import engine_output
 from kdpipe.pipeline.generate.config import GenerateConfig
