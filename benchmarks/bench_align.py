@@ -145,7 +145,8 @@ def measure_pair(a_name: str, b_name: str, toy: dict[str, Path], corpus: dict, a
     import numpy as np
     import torch
 
-    from kdpipe.pipeline.train.xtok import Aligner, XCollate, alignment_summary
+    from kdpipe.pipeline.train.xtok.align import Aligner
+    from kdpipe.pipeline.train.xtok.collate import XCollate, alignment_summary
 
     tok_a, tok_b = load_tokenizer(a_name, toy), load_tokenizer(b_name, toy)
     rows, targets = target_texts(corpus, args.rows, args.target_chars)

@@ -190,7 +190,7 @@ def train_step_fn(variant: str, shape: dict, batch, device, dtype, spec_kw: dict
 
     from kdpipe.pipeline.train.chunked import LossSpec
     from kdpipe.pipeline.train.losses import distillation_loss_parts
-    from kdpipe.pipeline.train.student import StudentLoss
+    from kdpipe.pipeline.train.student_loss import StudentLoss
 
     V = shape["vocab"]
     model = build_model(shape, device, dtype)

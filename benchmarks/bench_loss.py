@@ -61,7 +61,7 @@ def build(threads: int, chunk: int = 1024):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from kdpipe.pipeline.train.chunked import LossSpec
-    from kdpipe.pipeline.train.student import StudentLoss
+    from kdpipe.pipeline.train.student_loss import StudentLoss
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)

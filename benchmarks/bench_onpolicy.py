@@ -114,8 +114,8 @@ class Evaluator:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from kdpipe.pipeline.generate.config import DEFAULT_SUMMARIZE_TEMPLATE
-        from kdpipe.pipeline.generate.recipes import Prompter
+        from kdpipe.pipeline.prompts import DEFAULT_SUMMARIZE_TEMPLATE
+        from kdpipe.pipeline.prompts import Prompter
 
         self.torch, self.args = torch, args
         self.tok = AutoTokenizer.from_pretrained(teacher)

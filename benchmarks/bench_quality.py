@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see pipeline/demo.py
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see jobs/demo.py
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -124,8 +124,8 @@ def reference_targets(out: Path, T: dict) -> Path:
     a student that never saw the EOS would never stop under vLLM)."""
     from transformers import AutoTokenizer
 
-    from kdpipe.pipeline.generate.config import DEFAULT_SUMMARIZE_TEMPLATE
-    from kdpipe.pipeline.generate.recipes import Prompter
+    from kdpipe.pipeline.prompts import DEFAULT_SUMMARIZE_TEMPLATE
+    from kdpipe.pipeline.prompts import Prompter
     from qualitylib import write_jsonl
 
     tok = AutoTokenizer.from_pretrained(T["tokenizer"])
@@ -261,7 +261,7 @@ def pick_on_validation(out: Path, runs: dict[str, Path], T: dict, data: dict, ar
     from transformers import AutoTokenizer
 
     from kdpipe.pipeline.evaluate.calibration import reference_scores
-    from kdpipe.pipeline.generate.config import DEFAULT_SUMMARIZE_TEMPLATE
+    from kdpipe.pipeline.prompts import DEFAULT_SUMMARIZE_TEMPLATE
 
     cache = out / "sweep-validation.json"
     rows = T["corpus"]["validation"][: args.val_samples]

@@ -102,8 +102,8 @@ def train_run(run: Path, init: Path, store: Path, seed: int, args, **kw) -> Path
 def student_prompts(teacher_tok, student_tok, docs: list[str]) -> list[list[int]]:
     """The student's prompt exactly as training built it (xtok.Aligner / Retokenize): the teacher's
     chat-templated prompt decoded without special tokens, re-encoded by the student."""
-    from kdpipe.pipeline.generate.config import DEFAULT_SUMMARIZE_TEMPLATE
-    from kdpipe.pipeline.generate.recipes import Prompter
+    from kdpipe.pipeline.prompts import DEFAULT_SUMMARIZE_TEMPLATE
+    from kdpipe.pipeline.prompts import Prompter
 
     prompter = Prompter(teacher_tok, True, None)
     out = []
@@ -143,7 +143,8 @@ def alignment_figures(store: Path, teacher_tok, student_tok, option: str, rows: 
     in every epoch after the first)."""
     import torch
 
-    from kdpipe.pipeline.train.xtok import Aligner, XCollate, alignment_summary
+    from kdpipe.pipeline.train.xtok.align import Aligner
+    from kdpipe.pipeline.train.xtok.collate import XCollate, alignment_summary
     from kdpipe.storage import StoreReader
 
     recs = []
@@ -175,8 +176,9 @@ def step_time_ratio(store: Path, init_b: Path, teacher_tok, student_tok, args, o
     from transformers import AutoModelForCausalLM
 
     from kdpipe.pipeline.train.chunked import LossSpec
-    from kdpipe.pipeline.train.student import StudentLoss, batch_inputs
-    from kdpipe.pipeline.train.xtok import Aligner, XCollate
+    from kdpipe.pipeline.train.student_loss import StudentLoss, batch_inputs
+    from kdpipe.pipeline.train.xtok.align import Aligner
+    from kdpipe.pipeline.train.xtok.collate import XCollate
     from kdpipe.storage import StoreReader
 
     recs = []

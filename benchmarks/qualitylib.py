@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see pipeline/demo.py: shared cores
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see jobs/demo.py: shared cores
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -309,7 +309,7 @@ def ensure_teacher(root: Path, log: Callable[[str], None] = print, **overrides: 
         log(f"teacher: external {teacher} (not trained here, no cache hash)")
         th = "external"
     else:
-        from kdpipe.pipeline.generate.config import DEFAULT_SUMMARIZE_TEMPLATE
+        from kdpipe.pipeline.prompts import DEFAULT_SUMMARIZE_TEMPLATE
         from kdpipe.pipeline.tiny import build_tokenizer
 
         texts = [r["document"] + "\n" + r["summary"] for r in corpus["train"]] + [DEFAULT_SUMMARIZE_TEMPLATE] * 20

@@ -15,7 +15,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from kdpipe.jobs.plan import Plan, Step, write_configs
+from kdpipe.jobs.plan import Plan, write_configs
+from kdpipe.jobs.steps import Step
 from kdpipe.jobs.render import local_argv
 from kdpipe.jobs.submit import events_file, logs_dir
 from kdpipe.pipeline.config import atomic_write_text
@@ -126,7 +127,7 @@ def run_plan(plan: Plan, stream: bool = False, echo: Callable[[str], None] = pri
             summary["steps"].append({"step": step.name, "seconds": round(secs, 2)})
         done.add(step.name)
     summary["runs"] = [{"name": r.name, "dir": str(plan.run_dir_of(r)), "swept": dict(r.swept)} for r in plan.runs]
-    from kdpipe.jobs.onpolicy import rounds_doc
+    from kdpipe.jobs.rounds import rounds_doc
 
     summary["on_policy"] = rounds_doc(plan)
     atomic_write_text(job.run_dir / "run.json", json.dumps(summary, indent=2, default=str) + "\n")

@@ -157,22 +157,9 @@ def expected_cache_key(gen_cfg: Any) -> tuple[str | None, str]:
     still refuse a store written with another key.
     """
     try:
-        from collections import Counter
+        from kdpipe.pipeline.generate.run import expected_cache_key as run_cache_key
 
-        from kdpipe.pipeline.generate import run as g
-        from kdpipe.pipeline.generate.data import load_task_data
-        from kdpipe.pipeline.generate.recipes import make_recipe
-        from kdpipe.storage import cache_key
-
-        fn = getattr(g, "expected_cache_key", None)
-        if fn is not None:
-            return fn(gen_cfg), ""
-        tokenizer = g.load_tokenizer(gen_cfg)
-        max_model_len = g.resolve_max_model_len(gen_cfg)
-        c = gen_cfg
-        data = load_task_data(c.data, c.split, c.text_field, c.target_field, c.id_field, c.limit, 0, 1)
-        recipe = make_recipe(c, tokenizer, max_model_len, Counter())
-        return cache_key(g.build_meta(c, tokenizer, recipe, data.fingerprint, max_model_len)), ""
+        return run_cache_key(gen_cfg), ""
     except (KdpipeError, ImportError, OSError, ValueError, AttributeError, TypeError) as e:
         return None, f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
 

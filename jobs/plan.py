@@ -13,42 +13,15 @@ Store reuse is decided here, from the store directory on disk:
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
-import tomllib
 from pathlib import Path
 from typing import Any
 
 from kdpipe.jobs import phases
 from kdpipe.jobs.spec import JobSpec, RunSpec, expand_students
+from kdpipe.jobs.steps import StoreState, Step, check_store, eval_gpus, ranges, same_config
 from kdpipe.pipeline.config import atomic_write_text
-from kdpipe.storage.errors import ConfigError, KdpipeError, StoreError
-
-
-@dataclasses.dataclass(frozen=True)
-class StoreState:
-    path: Path
-    status: str  # "new" | "partial" | "finalized"
-    cache_key: str | None  # the key of what is on disk (None: nothing yet)
-    expected_key: str | None  # the key this job's generation settings give (None: not computable here)
-    key_note: str = ""  # why expected_key is None
-    done_tasks: tuple[int, ...] = ()
-    num_sequences: int | None = None
-
-
-@dataclasses.dataclass(frozen=True)
-class Step:
-    kind: str  # generate | finalize | train | evaluate
-    name: str  # unique in the plan; names the script, the log and the Slurm job
-    argv: tuple[str, ...]  # the kdpipe command (render.TASK_ID marks the array task index)
-    after: tuple[str, ...] = ()  # steps that must succeed first
-    tasks: tuple[int, ...] | None = None  # array task indices (generate only)
-    nodes: int = 1
-    gpus: int = 0  # GPUs per node
-    procs: int = 1  # processes per node (train: torchrun workers)
-    config: Path | None = None  # the rendered phase config this step reads
-    config_text: str | None = None
-    run: RunSpec | None = None
+from kdpipe.storage.errors import ConfigError, KdpipeError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +32,7 @@ class Plan:
     steps: tuple[Step, ...]
     python: str  # interpreter the commands run with
     skipped: tuple[str, ...] = ()  # steps left out because their output already exists (why)
-    rounds: tuple = ()  # jobs.onpolicy.RoundPlan per on-policy round ([on_policy])
+    rounds: tuple = ()  # jobs.rounds.RoundPlan per on-policy round ([on_policy])
 
     def step(self, name: str) -> Step:
         for s in self.steps:
@@ -73,74 +46,6 @@ class Plan:
 
     def run_dir_of(self, run: RunSpec) -> Path:
         return self.job.run_dir / "runs" / run.name
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise StoreError(f"{path}: unreadable ({e}); remove the store directory or fix the file") from None
-
-
-def inspect_store(path: Path, num_tasks: int, expected_key: str | None, comparable: dict[str, Any] | None = None,
-                  key_note: str = "") -> StoreState:
-    """What is on disk at `path`, compared with the key this job would write.
-
-    When the key cannot be computed here, the fields in `comparable` (teacher, recipe, codec)
-    are compared with the store's metadata instead, so a store of another teacher is never reused.
-    """
-    from kdpipe.storage.format import MANIFEST_FILE, META_FILE, TASKS_DIR
-
-    if not path.exists() or (path.is_dir() and not any(path.iterdir())):
-        return StoreState(path, "new", None, expected_key, key_note)
-    if not path.is_dir():
-        raise ConfigError(f"generation.store = {path} exists and is not a directory; choose another store path")
-    meta_file = path / META_FILE
-    if not meta_file.exists():
-        raise ConfigError(
-            f"generation.store = {path} is a non-empty directory without {META_FILE}, so it is not a kdpipe store; "
-            "point generation.store at a new or empty directory"
-        )
-    doc = _read_json(meta_file)
-    key = doc.get("cache_key")
-    meta = doc.get("meta", {})
-    fix = "Point generation.store at a new directory, or delete the old store if it is no longer needed"
-    if expected_key is not None and key != expected_key:
-        raise ConfigError(
-            f"generation.store = {path} holds a store with cache key {str(key)[:16]}… (teacher {meta.get('teacher')!r}, "
-            f"recipe {meta.get('recipe')!r}, codec {meta.get('codec')}), but this job's teacher/data/recipe/codec settings "
-            f"give cache key {expected_key[:16]}…, so it contains other targets. {fix}"
-        )
-    if expected_key is None and comparable:
-        diff = []
-        for k, want in comparable.items():
-            have = meta
-            for part in k.split("."):
-                have = have.get(part) if isinstance(have, dict) else None
-            if have != want:
-                diff.append(f"{k}: store {have!r} != job {want!r}")
-        if diff:
-            raise ConfigError(f"generation.store = {path} was written with other settings ({'; '.join(diff)}), so its cache key differs. {fix}")
-    if (path / MANIFEST_FILE).exists():
-        from kdpipe.storage import open_store
-
-        manifest = open_store(path)
-        return StoreState(path, "finalized", key, expected_key, key_note, tuple(range(num_tasks)), manifest.num_sequences)
-    done = []
-    for i in range(num_tasks):
-        tm = path / TASKS_DIR / f"task-{i:05d}.json"
-        if tm.exists() and _read_json(tm).get("complete"):
-            done.append(i)
-    extra = [
-        p.name for p in sorted((path / TASKS_DIR).glob("task-*.json"))
-        if int(p.stem.split("-")[1]) >= num_tasks
-    ] if (path / TASKS_DIR).is_dir() else []
-    if extra:
-        raise ConfigError(
-            f"generation.store = {path} has manifests of tasks beyond num_tasks = {num_tasks} ({', '.join(extra[:3])}); "
-            "the store was started with more array tasks: set generation.num_tasks back to that number"
-        )
-    return StoreState(path, "partial", key, expected_key, key_note, tuple(done))
 
 
 def _toml(cfg: Any) -> str:
@@ -166,7 +71,7 @@ def make_plan(job: JobSpec, python: str | None = None) -> Plan:
             expected, note = phases.expected_cache_key(gen_cfg)
         else:
             expected, note = None, "no store yet"
-        store = inspect_store(job.generation.store, job.generation.num_tasks, expected, phases.comparable_meta(gen_cfg), note)
+        store = check_store(job.generation.store, job.generation.num_tasks, expected, phases.comparable_meta(gen_cfg), note)
 
     steps: list[Step] = []
     after_store: tuple[str, ...] = ()
@@ -198,7 +103,7 @@ def make_plan(job: JobSpec, python: str | None = None) -> Plan:
         tpath = cfgdir / f"train-{run.name}.toml"
         # A rerun of the chain (after a failure or preemption) does not redo finished work: a run
         # whose RUN/final holds this very config is done; an interrupted one resumes (resume = true).
-        trained = _same_config(out / "final" / "train_config.toml", train_text, ignore={"resume"})
+        trained = same_config(out / "final" / "train_config.toml", train_text, ignore={"resume"})
         if trained:
             skipped.append(f"train-{run.name}: {out / 'final'} exists with the same config")
         else:
@@ -211,37 +116,25 @@ def make_plan(job: JobSpec, python: str | None = None) -> Plan:
         if run.name in evaluated:
             eval_cfg = phases.eval_config(job, run, out)
             eval_text = _toml(eval_cfg)
-            if trained and (out / "eval" / "report.json").is_file() and _same_config(out / "eval" / "eval_config.toml", eval_text):
+            if trained and (out / "eval" / "report.json").is_file() and same_config(out / "eval" / "eval_config.toml", eval_text):
                 skipped.append(f"evaluate-{run.name}: {out / 'eval' / 'report.json'} exists with the same config")
                 continue
             epath = cfgdir / f"evaluate-{run.name}.toml"
             steps.append(Step(
                 kind="evaluate", name=f"evaluate-{run.name}",
                 argv=tuple(phases.eval_argv(python, epath)),
-                after=() if trained else (f"train-{run.name}",), gpus=_eval_gpus(job, eval_cfg),
+                after=() if trained else (f"train-{run.name}",), gpus=eval_gpus(job, eval_cfg),
                 config=epath, config_text=eval_text, run=run,
             ))
     rounds: list = []
-    if job.on_policy is not None:  # the round chain, after the off-policy steps (jobs/onpolicy.py)
-        from kdpipe.jobs.onpolicy import round_steps
+    if job.on_policy is not None:  # the round chain, after the off-policy steps (jobs/rounds.py)
+        from kdpipe.jobs.rounds import round_steps
 
         op_steps, op_skipped, rounds = round_steps(job, python, runs, steps, _toml)
         steps += op_steps
         skipped += op_skipped
     return Plan(job=job, store=store, runs=tuple(runs), steps=tuple(steps), python=python, skipped=tuple(skipped),
                 rounds=tuple(rounds))
-
-
-def _same_config(saved: Path, text: str, ignore: set[str] = frozenset()) -> bool:
-    """Whether the resolved config a phase saved equals the one this plan would hand it."""
-    if not saved.is_file():
-        return False
-    try:
-        a = tomllib.loads(saved.read_text(encoding="utf-8"))
-        b = tomllib.loads(text)
-    except (OSError, tomllib.TOMLDecodeError):
-        return False
-    return {k: v for k, v in a.items() if k not in ignore} == {k: v for k, v in b.items() if k not in ignore}
 
 
 def _evaluated_runs(job: JobSpec, runs: list[RunSpec]) -> set[str]:
@@ -269,19 +162,6 @@ def _evaluated_runs(job: JobSpec, runs: list[RunSpec]) -> set[str]:
     if not out:
         raise ConfigError(f"{where}: the list is empty, so nothing is evaluated; remove [evaluation] or name a run")
     return out
-
-
-def _eval_gpus(job: JobSpec, eval_cfg: Any) -> int:
-    """The evaluation runs every model (the teacher too) with its tensor_parallel_size on one node."""
-    tp = int(getattr(eval_cfg, "tensor_parallel_size", 1) or 1)
-    if not job.slurm.gpus_per_node:
-        return 0
-    if tp > job.slurm.gpus_per_node:
-        raise ConfigError(
-            f"{job.path} [evaluation].tensor_parallel_size = {tp} is larger than slurm.gpus_per_node = "
-            f"{job.slurm.gpus_per_node}; lower it to at most {job.slurm.gpus_per_node}"
-        )
-    return tp
 
 
 def write_configs(plan: Plan) -> None:
@@ -322,13 +202,13 @@ def describe(plan: Plan) -> str:
     for s in plan.steps:
         what = f"  {s.name:<28} {s.kind}"
         if s.tasks is not None:
-            what += f"  array {len(s.tasks)} task(s) [{_ranges(s.tasks)}] of {job.generation.num_tasks}"
+            what += f"  array {len(s.tasks)} task(s) [{ranges(s.tasks)}] of {job.generation.num_tasks}"
         if s.kind in ("train", "evaluate"):
             what += f"  nodes={s.nodes} gpus/node={s.gpus}" + (f" procs/node={s.procs}" if s.kind == "train" else "")
         if s.after:
             what += f"  after {', '.join(s.after)}"
         lines.append(what)
-    from kdpipe.jobs.onpolicy import describe_rounds
+    from kdpipe.jobs.rounds import describe_rounds
 
     lines += describe_rounds(plan)
     lines.append(f"runs: {len(plan.runs)}")
@@ -341,29 +221,10 @@ def describe(plan: Plan) -> str:
 
 def _cross_tokenizer_lines(plan: Plan, run: RunSpec) -> list[str]:
     """A run with cross_tokenizer set: its alignment, loss and share of 1:1 groups on a store sample."""
-    from kdpipe.pipeline.train.xtok import cross_tokenizer_plan
+    from kdpipe.pipeline.train.xtok.hooks import cross_tokenizer_plan
 
     try:
         cfg = phases.train_config(plan.job, run, plan.run_dir_of(run))
     except KdpipeError:
         return []
     return cross_tokenizer_plan(cfg)
-
-
-def _ranges(ids: tuple[int, ...]) -> str:
-    """0,1,2,5,7,8 -> '0-2,5,7-8' (Slurm's --array syntax)."""
-    out, start, prev = [], None, None
-    for i in sorted(ids):
-        if start is None:
-            start = prev = i
-        elif i == prev + 1:
-            prev = i
-        else:
-            out.append(f"{start}-{prev}" if prev != start else f"{start}")
-            start = prev = i
-    if start is not None:
-        out.append(f"{start}-{prev}" if prev != start else f"{start}")
-    return ",".join(out)
-
-
-array_spec = _ranges

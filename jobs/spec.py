@@ -25,7 +25,6 @@ any working directory and on any compute node.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import itertools
 import os
 import re
@@ -33,6 +32,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from kdpipe.pipeline.config import read_toml
+from kdpipe.pipeline.config import suggest as config_suggest
 from kdpipe.storage.errors import ConfigError
 
 # Names become Slurm job names, file names and TOML keys: keep them to a safe alphabet.
@@ -58,11 +58,7 @@ SYNONYMS = {
 
 
 def suggest(key: str, allowed) -> str:
-    allowed = list(allowed)
-    if SYNONYMS.get(key) in allowed:
-        return f" (did you mean '{SYNONYMS[key]}'?)"
-    close = difflib.get_close_matches(key, allowed, n=1)
-    return f" (did you mean '{close[0]}'?)" if close else ""
+    return config_suggest(key, allowed, SYNONYMS)
 
 
 def unknown_key_error(where: str, key: str, allowed) -> ConfigError:
@@ -164,7 +160,7 @@ class JobSpec:
     students: tuple[StudentSpec, ...]
     evaluation: Mapping[str, Any] | None
     slurm: SlurmSpec
-    on_policy: Any = None  # jobs.onpolicy.OnPolicySpec: the [on_policy] round chain, if any
+    on_policy: Any = None  # OnPolicySpec: the [on_policy] round chain, if any
 
     def resolve_path(self, value: str | os.PathLike) -> Path:
         return resolve_path(self.base_dir, value)
@@ -333,9 +329,91 @@ def parse_job(data: Mapping[str, Any], path: Path, run_dir: str | os.PathLike | 
 def _parse_on_policy(data: Mapping[str, Any], where: str) -> Any:
     if "on_policy" not in data:
         return None
-    from kdpipe.jobs.onpolicy import parse_on_policy  # the round chain's own module
-
     return parse_on_policy(data["on_policy"], where)
+
+
+# The [on_policy] section (its round chain: jobs/rounds.py).
+ON_POLICY_KEYS = ("rounds", "samples_per_prompt", "temperature", "steps_per_round", "start", "start_model", "evaluate_every_round",
+        "prompts", "train", "generation", "nodes", "gpus")
+ON_POLICY_PROMPT_KEYS = {"dataset": "data", "data": "data", "split": "split", "text_field": "text_field", "id_field": "id_field",
+               "limit": "limit"}
+# [generation] keys that describe the off-policy store's dataset/recipe, not the rounds'.
+NOT_INHERITED = ("recipe", "target_field", "sampler", "samples_per_prompt", "sampling_temperature")
+
+
+@dataclasses.dataclass(frozen=True)
+class OnPolicySpec:
+    rounds: int
+    steps_per_round: int
+    prompts: Mapping[str, Any]
+    samples_per_prompt: int = 1
+    temperature: float = 1.0
+    start: str | None = None  # a [[students]] run name
+    start_model: str | None = None
+    evaluate_every_round: bool = False
+    train: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    generation: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    nodes: int = 1
+    gpus: int = 0
+
+
+def parse_on_policy(t: Any, where: str) -> OnPolicySpec:
+    w = f"{where} [on_policy]"
+    if not isinstance(t, Mapping):
+        raise ConfigError(f"{w}: must be a table of keys, got {t!r}")
+    for k in t:
+        if k not in ON_POLICY_KEYS:
+            raise unknown_key_error(w, k, ON_POLICY_KEYS)
+
+    def integer(key: str, minimum: int, default: Any = dataclasses.MISSING) -> int:
+        if key not in t:
+            if default is dataclasses.MISSING:
+                raise ConfigError(f"{w}: missing required key '{key}'")
+            return default
+        v = t[key]
+        if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
+            raise ConfigError(f"{w}.{key}: expected an integer >= {minimum}, got {v!r}")
+        return v
+
+    rounds = integer("rounds", 1)
+    steps = integer("steps_per_round", 1)
+    n = integer("samples_per_prompt", 1, 1)
+    temp = t.get("temperature", 1.0)
+    if not isinstance(temp, (int, float)) or isinstance(temp, bool) or temp < 0:
+        raise ConfigError(f"{w}.temperature: expected a number >= 0 (the sampler's temperature), got {temp!r}")
+    start, start_model = t.get("start"), t.get("start_model")
+    if (start is None) == (start_model is None):
+        raise ConfigError(
+            f"{w}: give exactly one start: start = \"<a [[students]] run name>\" (trained off-policy first, round 0) "
+            "or start_model = \"<model directory or hub id>\""
+        )
+    for key, v in (("start", start), ("start_model", start_model)):
+        if v is not None and (not isinstance(v, str) or not v.strip()):
+            raise ConfigError(f"{w}.{key}: expected a non-empty string, got {v!r}")
+    prompts = t.get("prompts")
+    if not isinstance(prompts, Mapping) or not (prompts.get("dataset") or prompts.get("data")):
+        raise ConfigError(f"{w}.prompts: expected a table with at least dataset = \"<prompts file or hub id>\", got {prompts!r}")
+    for k in prompts:
+        if k not in ON_POLICY_PROMPT_KEYS:
+            raise unknown_key_error(f"{w}.prompts", k, ON_POLICY_PROMPT_KEYS)
+    for key in ("train", "generation"):
+        if not isinstance(t.get(key, {}), Mapping):
+            raise ConfigError(f"{w}.{key}: expected a table of phase keys, got {t[key]!r}")
+    for key in ("stores", "out", "student", "model", "steps", "resume"):
+        if key in t.get("train", {}):
+            raise ConfigError(f"{w}.train.{key}: set by the round chain (student = the previous round's final weights, "
+                              "stores = the round's store, steps = steps_per_round); remove it")
+    for key in ("out", "store", "data", "dataset", "task_index", "num_tasks") + NOT_INHERITED:
+        if key in t.get("generation", {}):
+            raise ConfigError(f"{w}.generation.{key}: set by the round chain (or by [on_policy] itself); remove it")
+    every = t.get("evaluate_every_round", False)
+    if not isinstance(every, bool):
+        raise ConfigError(f"{w}.evaluate_every_round: expected true or false, got {every!r}")
+    return OnPolicySpec(
+        rounds=rounds, steps_per_round=steps, prompts=dict(prompts), samples_per_prompt=n, temperature=float(temp),
+        start=start, start_model=start_model, evaluate_every_round=every, train=dict(t.get("train", {})),
+        generation=dict(t.get("generation", {})), nodes=integer("nodes", 1, 1), gpus=integer("gpus", 0, 0),
+    )
 
 
 def load_job(path: str | os.PathLike, run_dir: str | os.PathLike | None = None) -> JobSpec:

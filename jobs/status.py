@@ -14,7 +14,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from kdpipe.pipeline.train.metrics_log import last_metrics
+from kdpipe.pipeline.metrics_log import last_metrics
 from kdpipe.storage.errors import ConfigError
 
 
@@ -65,23 +65,18 @@ def slurm_states(job_ids: list[str]) -> dict[str, list[dict[str, str]]]:
 
 
 def store_progress(store: Path, num_tasks: int) -> dict[str, Any]:
-    from kdpipe.storage.format import MANIFEST_FILE, SHARD_RE, TASKS_DIR
+    from kdpipe.storage.state import store_files
 
-    info: dict[str, Any] = {"path": str(store), "num_tasks": num_tasks, "finalized": (store / MANIFEST_FILE).exists()}
-    complete, started, shards = [], [], 0
-    if store.is_dir():
-        shards = sum(1 for p in store.iterdir() if SHARD_RE.match(p.name))
-        for i in range(num_tasks):
-            tm = store / TASKS_DIR / f"task-{i:05d}.json"
-            if tm.exists():
-                started.append(i)
-                try:
-                    if json.loads(tm.read_text()).get("complete"):
-                        complete.append(i)
-                except ValueError:
-                    pass
-    info.update(tasks_complete=complete, tasks_started=started, shards=shards)
-    return info
+    files = store_files(store, num_tasks)
+    complete, started = [], []
+    for i, doc in files.tasks.items():
+        started.append(i)
+        if isinstance(doc, OSError):
+            raise doc
+        if not isinstance(doc, ValueError) and doc.get("complete"):  # an unreadable manifest: started, not complete
+            complete.append(i)
+    return {"path": str(store), "num_tasks": num_tasks, "finalized": files.finalized, "tasks_complete": complete,
+            "tasks_started": started, "shards": files.shards}
 
 
 def collect_status(run_dir: str | Path) -> dict[str, Any]:
@@ -114,8 +109,6 @@ def collect_status(run_dir: str | Path) -> dict[str, Any]:
          "last_validation": last_metrics(Path(r["dir"]), "validation")} for r in doc.get("runs", [])
     ]
     if doc.get("on_policy"):
-        from kdpipe.jobs.onpolicy import rounds_status
-
         status["rounds"] = rounds_status(doc["on_policy"])
     return status
 
@@ -142,8 +135,6 @@ def format_status(st: dict[str, Any]) -> str:
         state = "finalized" if store["finalized"] else f"{len(store['tasks_complete'])}/{store['num_tasks']} tasks complete"
         lines.append(f"store {store['path']}: {state}, {store['shards']} shard(s)" + (" (reused)" if store.get("reused") else ""))
     if st.get("rounds"):
-        from kdpipe.jobs.onpolicy import format_rounds
-
         lines += format_rounds(st["rounds"])
     for r in st.get("runs", []):
         m = r["last_metrics"]
@@ -151,3 +142,24 @@ def format_status(st: dict[str, Any]) -> str:
         if r.get("last_validation"):
             lines.append(f"run {r['name']} validation: " + json.dumps(r["last_validation"], sort_keys=True))
     return "\n".join(lines)
+
+
+def rounds_status(rounds: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for rd in rounds:
+        run, num_tasks = Path(rd["run"]), int(rd.get("num_tasks", 1))
+        store = store_progress(Path(rd["store"]), num_tasks)
+        state = ("done" if (run / "final").is_dir() else "training" if (run / "metrics.jsonl").exists()
+                 else "store finalized" if store["finalized"] else f"generating ({len(store['tasks_complete'])}/{num_tasks} tasks)"
+                 if store["tasks_started"] else "waiting")
+        out.append({**rd, "state": state, "store_progress": store, "last_metrics": last_metrics(run)})
+    return out
+
+
+def format_rounds(rounds: list[dict[str, Any]]) -> list[str]:
+    lines = []
+    for rd in rounds:
+        m = rd.get("last_metrics")
+        lines.append(f"round {rd['round']}: {rd['state']}" + (f"  step {m['step']} loss {m['loss']:.4f} loss_kd {m['loss_kd']:.4f}" if m else "")
+                     + f"  ({rd['run']})")
+    return lines or [json.dumps(rounds)]

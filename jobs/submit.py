@@ -18,8 +18,9 @@ import subprocess
 from pathlib import Path
 from typing import Callable
 
-from kdpipe.jobs.onpolicy import rounds_doc
-from kdpipe.jobs.plan import Plan, Step, array_spec, write_configs
+from kdpipe.jobs.rounds import rounds_doc
+from kdpipe.jobs.plan import Plan, write_configs
+from kdpipe.jobs.steps import Step, ranges
 from kdpipe.jobs.render import events_block, render, shell_command
 from kdpipe.pipeline.config import atomic_write_text
 from kdpipe.storage.errors import KdpipeError
@@ -101,7 +102,7 @@ def render_step(plan: Plan, step: Step, dependency: list[str]) -> str:
     }
     if step.kind == "generate":
         assert step.tasks is not None
-        blocks["array"] = array_spec(step.tasks)
+        blocks["array"] = ranges(step.tasks)
         words["num_tasks"] = str(job.generation.num_tasks)
         words["gpus"] = str(step.gpus)
         blocks["command"] = shell_command(step.argv)
@@ -262,7 +263,7 @@ def submit_plan(
             "job_id": job_id,
             "script": str(script),
             "after": list(step.after),
-            "array": array_spec(step.tasks) if step.tasks is not None else None,
+            "array": ranges(step.tasks) if step.tasks is not None else None,
             "run": step.run.name if step.run else None,
             "config": str(step.config) if step.config else None,
         })

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from kdpipe.pipeline.train.metrics_log import read_metrics
+from kdpipe.pipeline.metrics_log import read_metrics
 from kdpipe.storage.errors import KdpipeError
 
 CARD_FILE = "README.md"
@@ -74,7 +74,7 @@ def _f(x: Any, digits: int = 4) -> str:
 
 def _headline(report: dict, run: Path) -> list[str]:
     """The evaluation rows of this run (and the teacher) from a kdpipe evaluate report."""
-    from kdpipe.pipeline.evaluate.report import HEADLINE, LABELS
+    from kdpipe.pipeline.report_keys import HEADLINE, LABELS
 
     mine = [m for m in report.get("models", []) if m.get("run") and Path(m["run"]).resolve() == run.resolve()]
     teacher = [m for m in report.get("models", []) if m.get("role") == "teacher"]
@@ -115,7 +115,7 @@ def model_card(run: Path, cfg: dict[str, Any], report: dict | None = None) -> st
     alpha = cfg.get("alpha")
     divergence = cfg.get("divergence")
     if divergence == "auto" and stores and all("error" not in s for s in stores):
-        from kdpipe.pipeline.train.losses import default_divergence
+        from kdpipe.pipeline.divergence import default_divergence
 
         on_policy = all(s["recipe"] == "on-policy" for s in stores)
         divergence = f"auto → {default_divergence(stores[0]['codec'], on_policy)}"

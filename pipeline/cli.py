@@ -17,13 +17,13 @@ import click
 # name -> ("module:attribute" of a click.Command, one-line help shown by `kdpipe --help`)
 COMMANDS = {
     "generate-logits": ("kdpipe.pipeline.generate.command:generate_logits", "Phase one: the teacher under vLLM writes its targets into a store."),
-    "finalize": ("kdpipe.storage.command:finalize", "Merge the per-task manifests of a store once every task is done."),
-    "inspect": ("kdpipe.storage.command:inspect", "Summarize a store; --verify re-checks every shard."),
-    "export": ("kdpipe.storage.interop_command:export", "Write a store as Parquet or axolotl's KD dataset layout."),
-    "import": ("kdpipe.storage.interop_command:import_", "Build a store from vLLM log-prob responses or an axolotl KD dataset."),
+    "finalize": ("kdpipe.pipeline.store_command:finalize", "Merge the per-task manifests of a store once every task is done."),
+    "inspect": ("kdpipe.pipeline.store_command:inspect", "Summarize a store; --verify re-checks every shard."),
+    "export": ("kdpipe.pipeline.interop_command:export", "Write a store as Parquet or axolotl's KD dataset layout."),
+    "import": ("kdpipe.pipeline.interop_command:import_", "Build a store from vLLM log-prob responses or an axolotl KD dataset."),
     "train-student": ("kdpipe.pipeline.train.command:train_student", "Phase two: stream one or more stores into student training."),
     "evaluate": ("kdpipe.pipeline.evaluate.command:evaluate", "Generate with each model and score it against the teacher."),
-    "demo": ("kdpipe.pipeline.demo:demo", "The whole pipeline on a tiny built-in teacher, on CPU."),
+    "demo": ("kdpipe.jobs.demo_command:demo", "The whole pipeline on a tiny built-in teacher, on CPU."),
     "check": ("kdpipe.jobs.command:check", "Validate a job file and print its resolved plan."),
     "run": ("kdpipe.jobs.command:run", "Run a job file's chain locally, in order."),
     "submit": ("kdpipe.jobs.command:submit", "Submit a job file to SLURM as a dependency chain."),

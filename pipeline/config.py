@@ -96,7 +96,12 @@ def _renamed(cls: type) -> Mapping[str, str]:
     return getattr(cls, "RENAMED", {}) or {}
 
 
-def _suggest(key: str, allowed: list[str]) -> str:
+def suggest(key: str, allowed, synonyms: dict[str, str] | None = None) -> str:
+    """" (did you mean 'x'?)" for a mistyped key: a known synonym first (job files: spec.SYNONYMS), else the
+    closest allowed key; "" when none is close. The one did-you-mean of configs and job files."""
+    allowed = list(allowed)
+    if synonyms and synonyms.get(key) in allowed:
+        return f" (did you mean '{synonyms[key]}'?)"
     close = difflib.get_close_matches(key, allowed, n=1)
     return f" (did you mean '{close[0]}'?)" if close else ""
 
@@ -185,7 +190,7 @@ def build_config(cls: type[C], values: Mapping[str, Any], where: str = "config")
             k = new
         if k not in fields:
             raise ConfigError(
-                f"{where}: unknown key '{key}'{_suggest(k, list(fields))}; allowed keys: {', '.join(fields)}"
+                f"{where}: unknown key '{key}'{suggest(k, list(fields))}; allowed keys: {', '.join(fields)}"
             )
         kwargs[k] = _coerce(value, hints[k], f"{where}.{k}")
     missing = [

@@ -213,7 +213,7 @@ def pretrain_base(init: Path, out_dir: Path, texts: Sequence[str], steps: int, l
 def summarize_examples(tokenizer, rows: Sequence[dict], template: str) -> list[Example]:
     """(summarize prompt -> reference summary) pairs: the prompts phase one will send, the chat-formatted answer
     (summary + end-of-turn marker) followed by EOS, so the model stops by itself under vLLM."""
-    from kdpipe.pipeline.generate.recipes import Prompter
+    from kdpipe.pipeline.prompts import Prompter
 
     prompter = Prompter(tokenizer, True, None)
     out = []
@@ -234,7 +234,7 @@ def train_teacher(init: Path, out_dir: Path, rows: list[dict], steps: int, lr: f
     """
     from transformers import AutoTokenizer
 
-    from kdpipe.pipeline.generate.config import DEFAULT_SUMMARIZE_TEMPLATE
+    from kdpipe.pipeline.prompts import DEFAULT_SUMMARIZE_TEMPLATE
 
     examples = summarize_examples(AutoTokenizer.from_pretrained(init), rows, DEFAULT_SUMMARIZE_TEMPLATE)
     return train_lm(init, out_dir, examples, steps, lr, batch_size, seed, prompt_weight=doc_loss_weight, log=log,

@@ -34,7 +34,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from kdpipe.pipeline.train.metrics_log import read_metrics
+from kdpipe.pipeline.metrics_log import read_metrics
 from kdpipe.storage.errors import ConfigError
 
 ENV = "KDPIPE_REPORT_TO"

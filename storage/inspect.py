@@ -56,7 +56,7 @@ def inspect_store(store_dir: str | os.PathLike, verify: bool = False, sample_row
     ent_l: list = []
     ent_hi_l: list = []
     seen = 0
-    from kdpipe.storage.reader import _DecodedBatch, check_schema
+    from kdpipe.storage.reader import DecodedBatch, check_schema
 
     for s in m.shards:
         if not verify and seen >= sample_rows:
@@ -87,7 +87,7 @@ def inspect_store(store_dir: str | os.PathLike, verify: bool = False, sample_row
                     b = reader.get_batch(i)
                     rows += b.num_rows
                     tokens += int(np.diff(b.column("target_positions").offsets.to_numpy()).sum())
-                    db = _DecodedBatch(b, m.meta, f"record batch {i}")  # checks the columns
+                    db = DecodedBatch(b, m.meta, f"record batch {i}")  # checks the columns
                     for j in range(b.num_rows):
                         if not verify and seen >= sample_rows:
                             break

@@ -48,27 +48,6 @@ LOGPROB_SLACK = 1e-5  # log-probs up to this above 0 are rounding (clipped to 0)
 RENORMALIZED_SLACK = 1e-5  # |Σ p - 1| at every position below this: the lists were renormalized
 
 
-def tail_is_known(meta) -> bool:
-    """False for a store imported from renormalized top-k lists (its tail mass is unknown)."""
-    return meta.generation_params.get("tail") != "unknown"
-
-
-def check_tail_known(manifests, tail_mode: str) -> None:
-    """train-student: tail_mode = bucket needs the tail mass, which a renormalized import lacks."""
-    from kdpipe.storage.errors import ConfigError
-
-    if tail_mode != "bucket":
-        return
-    for m in manifests:
-        if not tail_is_known(m.meta):
-            raise ConfigError(
-                f"tail_mode: 'bucket' needs the teacher's tail mass, but {m.store_dir} was imported from "
-                f"{m.meta.generation_params.get('imported_from', 'a source')} with renormalized top-k lists (meta "
-                "generation_params.tail = 'unknown'); pass --tail-mode renormalize, or import log-probs that "
-                "are not renormalized"
-            )
-
-
 # ----------------------------------------------------------------------------------------------
 # export
 

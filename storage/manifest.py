@@ -33,6 +33,12 @@ class StoreMeta:
     dataset_fingerprint: str
     generation_params: dict  # engine/sampling settings that determine contents
 
+    @property
+    def tail_known(self) -> bool:
+        """False for a store imported from renormalized top-k lists (meta generation_params.tail =
+        'unknown', storage/interop.py): its tail mass is unknown, so tail_mode = bucket cannot train on it."""
+        return self.generation_params.get("tail") != "unknown"
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["codec"] = dataclasses.asdict(self.codec)

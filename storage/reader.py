@@ -105,9 +105,9 @@ class _OpenShard:
         if self.reader.num_record_batches != len(info.batch_rows):
             raise StoreError(f"{path}: {self.reader.num_record_batches} record batches, the manifest says {len(info.batch_rows)}")
         self.starts = np.concatenate([[0], np.cumsum(info.batch_rows)])
-        self._cached: tuple[int, _DecodedBatch] | None = None
+        self._cached: tuple[int, DecodedBatch] | None = None
 
-    def batch(self, i: int) -> "_DecodedBatch":
+    def batch(self, i: int) -> "DecodedBatch":
         if self._cached is None or self._cached[0] != i:
             where = f"{self.info.path}: record batch {i}"
             try:
@@ -122,7 +122,7 @@ class _OpenShard:
             if b.num_rows != self.info.batch_rows[i]:
                 raise StoreError(f"{where} has {b.num_rows} rows, the manifest says {self.info.batch_rows[i]}")
             try:
-                decoded = _DecodedBatch(b, self.meta, where)
+                decoded = DecodedBatch(b, self.meta, where)
             except (pa.ArrowException, *_DECODE_ERRORS) as e:
                 raise StoreError(f"{where}: undecodable ({type(e).__name__}: {e}); the shard was not written by "
                                  "kdpipe's writer or is corrupted") from None
@@ -176,7 +176,7 @@ def _np_view(arr: pa.Array) -> np.ndarray:
     return np.frombuffer(data, dtype=dtype)[arr.offset:arr.offset + len(arr)]
 
 
-class _DecodedBatch:
+class DecodedBatch:
     """Zero-copy numpy views of one record batch's columns, checked; record(j) decodes row j.
 
     The checks are what a checksum cannot give: a shard written by a buggy or hostile producer

@@ -142,7 +142,7 @@ def reference_scores(model_path: str, tokenizer, documents: Sequence[str], refer
                      use_chat_template: bool = True, system_prompt: str | None = None, device: str = "cpu",
                      samples: int = 1000, confidence: float = 0.95, seed: int = 0) -> dict:
     """NLL per reference token and ECE of one model on (document, reference) pairs; see the module doc."""
-    from kdpipe.pipeline.generate.recipes import Prompter
+    from kdpipe.pipeline.prompts import Prompter
 
     pr = Prompter(tokenizer, use_chat_template, system_prompt)
     users = [template.replace("{text}", d) for d in documents]

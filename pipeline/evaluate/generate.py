@@ -112,14 +112,14 @@ def resolve_model(arg: str, name: str) -> ModelSpec:
 
 def summarize_template(cfg) -> str:
     """The summarize recipe's prompt template from phase one, so students see the prompts they trained on."""
-    from kdpipe.pipeline.generate.config import DEFAULT_SUMMARIZE_TEMPLATE
+    from kdpipe.pipeline.prompts import DEFAULT_SUMMARIZE_TEMPLATE
 
     return cfg.instruction if cfg.instruction else DEFAULT_SUMMARIZE_TEMPLATE
 
 
 def build_prompt_ids(tokenizer, document: str, template: str, use_chat_template: bool, system_prompt: str | None = None) -> list[int]:
     """Token ids of the summarize prompt, built by phase one's own Prompter (template, then chat template)."""
-    from kdpipe.pipeline.generate.recipes import Prompter
+    from kdpipe.pipeline.prompts import Prompter
 
     return Prompter(tokenizer, use_chat_template, system_prompt).ids(template.replace("{text}", document))
 

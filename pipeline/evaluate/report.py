@@ -8,12 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from kdpipe.pipeline.config import atomic_write_text
-
-HEADLINE = ("rouge1", "rouge2", "rougeL", "rougeLsum", "similarity_reference", "nli_entailment")
-LABELS = {
-    "rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L", "rougeLsum": "ROUGE-Lsum",
-    "similarity_reference": "Sim(out, ref)", "similarity_source": "Sim(out, src)", "nli_entailment": "NLI entail.",
-}
+from kdpipe.pipeline.report_keys import HEADLINE, LABELS
 
 
 def _clean(x: Any) -> Any:

@@ -19,7 +19,7 @@ from kdpipe.pipeline.evaluate import metrics as M
 from kdpipe.pipeline.evaluate.calibration import reference_scores
 from kdpipe.pipeline.evaluate.config import EvalConfig
 from kdpipe.pipeline.trackers import check_installed, evaluation_to_trackers
-from kdpipe.pipeline.train.metrics_log import read_metrics
+from kdpipe.pipeline.metrics_log import read_metrics
 from kdpipe.pipeline.evaluate.generate import (
     ModelOutputs, build_prompt_ids, generate_outputs, load_examples, load_tokenizers, resolve_model, summarize_template,
 )
@@ -85,7 +85,7 @@ def evaluate(cfg: EvalConfig, verbose: bool = False) -> dict[str, Any]:
     Unless `verbose`, each engine's own output goes to REPORT/logs/evaluate-NAME.log.
     """
     from kdpipe.pipeline.console import engine_output
-    from kdpipe.pipeline.generate.dtype import resolve_dtype
+    from kdpipe.pipeline.dtype import resolve_dtype
 
     out = Path(cfg.out)
     names = cfg.model_names()
@@ -97,7 +97,7 @@ def evaluate(cfg: EvalConfig, verbose: bool = False) -> dict[str, Any]:
     examples = load_examples(cfg)
     specs = [resolve_model(m, n) for m, n in zip(cfg.models, names)]
     toks = load_tokenizers(specs, cfg)
-    # --dtype auto: resolved per model here and passed explicitly (see generate/dtype.py)
+    # --dtype auto: resolved per model here and passed explicitly (see pipeline/dtype.py)
     dtypes = {s.name: resolve_dtype(cfg.dtype, s.model) for s in specs}
     sim_model = None
     if cfg.similarity_model.lower() != "none":

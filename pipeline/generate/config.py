@@ -10,12 +10,11 @@ import os
 from dataclasses import dataclass
 from typing import Literal
 
+from kdpipe.pipeline.prompts import DEFAULT_SUMMARIZE_TEMPLATE
 from kdpipe.storage.errors import ConfigError
 
 RECIPES = ("summarize", "score", "basic-reading", "on-policy")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-
-DEFAULT_SUMMARIZE_TEMPLATE = "Summarize the following text in a few sentences.\n\nText: {text}\n\nSummary:"
 
 # Few-shot prompt for Basic Reading Distillation (Zhou et al., ACL 2025): per sentence, the teacher
 # lists named entities with types, then asks questions about the sentence and answers them from it.
@@ -87,7 +86,7 @@ class GenerateConfig:
     sampling_top_p: float = 1.0  # nucleus sampling of the generated text (not the codec's top_p)
     too_long: Literal["truncate", "skip"] = "truncate"  # documents that do not fit max_model_len
 
-    # --- on-policy (recipe on-policy, see onpolicy.py): the student writes, the teacher scores
+    # --- on-policy (recipe on-policy, see recipes/onpolicy.py): the student writes, the teacher scores
     sampler: str | None = None  # the model that samples completions: a model dir / hub id, or a RUN (= RUN/final)
     samples_per_prompt: int = 1  # N completions per prompt, each its own store row "<id>#<j>"
     sampling_temperature: float = 1.0  # the sampler's temperature (1.0 = its own distribution)

@@ -46,7 +46,7 @@ class TeacherOutput:
     top_logprobs: np.ndarray  # [P, K] float32, full-vocabulary log-probs, -inf padding
     finish_reason: str | None = None
     # score: [P] float32 log p(token_ids[t] | token_ids[:t]) of the scored token itself, in or out
-    # of the top-K (the on-policy recipe stores it, see onpolicy.py); None for generate.
+    # of the top-K (the on-policy recipe stores it, see recipes/onpolicy.py); None for generate.
     target_logprobs: np.ndarray | None = None
 
 

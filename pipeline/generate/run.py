@@ -26,22 +26,19 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import xxhash
-
 from kdpipe.pipeline.config import write_resolved
 from kdpipe.pipeline.console import engine_output
 from kdpipe.pipeline.generate.config import GenerateConfig
 from kdpipe.pipeline.generate.data import load_task_data
-from kdpipe.pipeline.generate.dtype import resolve_dtype
+from kdpipe.pipeline.dtype import resolve_dtype
 from kdpipe.pipeline.generate.engines import Engine, make_engine
 from kdpipe.pipeline.generate.recipes import Recipe, Result, make_recipe
-from kdpipe.storage import CodecConfig, ShardWriter, StoreMeta, tokenizer_fingerprint
+from kdpipe.pipeline.generate.teacher import build_meta, load_tokenizer, resolve_max_model_len
+from kdpipe.storage import ShardWriter
 from kdpipe.storage.errors import ConfigError, KdpipeError
 from kdpipe.storage.tokenizer_files import save_teacher_tokenizer
 
 CONFIG_FILE = "generate-config.toml"
-# Keys of a model config that give its context length, in the order vLLM consults them.
-CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "max_sequence_length", "n_ctx")
 
 
 @dataclass
@@ -72,88 +69,6 @@ class GenerateSummary:
             + (f"; {extra}" if extra else "")
             + f"; store {self.store}"
         )
-
-
-def load_tokenizer(cfg: GenerateConfig):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(cfg.teacher, revision=cfg.teacher_revision, trust_remote_code=cfg.trust_remote_code)
-    except Exception as e:  # OSError, ValueError (remote code refused), ...
-        raise ConfigError(
-            f"teacher: cannot load a tokenizer from {cfg.teacher!r} ({type(e).__name__}: {e}); "
-            "pass a local model directory or a hub id (and --trust-remote-code only if the model needs it)"
-        ) from None
-
-
-def resolve_max_model_len(cfg: GenerateConfig) -> int:
-    """The context length used for truncation: --max-model-len, checked against the teacher's."""
-    from transformers import AutoConfig
-
-    try:
-        mc = AutoConfig.from_pretrained(cfg.teacher, revision=cfg.teacher_revision, trust_remote_code=cfg.trust_remote_code)
-    except Exception as e:
-        raise ConfigError(f"teacher: cannot read the model config of {cfg.teacher!r} ({type(e).__name__}: {e})") from None
-    mc = getattr(mc, "text_config", None) or mc
-    native = next((int(v) for k in CONTEXT_KEYS if isinstance(v := getattr(mc, k, None), int) and v > 0), None)
-    if cfg.max_model_len is not None:
-        if native is not None and cfg.max_model_len > native:
-            raise ConfigError(
-                f"max_model_len={cfg.max_model_len} is above the teacher's context length {native}; lower --max-model-len"
-            )
-        return cfg.max_model_len
-    if native is None:
-        raise ConfigError(f"teacher: {cfg.teacher!r} does not state its context length; pass --max-model-len")
-    return native
-
-
-def local_model_revision(model_dir: Path) -> str:
-    """A revision for a local teacher folder, so a retrained teacher at the same path gets a new cache key.
-
-    Hashes config.json and, per weight file, its name, size and three 1 MiB samples (start,
-    middle, end): cheap for a 140 GB teacher, and any retraining rewrites those bytes.
-    """
-    h = xxhash.xxh3_128()
-    for f in sorted(model_dir.iterdir()):
-        if f.name == "config.json":
-            h.update(b"config.json" + f.read_bytes())
-        elif f.suffix in (".safetensors", ".bin", ".pt", ".pth", ".gguf"):
-            size = f.stat().st_size
-            h.update(f"{f.name}:{size}".encode())
-            with open(f, "rb") as fh:
-                for off in sorted({0, max(0, size // 2 - (1 << 19)), max(0, size - (1 << 20))}):
-                    fh.seek(off)
-                    h.update(fh.read(1 << 20))
-    return "local:" + h.hexdigest()
-
-
-def build_meta(cfg: GenerateConfig, tokenizer, recipe: Recipe, dataset_fingerprint: str, max_model_len: int) -> StoreMeta:
-    local = Path(cfg.teacher).is_dir()
-    teacher = str(Path(cfg.teacher).resolve()) if local else cfg.teacher
-    revision = cfg.teacher_revision or (local_model_revision(Path(cfg.teacher)) if local else None)
-    return StoreMeta(
-        teacher=teacher,
-        teacher_revision=revision,
-        tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
-        vocab_size=len(tokenizer),
-        recipe=cfg.recipe,
-        recipe_params=recipe.params(),
-        # on-policy keeps the scored token as one entry beyond the top-K (onpolicy.py)
-        codec=CodecConfig(name=cfg.codec, top_k=cfg.top_k + getattr(recipe, "extra_entries", 0), top_p=cfg.top_p,
-                          draws=cfg.draws, seed=cfg.seed),
-        dataset_fingerprint=dataset_fingerprint,
-        generation_params={
-            "engine": cfg.engine,
-            "dtype": cfg.dtype,
-            "max_model_len": max_model_len,
-            "max_new_tokens": cfg.max_new_tokens,
-            "temperature": cfg.temperature,
-            "sampling_top_p": cfg.sampling_top_p,
-            "seed": cfg.seed,
-            "too_long": cfg.too_long,
-            "logprobs_mode": "raw_logprobs",
-        },
-    )
 
 
 def expected_cache_key(cfg: GenerateConfig) -> str:
@@ -339,13 +254,9 @@ def generate_logits(cfg: GenerateConfig, engine: Engine | None = None, sampler_e
             print(f"task {task_index}/{num_tasks}: starting the teacher engine (dtype {cfg.dtype}); its log: {log_path}",
                   file=sys.stderr, flush=True)
         console = quiet.enter_context(engine_output(log_path, verbose))
-        samples = data.samples
-        if cfg.recipe == "on-policy":  # the sampler draws (or a rerun reloads) N completions per prompt first
-            from kdpipe.pipeline.generate.onpolicy import sample_task
-            from kdpipe.storage import cache_key
-
-            samples = sample_task(cfg, recipe, samples, done, max_model_len, tokenizer, task_index, cache_key(meta),
-                                  sampler_engine)
+        # The recipe's own work before the teacher starts (on-policy: the sampler draws, or a rerun
+        # reloads, N completions per prompt).
+        samples = recipe.prepare(data.samples, done, meta, task_index, sampler_engine)
         todo = [s for s in samples if s.id not in done]
         summary = GenerateSummary(cfg.out, task_index, num_tasks, len(samples), len(samples) - len(todo))
         write_resolved(dataclasses.replace(cfg, task_index=None, num_tasks=num_tasks), Path(cfg.out) / CONFIG_FILE)

@@ -26,8 +26,9 @@ from torch import nn
 
 from kdpipe.pipeline.card import write_model_card
 from kdpipe.pipeline.config import atomic_write_text, write_resolved
-from kdpipe.pipeline.train.student import Dist
+from kdpipe.pipeline.train.distributed import Dist
 from kdpipe.storage.errors import ConfigError, KdpipeError
+from kdpipe.storage.manifest import fsync_dir
 
 CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
 
@@ -84,7 +85,7 @@ def save_model(model: nn.Module, tokenizer, out: Path, fsdp: bool, dist: Dist, m
 _WRITE_FAILED = ("inline_container", "PytorchStreamWriter", "file write failed", "unexpected pos", "IoError", "Os {")
 
 
-def _write_failure(e: BaseException) -> bool:
+def write_failure(e: BaseException) -> bool:
     """A failed write (disk full, file size limit, I/O error), as opposed to a bug or a collective error."""
     if isinstance(e, OSError):
         return True
@@ -92,7 +93,7 @@ def _write_failure(e: BaseException) -> bool:
     return wraps_io and any(m in str(e) for m in _WRITE_FAILED)
 
 
-def _write_failed(e: BaseException, tmp: Path, run: Path, what: str) -> KdpipeError:
+def write_failed(e: BaseException, tmp: Path, run: Path, what: str) -> KdpipeError:
     """Drop the partial `tmp` dir (best effort) -> a clear error naming it; earlier checkpoints stay intact."""
     shutil.rmtree(tmp, ignore_errors=True)
     cause = f"{e.strerror} ({e.filename})" if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[0][:200]
@@ -111,9 +112,9 @@ def save_checkpoint(run: Path, step: int, wrapped: nn.Module, model: nn.Module, 
         return _save_checkpoint(run, step, wrapped, model, tokenizer, optimizer, scheduler, data_cursor, train_state,
                                 cfg, dist, keep)
     except Exception as e:
-        if not _write_failure(e):
+        if not write_failure(e):
             raise
-        raise _write_failed(e, tmp, run, f"checkpoint of step {step}") from e
+        raise write_failed(e, tmp, run, f"checkpoint of step {step}") from e
 
 
 def _save_checkpoint(run: Path, step: int, wrapped: nn.Module, model: nn.Module, tokenizer, optimizer, scheduler,
@@ -142,7 +143,7 @@ def _save_checkpoint(run: Path, step: int, wrapped: nn.Module, model: nn.Module,
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_dir(run)
+        fsync_dir(run)
         if keep > 0:
             for _, old in checkpoints(run)[:-keep]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -155,9 +156,9 @@ def save_final(run: Path, model: nn.Module, tokenizer, cfg, dist: Dist) -> Path:
     try:
         return _save_final(run, model, tokenizer, cfg, dist)
     except Exception as e:
-        if not _write_failure(e):
+        if not write_failure(e):
             raise
-        raise _write_failed(e, run / "final.tmp", run, "final model") from e
+        raise write_failed(e, run / "final.tmp", run, "final model") from e
 
 
 def _save_final(run: Path, model: nn.Module, tokenizer, cfg, dist: Dist) -> Path:
@@ -172,7 +173,7 @@ def _save_final(run: Path, model: nn.Module, tokenizer, cfg, dist: Dist) -> Path
         write_model_card(tmp, run)  # README.md in the Hub's format: the folder uploads as it is
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        _fsync_dir(run)
+        fsync_dir(run)
     dist.barrier()
     return final
 
@@ -203,10 +204,3 @@ def load_training_state(ckpt: Path, wrapped: nn.Module, optimizer, scheduler, cf
         torch.cuda.set_rng_state(rng["cuda"], dist.device)
     return train_state, cursor
 
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -77,7 +77,7 @@ def logit_transform_of(model_config) -> dict:
     return out
 
 
-def _chunk_loss(
+def chunk_loss(
     h: torch.Tensor,  # [c, H] final hidden states at the chunk's target positions
     weight: torch.Tensor,  # [V, H] lm_head weight sliced to the tokenizer vocabulary
     bias: torch.Tensor | None,  # [V]
@@ -205,7 +205,7 @@ def chunked_loss_parts(
 
         return in_forward_loss_parts(hidden, w, target_ids, ids, teacher_logprobs, teacher_tail, spec, b,
                                      lambda f: compiled_or_eager(f, spec, hidden.device))
-    fn = compiled_or_eager(_chunk_loss, spec, hidden.device)
+    fn = compiled_or_eager(chunk_loss, spec, hidden.device)
     # One chunk: its [N, V] tensors live until backward either way, so recomputing them would only cost time.
     checkpointed = use_checkpoint and n > spec.chunk_size and torch.is_grad_enabled()
     for start in range(0, n, spec.chunk_size):

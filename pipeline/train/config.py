@@ -55,7 +55,7 @@ class TrainConfig:
     loss_chunk_size: int = 0  # target tokens per chunk of [chunk, V] logits; 0 = auto: 4096 on CUDA, 1024 on CPU (docs/train.md; tune with benchmarks/bench_gpu.py)
     compile_loss: Literal["auto", "on", "off"] = "auto"  # torch.compile the per-chunk loss; auto = on CUDA with Triton, off on CPU
     loss_backward: Literal["auto", "recompute", "in_forward"] = "auto"  # recompute: checkpointed chunks, logits recomputed in backward; in_forward: gradients computed per chunk in the forward pass (one lm_head matmul fewer, a [V, H] gradient buffer); auto: in_forward (measured faster on CUDA and CPU, see loss_defaults)
-    # ---- a student with another tokenizer than the teacher's (xtok.py, xtok_bytes.py, xtok_align.py, xtok_collate.py, xtok_losses.py, docs/cross-tokenizer.md)
+    # ---- a student with another tokenizer than the teacher's (the package xtok/, docs/cross-tokenizer.md)
     cross_tokenizer: Literal["none", "span", "uld", "hybrid"] = "none"  # logit KD on byte-aligned token groups when the tokenizers differ; none = refuse (or --alpha 1, sequence-level)
     xtok_min_mapped_mass: float = 0.9  # hybrid: a 1:1 group takes the vocabulary-mapped KL when its mapped ids hold this share of the teacher's kept mass
     teacher_tokenizer: str | None = None  # the teacher tokenizer's folder (default: STORE/teacher_tokenizer); checked against the store's fingerprint

@@ -120,7 +120,7 @@ class DataSpec:
     holdout_seed: int = 0
     # Optional record rewrite (sequence-level distillation retokenizes the teacher's text).
     transform: Callable[[Record], Record] | None = field(default=None, repr=False)
-    # Optional Records -> Batch (cross-tokenizer KD aligns in the collate stage, xtok_collate.XCollate); None = storage collate.
+    # Optional Records -> Batch (cross-tokenizer KD aligns in the collate stage, xtok/collate.py XCollate); None = storage collate.
     collate: Callable[[list[Record]], Batch] | None = field(default=None, repr=False)
 
 
@@ -241,7 +241,7 @@ class TokenBudgetBatcher:
 
 
 @dataclass
-class Step:
+class StepBatches:
     """The micro-batches of one optimizer step on this rank, and the data cursor after them."""
 
     micro_batches: list[Batch]
@@ -250,7 +250,7 @@ class Step:
 
 
 class StepData:
-    """Iterator of Step for one rank; a daemon thread prepares `prefetch` steps ahead."""
+    """Iterator of StepBatches for one rank; a daemon thread prepares `prefetch` steps ahead."""
 
     def __init__(self, spec: DataSpec, rank: int, world_size: int, grad_accum: int, prefetch: int = 2,
                  cursor: dict[str, Any] | None = None) -> None:
@@ -284,7 +284,7 @@ class StepData:
         try:
             while not self._stop.is_set():
                 mbs = [slot.next_batch() for slot in self.slots]
-                item = Step(mbs, self.state_dict(), sum(s.stream.truncated for s in self.slots))
+                item = StepBatches(mbs, self.state_dict(), sum(s.stream.truncated for s in self.slots))
                 while not self._stop.is_set():
                     try:
                         self._queue.put(item, timeout=0.2)
@@ -297,7 +297,7 @@ class StepData:
     def __iter__(self) -> "StepData":
         return self
 
-    def __next__(self) -> Step:
+    def __next__(self) -> StepBatches:
         item = self._queue.get()
         if isinstance(item, BaseException):
             raise item

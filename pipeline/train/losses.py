@@ -93,11 +93,6 @@ DIVERGENCES: tuple[str, ...] = ("forward_kl", "reverse_kl", "generalized_jsd", "
 # itself, which only on-policy stores (recipe_params.target_entry) keep as an entry.
 TARGET_ENTRY_DIVERGENCES: tuple[str, ...] = ("reverse_kl_sampled_token",)
 
-
-def default_divergence(codec: str, on_policy: bool) -> str:
-    """What divergence = "auto" means: reverse KL for on-policy topk stores, forward KL otherwise
-    (a sampled store supports only the forward KL, see check_supported)."""
-    return "reverse_kl" if on_policy and codec == "topk" else "forward_kl"
 TAIL_MODES: tuple[str, ...] = ("bucket", "renormalize")
 TAIL_FLOOR_EPS = 8.0
 
@@ -136,7 +131,7 @@ def check_supported(codec: str, divergence: str, temperature: float) -> None:
         raise ConfigError(f"store codec {codec!r} is unknown to train-student (expected 'topk' or 'sampled')")
 
 
-def _tail_floor(dtype: torch.dtype) -> float:
+def tail_floor(dtype: torch.dtype) -> float:
     return TAIL_FLOOR_EPS * torch.finfo(dtype).eps
 
 
@@ -226,7 +221,7 @@ def teacher_categories(
     log_p = lp - torch.logsumexp(lp, dim=-1, keepdim=True)
     if tail_mode == "bucket":
         # Floor the tail (see the module docstring): keeps reverse-type terms finite at tail 0.
-        floor = math.log(_tail_floor(log_p.dtype))
+        floor = math.log(tail_floor(log_p.dtype))
         log_p = torch.cat([log_p[:, :-1], torch.logaddexp(log_p[:, -1:], torch.full_like(log_p[:, -1:], floor))], -1)
     return log_p
 
@@ -241,7 +236,7 @@ def student_categories(kept_log_q: torch.Tensor, valid: torch.Tensor, tail_mode:
     if tail_mode == "renormalize":
         return log_q - torch.logsumexp(log_q, dim=-1, keepdim=True)
     # 1 − Σ_kept q is the student's mass outside the kept ids; rounding can make it slightly < 0.
-    tail = (1.0 - log_q.exp().sum(-1)).clamp_min(0.0) + _tail_floor(log_q.dtype)  # [N]
+    tail = (1.0 - log_q.exp().sum(-1)).clamp_min(0.0) + tail_floor(log_q.dtype)  # [N]
     return torch.cat([log_q, tail.log().unsqueeze(-1)], dim=-1)  # [N, K+1]
 
 
@@ -299,12 +294,12 @@ def kd_divergence_from_kept(
             log_p = teacher_categories(teacher_logprobs, teacher_tail, temperature, tail_mode)
         log_p = log_p.to(kept_log_q.dtype)
     if divergence == "forward_kl":
-        return _forward_kl_from_kept(log_p, kept_log_q, valid, tail_mode)
+        return forward_kl_from_kept(log_p, kept_log_q, valid, tail_mode)
     log_q = student_categories(kept_log_q, valid, tail_mode)
     return divergence_fn(divergence, jsd_beta)(log_p, log_q)
 
 
-def _forward_kl_from_kept(log_p: torch.Tensor, kept_log_q: torch.Tensor, valid: torch.Tensor, tail_mode: str) -> torch.Tensor:
+def forward_kl_from_kept(log_p: torch.Tensor, kept_log_q: torch.Tensor, valid: torch.Tensor, tail_mode: str) -> torch.Tensor:
     """forward_kl(log_p, student_categories(kept_log_q, valid, tail_mode)) with fewer kernels.
 
     KL(P‖Q) = Σ_c P_c log P_c − Σ_c P_c log Q_c: the first sum has no gradient (computed once,
@@ -319,7 +314,7 @@ def _forward_kl_from_kept(log_p: torch.Tensor, kept_log_q: torch.Tensor, valid: 
         lse = torch.logsumexp(kept_log_q.masked_fill(~valid, -math.inf), dim=-1)  # [N]
         return neg_entropy - (p * kept_log_q).sum(-1) + lse
     K = kept_log_q.shape[-1]
-    tail_q = (1.0 - (kept_log_q.exp() * valid).sum(-1)).clamp_min(0.0) + _tail_floor(kept_log_q.dtype)  # [N]
+    tail_q = (1.0 - (kept_log_q.exp() * valid).sum(-1)).clamp_min(0.0) + tail_floor(kept_log_q.dtype)  # [N]
     cross = (p[:, :K] * kept_log_q).sum(-1) + p[:, K] * tail_q.log()  # [N] Σ P log Q
     return neg_entropy - cross
 

@@ -1,4 +1,5 @@
-"""The student: loading, the inputs check, the loss module, and DDP / FSDP2 wrapping.
+"""The student: loading it and its tokenizer, and the inputs check (InputPlan); the loss module is
+student_loss.py, the DDP / FSDP2 wrapping distributed.py.
 
 `check_inputs` runs every refusal of bad input before any training step: stores finalized and
 non-empty, one codec, tokenizer fingerprints, the divergence the codec can support, sequence
@@ -7,77 +8,20 @@ lengths against the student's context, the student's vocabulary against the stor
 
 from __future__ import annotations
 
-import contextlib
 import os
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from kdpipe.pipeline.train.chunked import LossSpec, chunked_loss_parts, logit_transform_of
 from kdpipe.pipeline.train.config import TrainConfig
 from kdpipe.pipeline.train.data import store_max_sequence_length
-from kdpipe.pipeline.train.losses import TARGET_ENTRY_DIVERGENCES, check_supported, default_divergence
-from kdpipe.storage.interop import check_tail_known
+from kdpipe.pipeline.divergence import default_divergence
+from kdpipe.pipeline.train.losses import TARGET_ENTRY_DIVERGENCES, check_supported
 from kdpipe.storage.manifest import open_store, tokenizer_fingerprint
 from kdpipe.storage.reader import Record
 from kdpipe.storage.errors import ConfigError, StoreError
-
-
-# ------------------------------------------------------------------------------- distributed
-
-
-@dataclass(frozen=True)
-class Dist:
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
-    backend: str | None  # None = not initialized (one process)
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
-        if self.backend is not None:
-            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
-        return t
-
-    def barrier(self) -> None:
-        if self.backend is not None:
-            torch.distributed.barrier()
-
-
-def setup_distributed(cfg: TrainConfig) -> Dist:
-    """One process, or the torchrun environment (RANK / WORLD_SIZE / LOCAL_RANK)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = torch.cuda.is_available() if cfg.device == "auto" else cfg.device == "cuda"
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device: 'cuda' was asked for but torch sees no CUDA device; use device = 'cpu' or 'auto'")
-    device = torch.device("cuda", local) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    backend = None
-    if world > 1 or cfg.fsdp:  # fully_shard needs a process group, even of one
-        backend = cfg.backend if cfg.backend != "auto" else ("nccl" if cuda else "gloo")
-        if not torch.distributed.is_initialized():
-            kwargs: dict[str, Any] = {}
-            if "MASTER_ADDR" not in os.environ:  # a plain one-process run: a private file rendezvous
-                kwargs = {"init_method": f"file://{_tmp_rendezvous()}", "rank": 0, "world_size": 1}
-            torch.distributed.init_process_group(backend=backend, device_id=device if cuda else None, **kwargs)
-    return Dist(rank, world, local, device, backend)
-
-
-def autocast_context(cfg: TrainConfig, device: torch.device):
-    """bf16 autocast on CUDA (dtype auto or bfloat16), fp32 on CPU unless bfloat16 is asked for."""
-    if cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda"):
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 # ------------------------------------------------------------------------------- loading
@@ -144,7 +88,7 @@ def student_context(model: nn.Module) -> int | None:
 
 
 @dataclass(frozen=True)
-class Plan:
+class InputPlan:
     """What check_inputs resolved: the loss to compute and how to read the stores."""
 
     codec: str
@@ -157,7 +101,21 @@ class Plan:
     cross_tokenizer: str | None = None  # tokenizers differ and cfg.cross_tokenizer is on: 'span' | 'uld' | 'hybrid'
 
 
-def check_inputs(cfg: TrainConfig, tokenizer, model: nn.Module) -> Plan:
+def _check_tail_known(manifests, tail_mode: str) -> None:
+    """tail_mode = bucket needs the tail mass, which a renormalized import lacks (StoreMeta.tail_known)."""
+    if tail_mode != "bucket":
+        return
+    for m in manifests:
+        if not m.meta.tail_known:
+            raise ConfigError(
+                f"tail_mode: 'bucket' needs the teacher's tail mass, but {m.store_dir} was imported from "
+                f"{m.meta.generation_params.get('imported_from', 'a source')} with renormalized top-k lists (meta "
+                "generation_params.tail = 'unknown'); pass --tail-mode renormalize, or import log-probs that "
+                "are not renormalized"
+            )
+
+
+def check_inputs(cfg: TrainConfig, tokenizer, model: nn.Module) -> InputPlan:
     """Every refusal of bad input, before training starts (see module doc)."""
     metas = []
     longest, total = 0, 0
@@ -177,7 +135,7 @@ def check_inputs(cfg: TrainConfig, tokenizer, model: nn.Module) -> Plan:
         raise StoreError("stores: " + ", ".join(str(m.store_dir) for m in metas) + " come from different tokenizers; mix only stores of one teacher tokenizer")
     codec = codecs.pop()
     if codec == "topk" and cfg.alpha < 1.0:
-        check_tail_known(metas, cfg.tail_mode)  # a renormalized import has no tail for tail_mode = bucket
+        _check_tail_known(metas, cfg.tail_mode)  # a renormalized import has no tail for tail_mode = bucket
     store_vocab = metas[0].meta.vocab_size
     student_fp = tokenizer_fingerprint(tokenizer)
     differ = student_fp != metas[0].meta.tokenizer_fingerprint
@@ -193,7 +151,7 @@ def check_inputs(cfg: TrainConfig, tokenizer, model: nn.Module) -> Plan:
             "for sequence-level distillation on the stored teacher text, retokenized for the student"
         )
     if xtok is not None:
-        from kdpipe.pipeline.train.xtok import check_cross_tokenizer
+        from kdpipe.pipeline.train.xtok.hooks import check_cross_tokenizer
 
         check_cross_tokenizer(cfg, metas, tokenizer)  # teacher tokenizer files, byte offsets, the stores' recipes
     # divergence "auto": reverse KL when every store is on-policy (the student's own text), else forward KL.
@@ -226,10 +184,10 @@ def check_inputs(cfg: TrainConfig, tokenizer, model: nn.Module) -> Plan:
         )
     if cfg.tokens_per_batch < 2:
         raise ConfigError("tokens_per_batch: must hold at least one sequence of two tokens")
-    return Plan(codec, vocab, max_len, sequence_level, longest, total, divergence, cross_tokenizer=xtok)
+    return InputPlan(codec, vocab, max_len, sequence_level, longest, total, divergence, cross_tokenizer=xtok)
 
 
-def resolution_notes(cfg: TrainConfig, plan: Plan, resume_from) -> str:
+def resolution_notes(cfg: TrainConfig, plan: InputPlan, resume_from) -> str:
     """What the resolved config cannot say in its values: written as comments atop RUN/train_config.toml."""
     lines = []
     if cfg.divergence == "auto":
@@ -276,7 +234,7 @@ class Retokenize:
 
 def teacher_tokenizer(cfg: TrainConfig):
     m = open_store(cfg.stores[0])
-    from kdpipe.pipeline.train.xtok import load_teacher_tokenizer
+    from kdpipe.pipeline.train.xtok.hooks import load_teacher_tokenizer
     from kdpipe.storage.tokenizer_files import teacher_tokenizer_dir
 
     if cfg.teacher_tokenizer or teacher_tokenizer_dir(m.store_dir):  # the store's own files (checked), or the flag
@@ -291,112 +249,6 @@ def teacher_tokenizer(cfg: TrainConfig):
             f"sequence-level distillation decodes the stored prompts with the teacher's tokenizer, but "
             f"{m.meta.teacher!r} (from {m.store_dir}) cannot be loaded ({e}); make it available locally"
         ) from None
-
-
-# ------------------------------------------------------------------------------- the loss module
-
-
-class StudentLoss(nn.Module):
-    """forward(batch tensors) -> summed loss parts; the module DDP / FSDP wrap.
-
-    Runs the decoder (not the CausalLM head), gathers the hidden states that predict targets,
-    and hands them with the lm_head weight to the chunked loss: no [B, T, V] logits exist.
-    """
-
-    def __init__(self, model: nn.Module, vocab_size: int, spec: LossSpec, cross_tokenizer: str | None = None) -> None:
-        super().__init__()
-        self.model = model
-        self.vocab_size = vocab_size
-        self.spec = spec
-        self.cross_tokenizer = cross_tokenizer  # None, or the xtok_losses option on aligned groups
-
-    def forward(self, input_ids, attention_mask, pred_index, target_ids, teacher_ids=None, teacher_logprobs=None,
-                teacher_tail=None, xtok=None) -> dict[str, torch.Tensor]:
-        hf = hf_model(self.model)
-        out = hf.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        hidden = out[0]  # [B, T, H]
-        h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, pred_index)  # [N, H]
-        head = hf.get_output_embeddings()
-        if xtok is not None:  # another tokenizer than the teacher's: the loss on aligned groups
-            from kdpipe.pipeline.train.xtok_losses import xtok_chunked_loss_parts
-
-            return xtok_chunked_loss_parts(h, head.weight, self.vocab_size, target_ids, xtok, self.spec,
-                                           self.cross_tokenizer, bias=getattr(head, "bias", None))
-        return chunked_loss_parts(
-            h, head.weight, self.vocab_size, target_ids, teacher_ids, teacher_logprobs, teacher_tail,
-            self.spec, bias=getattr(head, "bias", None),
-        )
-
-
-def loss_spec(cfg: TrainConfig, plan: Plan, model: nn.Module) -> LossSpec:
-    return LossSpec(
-        alpha=cfg.alpha, temperature=cfg.temperature, divergence=plan.divergence, tail_mode=cfg.tail_mode,
-        jsd_beta=cfg.jsd_beta, codec=plan.codec, chunk_size=cfg.loss_chunk_size, compile=cfg.compile_loss,
-        backward=cfg.loss_backward,
-        **logit_transform_of(hf_model(model).config),
-    )
-
-
-def wrap_distributed(module: StudentLoss, cfg: TrainConfig, dist: Dist) -> nn.Module:
-    """DDP, or FSDP2 `fully_shard` on each decoder layer then the root; unchanged on one process."""
-    if cfg.fsdp:
-        from torch.distributed.fsdp import fully_shard
-
-        layer_classes = set(getattr(hf_model(module.model), "_no_split_modules", None) or [])
-        for m in module.modules():
-            if type(m).__name__ in layer_classes:
-                fully_shard(m)
-        fully_shard(module)
-        return module
-    if dist.backend is not None:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        return DDP(module, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
-    return module
-
-
-def _tmp_rendezvous() -> str:
-    import tempfile
-
-    fd, path = tempfile.mkstemp(prefix="kdpipe-fsdp-")
-    os.close(fd)
-    os.unlink(path)
-    return path
-
-
-def no_sync(wrapped: nn.Module, last: bool) -> Any:
-    """Skip the gradient all-reduce on every micro-batch but the last of a step."""
-    if last:
-        return contextlib.nullcontext()
-    if hasattr(wrapped, "no_sync"):
-        return wrapped.no_sync()  # DDP
-    if hasattr(wrapped, "set_requires_gradient_sync"):  # FSDP2
-        wrapped.set_requires_gradient_sync(False)
-        return _restore_sync(wrapped)
-    return contextlib.nullcontext()
-
-
-@contextlib.contextmanager
-def _restore_sync(wrapped):
-    try:
-        yield
-    finally:
-        wrapped.set_requires_gradient_sync(True)
-
-
-def batch_inputs(batch, device: torch.device, with_teacher: bool) -> dict[str, Any]:
-    b = batch.to(device, non_blocking=True)
-    out = {"input_ids": b.input_ids, "attention_mask": b.attention_mask, "pred_index": b.pred_index,
-           "target_ids": b.target_ids}
-    if with_teacher and getattr(b, "xtok", None) is not None:  # xtok_collate.XBatch: aligned groups, not teacher rows
-        out["xtok"] = b.xtok
-    elif with_teacher:
-        out.update(teacher_ids=b.teacher_ids, teacher_logprobs=b.teacher_logprobs, teacher_tail=b.teacher_tail)
-    return out
-
-
-def unwrap(wrapped: nn.Module) -> StudentLoss:
-    return wrapped.module if hasattr(wrapped, "module") and isinstance(wrapped.module, StudentLoss) else wrapped
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

@@ -28,12 +28,13 @@ from kdpipe.pipeline.config import config_to_dict, read_toml, write_resolved
 from kdpipe.pipeline.train.checkpoint import latest_checkpoint, load_training_state, save_checkpoint, save_final
 from kdpipe.pipeline.train.config import TrainConfig
 from kdpipe.pipeline.train.data import DataSpec, StepData
-from kdpipe.pipeline.train.metrics_log import METRICS_FILE, MetricsLog
+from kdpipe.pipeline.metrics_log import METRICS_FILE, MetricsLog
+from kdpipe.pipeline.train.distributed import autocast_context, no_sync, setup_distributed, wrap_distributed
 from kdpipe.pipeline.train.student import (
-    Retokenize, StudentLoss, resolution_notes, autocast_context, batch_inputs, check_inputs, load_student, load_tokenizer, loss_spec,
-    no_sync, param_groups, setup_distributed, teacher_tokenizer, wrap_distributed,
+    Retokenize, resolution_notes, check_inputs, load_student, load_tokenizer, param_groups, teacher_tokenizer,
 )
-from kdpipe.pipeline.train.xtok import cross_tokenizer_collate
+from kdpipe.pipeline.train.student_loss import StudentLoss, batch_inputs, loss_spec
+from kdpipe.pipeline.train.xtok.hooks import cross_tokenizer_collate
 from kdpipe.pipeline.train.validate import Validator, split_seed
 from kdpipe.pipeline.card import push_to_hub
 from kdpipe.pipeline.trackers import check_trackers, train_trackers
@@ -176,7 +177,7 @@ def _train(cfg: TrainConfig, dist) -> TrainResult:
     if dist.is_main:
         run.mkdir(parents=True, exist_ok=True)  # only now: a refused run leaves no empty --out behind
     transform = Retokenize(tokenizer, teacher_tokenizer(cfg)) if plan.sequence_level else None
-    collate = cross_tokenizer_collate(cfg, plan, tokenizer) if plan.cross_tokenizer else None  # aligns groups (xtok.py)
+    collate = cross_tokenizer_collate(cfg, plan, tokenizer) if plan.cross_tokenizer else None  # aligns groups (xtok/hooks.py)
     with_teacher = cfg.alpha < 1.0 and not plan.sequence_level
     module = StudentLoss(model.to(dist.device), plan.vocab_size, loss_spec(cfg, plan, model), plan.cross_tokenizer)
     wrapped = wrap_distributed(module, cfg, dist)

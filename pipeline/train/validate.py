@@ -38,13 +38,15 @@ import numpy as np
 import torch
 
 from kdpipe.pipeline.config import atomic_write_text, write_resolved
-from kdpipe.pipeline.train.checkpoint import _fsync_dir, _write_failed, _write_failure, save_model
+from kdpipe.pipeline.train.checkpoint import write_failed, write_failure, save_model
 from kdpipe.pipeline.train.config import TrainConfig
 from kdpipe.pipeline.train.data import DataSpec, in_validation, store_max_sequence_length, truncate_record
-from kdpipe.pipeline.train.student import Dist, Plan, autocast_context, batch_inputs, unwrap
+from kdpipe.pipeline.train.distributed import Dist, autocast_context, unwrap
+from kdpipe.pipeline.train.student import InputPlan
+from kdpipe.pipeline.train.student_loss import batch_inputs
 from kdpipe.storage.batch import Batch, collate
 from kdpipe.storage.errors import ConfigError, DataError, StoreError
-from kdpipe.storage.manifest import open_store
+from kdpipe.storage.manifest import fsync_dir, open_store
 from kdpipe.storage.reader import Record, StoreReader
 
 def split_seed(cfg: TrainConfig) -> int:
@@ -52,7 +54,7 @@ def split_seed(cfg: TrainConfig) -> int:
     return cfg.seed if cfg.val_split_seed is None else cfg.val_split_seed
 
 
-def check_val_stores(cfg: TrainConfig, plan: Plan) -> None:
+def check_val_stores(cfg: TrainConfig, plan: InputPlan) -> None:
     """Refuse validation stores that the training stores' loss cannot be computed on, naming the store."""
     train_meta = open_store(cfg.stores[0]).meta
     for d in cfg.val_stores:
@@ -106,7 +108,7 @@ class ValidationData:
     def batches(self) -> Iterator[Batch]:
         """Rows × longest row <= tokens_per_batch, as in training (a longer row goes alone)."""
         budget = self.spec.tokens_per_batch
-        # the training run's collate stage (cross-tokenizer KD aligns there, xtok_collate.XCollate)
+        # the training run's collate stage (cross-tokenizer KD aligns there, xtok/collate.py XCollate)
         batch_of = self.spec.collate or (lambda rs: collate(rs, pad_id=self.spec.pad_id))
         recs: list[Record] = []
         longest = 0
@@ -132,7 +134,7 @@ def _dummy_batch(pad_id: int) -> Batch:
 class Validator:
     """Validation and RUN/best for one run; `after_step` is the trainer's one call (see module doc)."""
 
-    def __init__(self, cfg: TrainConfig, plan: Plan, spec: DataSpec, dist: Dist, run: Path, model, tokenizer,
+    def __init__(self, cfg: TrainConfig, plan: InputPlan, spec: DataSpec, dist: Dist, run: Path, model, tokenizer,
                  with_teacher: bool, train_state: dict[str, Any] | None = None) -> None:
         self.cfg, self.dist, self.run = cfg, dist, run
         self.model, self.tokenizer = model, tokenizer  # the HF model that RUN/best saves
@@ -243,12 +245,12 @@ class Validator:
                     os.replace(best, old)
                 os.replace(tmp, best)
                 shutil.rmtree(old, ignore_errors=True)
-                _fsync_dir(run)
+                fsync_dir(run)
             dist.barrier()
         except Exception as e:
-            if not _write_failure(e):
+            if not write_failure(e):
                 raise
-            raise _write_failed(e, tmp, run, f"best model of step {step}") from e
+            raise write_failed(e, tmp, run, f"best model of step {step}") from e
 
     def _echo(self, msg: str) -> None:
         if self.dist.is_main:

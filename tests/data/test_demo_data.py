@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from kdpipe.pipeline.demo import BUDGETS, DemoConfig, corpus_path, read_corpus, split_rows
+from kdpipe.jobs.demo import BUDGETS, DemoConfig, corpus_path, read_corpus, split_rows
 from kdpipe.storage.errors import ConfigError
 
 
@@ -66,7 +66,7 @@ def test_a_rerun_reuses_only_the_same_settings(rows, tmp_path):
 
 
 def test_refuses_a_folder_that_is_not_a_demo_output(tmp_path):
-    from kdpipe.pipeline.demo import run_demo
+    from kdpipe.jobs.demo import run_demo
 
     (tmp_path / "precious.txt").write_text("keep")
     with pytest.raises(ConfigError, match="not a demo output folder"):

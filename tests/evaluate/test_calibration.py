@@ -51,8 +51,8 @@ def test_reference_scores_match_a_dense_forward(tmp_path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from kdpipe.pipeline.generate.config import DEFAULT_SUMMARIZE_TEMPLATE
-    from kdpipe.pipeline.generate.recipes import Prompter
+    from kdpipe.pipeline.prompts import DEFAULT_SUMMARIZE_TEMPLATE
+    from kdpipe.pipeline.prompts import Prompter
     from kdpipe.pipeline.tiny import TinyModelConfig, build_tiny
 
     model_dir = build_tiny(tmp_path / "m", cfg=TinyModelConfig(vocab_size=300, hidden_size=64, num_hidden_layers=1, seed=3))

@@ -333,7 +333,7 @@ def test_sigterm_finishes_the_open_shard_and_rerun_completes(tiny_teacher, tmp_p
 
 def test_local_teacher_revision_changes_when_weights_change(tmp_path):
     """A retrained local teacher at the same path must not reuse a store (its cache key differs)."""
-    from kdpipe.pipeline.generate.run import local_model_revision
+    from kdpipe.pipeline.generate.teacher import local_model_revision
 
     (tmp_path / "config.json").write_text('{"a": 1}')
     w = tmp_path / "model.safetensors"

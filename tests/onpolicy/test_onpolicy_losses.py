@@ -10,9 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kdpipe.pipeline.divergence import default_divergence
 from kdpipe.pipeline.train.chunked import LossSpec, chunked_loss_parts
 from kdpipe.pipeline.train.losses import (
-    check_supported, default_divergence, distillation_loss_parts, kd_divergence, sampled_token_reverse_kl,
+    check_supported, distillation_loss_parts, kd_divergence, sampled_token_reverse_kl,
 )
 from kdpipe.storage.errors import ConfigError
 

@@ -112,7 +112,7 @@ def test_bad_inputs(tiny_teacher, tiny_student, tmp_path):
         generate_logits(onpolicy_cfg(tiny_teacher, run, data, tmp_path / "d", engine="hf"))
     assert not (tmp_path / "c" / "meta.json").exists() and not (tmp_path / "d" / "meta.json").exists()
     # a finished run means its final/
-    from kdpipe.pipeline.generate.onpolicy import resolve_sampler
+    from kdpipe.pipeline.generate.recipes.onpolicy import resolve_sampler
 
     (run / "final").symlink_to(tiny_student, target_is_directory=True)
     assert resolve_sampler(str(run)) == str((run / "final").resolve())

@@ -92,13 +92,13 @@ def test_cursor_seeks_instead_of_replaying(store, monkeypatch):
     decoded = []
     import kdpipe.storage.reader as reader_mod
 
-    orig = reader_mod._DecodedBatch.record
+    orig = reader_mod.DecodedBatch.record
 
     def counting(self, j):
         decoded.append(j)
         return orig(self, j)
 
-    monkeypatch.setattr(reader_mod._DecodedBatch, "record", counting)
+    monkeypatch.setattr(reader_mod.DecodedBatch, "record", counting)
     rest = _read(r2)
     # only the buffered rows and the rows after the cursor are decoded, not the 30 before it
     assert len(decoded) == len(rest) == 37 - 30

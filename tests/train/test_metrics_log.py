@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from kdpipe.pipeline.train.metrics_log import METRICS_FILE, MetricsLog, last_metrics, read_metrics
+from kdpipe.pipeline.metrics_log import METRICS_FILE, MetricsLog, last_metrics, read_metrics
 
 ROWS = [{"step": 1, "loss": 3.0, "target_tokens": 10},
         {"step": 2, "loss": 2.5, "target_tokens": 12},

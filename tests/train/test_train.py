@@ -80,7 +80,7 @@ def _loss_module(student, store, alpha=0.5, temperature=2.0):
     from transformers import AutoModelForCausalLM
 
     from kdpipe.pipeline.train.chunked import LossSpec
-    from kdpipe.pipeline.train.student import StudentLoss
+    from kdpipe.pipeline.train.student_loss import StudentLoss
     from kdpipe.storage.manifest import open_store
 
     model = AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32)
@@ -89,7 +89,7 @@ def _loss_module(student, store, alpha=0.5, temperature=2.0):
 
 
 def test_accumulation_over_4_micro_batches_equals_one_batch(tiny_student, topk_store):
-    from kdpipe.pipeline.train.student import Dist
+    from kdpipe.pipeline.train.distributed import Dist
     from kdpipe.pipeline.train.trainer import forward_backward
     from kdpipe.storage.batch import collate
 
@@ -456,7 +456,7 @@ def test_disk_full_while_writing_a_checkpoint_is_a_clear_error(tiny_student, top
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import kdpipe.pipeline.train.checkpoint as ck
-    from kdpipe.pipeline.train.student import Dist
+    from kdpipe.pipeline.train.distributed import Dist
 
     run = tmp_path / "run"
     run.mkdir()

@@ -135,7 +135,7 @@ def test_resume_keeps_the_best_so_far(best_run, tmp_path):
 
 def test_val_fraction_split_is_disjoint_from_training(tiny_student, topk_store, tmp_path):
     from kdpipe.pipeline.train.data import DataSpec, StepData, in_validation
-    from kdpipe.pipeline.train.student import Dist
+    from kdpipe.pipeline.train.distributed import Dist
     from kdpipe.pipeline.train.trainer import train
     from kdpipe.pipeline.train.validate import ValidationData
     from kdpipe.storage.reader import StoreReader
@@ -245,7 +245,7 @@ def test_two_process_fsdp_validation_matches_one_process(best_run, val_store, tm
     import torch
 
     from kdpipe.pipeline.config import write_resolved
-    from kdpipe.pipeline.train.student import Dist
+    from kdpipe.pipeline.train.distributed import Dist
     from kdpipe.pipeline.train.trainer import train
     from kdpipe.pipeline.train.validate import ValidationData
 

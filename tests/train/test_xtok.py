@@ -16,10 +16,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kdpipe.pipeline.train.chunked import LossSpec, chunked_loss_parts
-from kdpipe.pipeline.train.xtok_align import Aligner, align, byte_ends, strip_prefix, text_encoder
-from kdpipe.pipeline.train.xtok_bytes import token_bytes, vocab_map
-from kdpipe.pipeline.train.xtok_collate import XCollate
-from kdpipe.pipeline.train.xtok_losses import span_divergence, uld_distance, xtok_chunked_loss_parts, xtok_dense_loss_parts
+from kdpipe.pipeline.train.xtok.align import Aligner, align, byte_ends, strip_prefix, text_encoder
+from kdpipe.pipeline.train.xtok.bytes import token_bytes, vocab_map
+from kdpipe.pipeline.train.xtok.collate import XCollate
+from kdpipe.pipeline.train.xtok.losses import span_divergence, uld_distance, xtok_chunked_loss_parts, xtok_dense_loss_parts
 from kdpipe.storage import Record, collate
 from kdpipe.storage.errors import ConfigError, DataError, StoreError
 
@@ -307,7 +307,7 @@ def test_sample_whose_decode_does_not_reproduce_its_text(tok_a, tok_b, tiny_teac
 
 
 def test_check_shows_the_plan_measured_on_the_store(student_b, store_with_files, tiny_teacher, tmp_path):
-    from kdpipe.pipeline.train.xtok import cross_tokenizer_plan
+    from kdpipe.pipeline.train.xtok.hooks import cross_tokenizer_plan
 
     text = "\n".join(cross_tokenizer_plan(_cfg(student_b, store_with_files, tmp_path / "r", cross_tokenizer="hybrid")))
     assert "cross-tokenizer hybrid" in text and ">= 0.9 of the kept mass" in text

@@ -18,7 +18,8 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import realtok  # noqa: E402
 
-from kdpipe.pipeline.train.xtok import Aligner, XCollate, align, byte_ends, text_encoder  # noqa: E402
+from kdpipe.pipeline.train.xtok.align import Aligner, align, byte_ends, text_encoder  # noqa: E402
+from kdpipe.pipeline.train.xtok.collate import XCollate  # noqa: E402
 from kdpipe.storage.reader import Record  # noqa: E402
 
 MESSY = [
@@ -117,7 +118,7 @@ def test_real_pair_groups_cover_every_byte_once_and_rebuild_the_text(toks, teach
 
 def test_concat_rows_is_concat_per_row(toks):
     """The batch byte gather (the aligner's fast path) equals the per-token join, empty rows and specials included."""
-    from kdpipe.pipeline.train.xtok import token_bytes
+    from kdpipe.pipeline.train.xtok.bytes import token_bytes
 
     tb = token_bytes(toks["llama3"])
     rng = np.random.default_rng(0)

@@ -1,41 +1,27 @@
-"""Cross-tokenizer KD in train-student and `kdpipe check`: the hooks, and the data path's public names.
+"""Cross-tokenizer KD in train-student and `kdpipe check`: the hooks (the package train/xtok/).
 
 A store written by a teacher with tokenizer A trains a student with tokenizer B. The data path is
 three numpy modules, each one level of the problem, all run in the collate stage (the data thread)
 and never in the training loop:
 
-* `xtok_bytes.py`: tokenizer level — the byte string of every token id (`TokenBytes`), the
+* `bytes.py`: tokenizer level — the byte string of every token id (`TokenBytes`), the
   vocabulary map teacher id -> student id;
-* `xtok_align.py`: record level — the exact-bytes rule, retokenization for the student, aligned
+* `align.py`: record level — the exact-bytes rule, retokenization for the student, aligned
   groups (`Aligner` -> `Aligned`);
-* `xtok_collate.py`: batch level — aligned records padded into an `XBatch` with the group tensors
+* `collate.py`: batch level — aligned records padded into an `XBatch` with the group tensors
   (`XCollate`).
 
-`xtok_losses.py` compares teacher and student on those groups. This module holds what
+`losses.py` compares teacher and student on those groups. This module holds what
 train-student and `kdpipe check` call (load and check the teacher's tokenizer, build the collate
-stage, describe the plan) and re-exports the data path's public names, so callers that import
-them from here keep working.
+stage, describe the plan); the data path's names are imported from their own modules.
 """
 
 from __future__ import annotations
 
-from kdpipe.pipeline.train.xtok_align import (
-    PROMPT_CACHE_ROWS, Aligned, Aligner, align, byte_ends, strip_prefix, text_encoder,
-)
-from kdpipe.pipeline.train.xtok_bytes import TokenBytes, token_bytes, vocab_map
-from kdpipe.pipeline.train.xtok_collate import (
-    CROSS_TOKENIZER_OPTIONS, XBatch, XCollate, alignment_summary, check_min_mapped_mass,
-)
+from kdpipe.pipeline.train.xtok.align import Aligner
+from kdpipe.pipeline.train.xtok.bytes import token_bytes
+from kdpipe.pipeline.train.xtok.collate import XCollate, alignment_summary
 from kdpipe.storage.errors import ConfigError
-
-__all__ = [
-    # train-student / kdpipe check hooks (defined here)
-    "LOSS_LINES", "check_cross_tokenizer", "cross_tokenizer_collate", "cross_tokenizer_plan", "load_teacher_tokenizer",
-    # the data path, re-exported
-    "CROSS_TOKENIZER_OPTIONS", "PROMPT_CACHE_ROWS", "Aligned", "Aligner", "TokenBytes", "XBatch", "XCollate",
-    "align", "alignment_summary", "byte_ends", "check_min_mapped_mass", "strip_prefix", "text_encoder", "token_bytes",
-    "vocab_map",
-]
 
 
 # ------------------------------------------------------------------------------- train-student hooks

@@ -34,7 +34,8 @@ import numpy as np
 
 from kdpipe.pipeline.generate.data import Sample
 from kdpipe.pipeline.generate.engines import Request, make_engine
-from kdpipe.pipeline.generate.recipes import Job, Recipe, Result, request_seed
+from kdpipe.pipeline.generate.recipes.base import Job, Recipe, Result, request_seed
+from kdpipe.pipeline.generate.teacher import local_model_revision
 from kdpipe.storage.errors import ConfigError, StoreError
 
 SAMPLES_DIR = "samples"
@@ -83,7 +84,6 @@ class OnPolicy(Recipe):
 
     def __init__(self, *a, **kw) -> None:
         super().__init__(*a, **kw)
-        from kdpipe.pipeline.generate.run import local_model_revision
         from kdpipe.storage import tokenizer_fingerprint
 
         self.sampler = resolve_sampler(self.cfg.sampler)
@@ -116,6 +116,13 @@ class OnPolicy(Recipe):
 
     def build(self, doc: str) -> list[int]:
         return self.prompter.ids(self.cfg.template.replace("{text}", doc))
+
+    def prepare(self, samples: list[Sample], done: set[str], meta, task_index: int, sampler_engine=None) -> list[Sample]:
+        """The sampler draws (or a rerun reloads) N completions per prompt first: one row per completion."""
+        from kdpipe.storage import cache_key
+
+        return sample_task(self.cfg, self, samples, done, self.max_model_len, self.tok, task_index, cache_key(meta),
+                           sampler_engine)
 
     def prompt(self, sample: Sample) -> list[int] | None:
         fitted = self.fit(sample.text, self.build, self.max_model_len - self.cfg.max_new_tokens)

@@ -1,6 +1,6 @@
 """Cross-tokenizer KD, tokenizer level: the bytes of every token id, and the vocabulary map.
 
-Alignment (`xtok_align.py`) compares two tokenizations of one text by byte offsets, so each
+Alignment (`xtok/align.py`) compares two tokenizations of one text by byte offsets, so each
 tokenizer must say which bytes each of its ids stands for. This module reads that from the
 tokenizer alone (no records); everything is numpy and is built once per run.
 
@@ -16,7 +16,7 @@ Special tokens (BOS, EOS, chat-template markers, padding) carry **no bytes**. A 
 added token carries its content's UTF-8 bytes. Any other decoder (WordPiece's `##`, BPE with an
 end-of-word suffix, CTC) or a slow tokenizer cannot give byte offsets: refused with ConfigError.
 `TokenBytes.prefix_space` records whether the tokenizer may add one leading space that is not in
-the text (the allowance of the exact-bytes rule, `xtok_align.strip_prefix`).
+the text (the allowance of the exact-bytes rule, `align.strip_prefix`).
 
 Vocabulary map
 --------------

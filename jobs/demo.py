@@ -36,7 +36,6 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Literal
 
-import click
 
 # Several trainers and engines share the demo's 2 cores: busy-waiting OpenMP threads then burn the
 # time slices of the thread they wait for (measured here: 9.6 s vs 1.1 s per teacher step under
@@ -166,7 +165,7 @@ def split_rows(cfg: DemoConfig, rows: list[dict]) -> dict[str, list[dict]]:
 # ---------------------------------------------------------------------------------------- models
 def build_models(cfg: DemoConfig, rows: list[dict], out: Path) -> tuple[Path, Path]:
     """Tokenizer trained on `rows`; teacher and student initialized from configs (seeded)."""
-    from kdpipe.pipeline.generate.config import DEFAULT_SUMMARIZE_TEMPLATE
+    from kdpipe.pipeline.prompts import DEFAULT_SUMMARIZE_TEMPLATE
     from kdpipe.pipeline.tiny import TinyModelConfig, build_model, build_tokenizer
 
     teacher, student = out / "models" / "teacher-init", out / "models" / "student-init"
@@ -468,25 +467,3 @@ def what_it_means(report: dict, top_k: int) -> str:
             f"({figures}). sft_ref is plain fine-tuning on the transfer set, seqkd learns the teacher's summaries, kd "
             f"also its top-{top_k} log-probs. One demo run on tiny models is one noisy sample, not a result: "
             "benchmarks/bench_quality.py (5 seeds, paired CIs, held-out NLL and calibration) is the measured claim.")
-
-
-@click.command("demo")
-@click.option("--out", default=None, help="Output folder (models, store, runs, report, logs).  [default: demo-output]")
-@click.option("--budget", type=click.Choice(list(BUDGETS)), default=None, help="small (CI), default (make demo), large.  [default: default]")
-@click.option("--seed", type=int, default=None, help="Seed for models, data subsets, training and generation.  [default: 0]")
-@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None, help="TOML with DemoConfig keys.  [default: none]")
-@click.option("-v", "--verbose", is_flag=True, default=False, help="Show every step's output (engines, warnings) instead of one line per stage.  [default: off]")
-def demo(out, budget, seed, config_path, verbose):
-    """The whole pipeline on CPU, on Debian package descriptions: a tiny teacher trained on every training pair,
-    phase one, three students on a small transfer set (sft_ref, seqkd, kd), evaluation on held-out documents."""
-    from kdpipe.pipeline.cli import run_command
-    from kdpipe.pipeline.config import load_config
-    from kdpipe.pipeline.evaluate.report import headline_table
-
-    cfg = run_command(load_config, DemoConfig, config_path, {"out": out, "budget": budget, "seed": seed})
-    report = run_command(run_demo, cfg, lambda s: click.echo(s, err=True), verbose)
-    click.echo("")
-    click.echo(headline_table(report))
-    click.echo("")
-    click.echo(what_it_means(report, cfg.top_k))
-    click.echo(f"\nreport: {Path(cfg.out).resolve() / 'report' / 'report.md'}  (demo took {report['demo_seconds']:.0f} s)")

@@ -3,7 +3,7 @@ token sequences into aligned groups.
 
 A store written by a teacher with tokenizer A trains a student with tokenizer B. `Aligner` turns
 each stored record (teacher tokens) into an `Aligned` one (student tokens + the group of every
-target token on both sides), using the byte tables of `xtok_bytes.py`; `xtok_collate.py` pads
+target token on both sides), using the byte tables of `xtok/bytes.py`; `xtok/collate.py` pads
 aligned records into a batch. Everything is numpy and runs in the collate stage (the data thread).
 
 The exact-bytes rule
@@ -44,7 +44,7 @@ from typing import Sequence
 
 import numpy as np
 
-from kdpipe.pipeline.train.xtok_bytes import TokenBytes, token_bytes, vocab_map
+from kdpipe.pipeline.train.xtok.bytes import TokenBytes, token_bytes, vocab_map
 from kdpipe.storage.errors import DataError
 from kdpipe.storage.reader import Record
 

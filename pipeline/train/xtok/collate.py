@@ -1,9 +1,9 @@
 """Cross-tokenizer KD, batch level: aligned records -> one padded student batch + the group tensors.
 
 `XCollate` is the collate stage of train-student when the student's tokenizer differs from the
-teacher's (DataSpec.collate): it aligns a micro-batch of records (`xtok_align.Aligner`), pads
+teacher's (DataSpec.collate): it aligns a micro-batch of records (`align.Aligner`), pads
 the student sequences to [B, T], and precomputes in numpy, in the data thread, everything
-`xtok_losses.py` needs per group (the mapped teacher rows of 1:1 groups, the teacher's chain-rule
+`xtok/losses.py` needs per group (the mapped teacher rows of 1:1 groups, the teacher's chain-rule
 log-probability of each group, the first teacher row of each unmapped group), so the training
 loop only indexes tensors. `XBatch` lists those tensors and their shapes.
 """
@@ -17,7 +17,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from kdpipe.pipeline.train.xtok_align import Aligned, Aligner
+from kdpipe.pipeline.train.xtok.align import Aligned, Aligner
 from kdpipe.storage.batch import Batch
 from kdpipe.storage.errors import ConfigError, DataError
 from kdpipe.storage.reader import Record

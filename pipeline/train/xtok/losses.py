@@ -1,7 +1,7 @@
 """Cross-tokenizer distillation losses on aligned groups: pure functions, named for what they compute.
 
 The student (tokenizer B) learns from a store written by a teacher with tokenizer A.
-`xtok_align.py` cuts both target token sequences into aligned groups (shortest runs ending at
+`xtok/align.py` cuts both target token sequences into aligned groups (shortest runs ending at
 the same byte offset). The loss of one optimizer step is
 
     loss = α · CE(student, its target tokens) + (1 − α) · T² · Σ_groups D_g
@@ -52,9 +52,9 @@ import math
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from kdpipe.pipeline.train.chunked import LossSpec, _chunk_loss
+from kdpipe.pipeline.train.chunked import LossSpec, chunk_loss
 from kdpipe.pipeline.train.losses import (
-    _forward_kl_from_kept, _tail_floor, divergence_fn, student_categories, teacher_categories,
+    forward_kl_from_kept, tail_floor, divergence_fn, student_categories, teacher_categories,
 )
 
 
@@ -84,14 +84,14 @@ def mapped_divergence(
                 renorm = kept_p - torch.logsumexp(kept_p, -1, keepdim=True)
                 log_p = torch.where(unmapped.any(-1, keepdim=True), renorm, log_p)
     if divergence == "forward_kl":
-        return _forward_kl_from_kept(log_p, kept_log_q, mapped, tail_mode)
+        return forward_kl_from_kept(log_p, kept_log_q, mapped, tail_mode)
     return divergence_fn(divergence, jsd_beta)(log_p, student_categories(kept_log_q, mapped, tail_mode))
 
 
 def _bernoulli(log_x: torch.Tensor) -> torch.Tensor:
     """[G] log x -> [G, 2] log [x, 1 − x], 1 − x floored like a tail."""
     log_x = log_x.clamp_max(0.0)
-    rest = (-torch.expm1(log_x)).clamp_min(0.0) + _tail_floor(log_x.dtype)
+    rest = (-torch.expm1(log_x)).clamp_min(0.0) + tail_floor(log_x.dtype)
     return torch.stack([log_x, rest.log()], -1)
 
 
@@ -128,11 +128,11 @@ def uld_distance(teacher_logprobs: torch.Tensor, teacher_tail: torch.Tensor, stu
 def _xchunk(h, weight, bias, target_ids, kd_ids, uld_rows, k_uld: int, spec: LossSpec):
     """(Σ CE, log q_T at [target, kd ids] [c, 1+K], top-k log q_T at uld_rows [u, k_uld]) — all that needs [c, V].
 
-    CE and the gathers are chunked.py's own `_chunk_loss` (with the target as an extra kept column),
+    CE and the gathers are chunked.py's own `chunk_loss` (with the target as an extra kept column),
     so a cross-tokenizer step computes bit for bit what a same-tokenizer step does on the same ids.
     """
     cols = torch.cat([target_ids.unsqueeze(-1), kd_ids], dim=-1)  # [c, 1+K]
-    ce, g = _chunk_loss(h, weight, bias, target_ids, cols, spec)
+    ce, g = chunk_loss(h, weight, bias, target_ids, cols, spec)
     k = min(k_uld, weight.shape[0])
     if not k:
         return ce, g, g.new_zeros((0, 0))
@@ -152,7 +152,7 @@ def xtok_chunked_loss_parts(
     weight: torch.Tensor,  # [V_model, H]
     vocab_size: int,  # the student tokenizer's vocabulary
     target_ids: torch.Tensor,  # [N]
-    xtok: dict,  # XBatch.xtok tensors (see xtok_collate.XBatch)
+    xtok: dict,  # XBatch.xtok tensors (see collate.XBatch)
     spec: LossSpec,
     option: str,  # 'span' | 'uld' | 'hybrid'
     bias: torch.Tensor | None = None,

@@ -1,4 +1,5 @@
-"""On-policy rounds in a job chain: the `[on_policy]` section of a job file.
+"""On-policy rounds in a job chain: the `[on_policy]` section of a job file (parsed by jobs/spec.py into
+OnPolicySpec; `kdpipe status` reports the rounds through jobs/status.py; only jobs/plan.py builds them).
 
     [on_policy]
     rounds = 3                     # R >= 1
@@ -29,34 +30,10 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
-from kdpipe.jobs.spec import RunSpec, suggest, unknown_key_error
+from kdpipe.jobs.spec import NOT_INHERITED, RunSpec, suggest
 from kdpipe.storage.errors import ConfigError
-
-KEYS = ("rounds", "samples_per_prompt", "temperature", "steps_per_round", "start", "start_model", "evaluate_every_round",
-        "prompts", "train", "generation", "nodes", "gpus")
-PROMPT_KEYS = {"dataset": "data", "data": "data", "split": "split", "text_field": "text_field", "id_field": "id_field",
-               "limit": "limit"}
-# [generation] keys that describe the off-policy store's dataset/recipe, not the rounds'.
-NOT_INHERITED = ("recipe", "target_field", "sampler", "samples_per_prompt", "sampling_temperature")
-
-
-@dataclasses.dataclass(frozen=True)
-class OnPolicySpec:
-    rounds: int
-    steps_per_round: int
-    prompts: Mapping[str, Any]
-    samples_per_prompt: int = 1
-    temperature: float = 1.0
-    start: str | None = None  # a [[students]] run name
-    start_model: str | None = None
-    evaluate_every_round: bool = False
-    train: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-    generation: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-    nodes: int = 1
-    gpus: int = 0
-
 
 @dataclasses.dataclass(frozen=True)
 class RoundPlan:
@@ -65,65 +42,6 @@ class RoundPlan:
     run: Path  # the round's RUN (its final/ is the next round's sampler and student)
     model: str  # the weights this round samples from and starts training from
     state: str  # "done" | "to run" | "store reused" | "store partial"
-
-
-def parse_on_policy(t: Any, where: str) -> OnPolicySpec:
-    w = f"{where} [on_policy]"
-    if not isinstance(t, Mapping):
-        raise ConfigError(f"{w}: must be a table of keys, got {t!r}")
-    for k in t:
-        if k not in KEYS:
-            raise unknown_key_error(w, k, KEYS)
-
-    def integer(key: str, minimum: int, default: Any = dataclasses.MISSING) -> int:
-        if key not in t:
-            if default is dataclasses.MISSING:
-                raise ConfigError(f"{w}: missing required key '{key}'")
-            return default
-        v = t[key]
-        if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
-            raise ConfigError(f"{w}.{key}: expected an integer >= {minimum}, got {v!r}")
-        return v
-
-    rounds = integer("rounds", 1)
-    steps = integer("steps_per_round", 1)
-    n = integer("samples_per_prompt", 1, 1)
-    temp = t.get("temperature", 1.0)
-    if not isinstance(temp, (int, float)) or isinstance(temp, bool) or temp < 0:
-        raise ConfigError(f"{w}.temperature: expected a number >= 0 (the sampler's temperature), got {temp!r}")
-    start, start_model = t.get("start"), t.get("start_model")
-    if (start is None) == (start_model is None):
-        raise ConfigError(
-            f"{w}: give exactly one start: start = \"<a [[students]] run name>\" (trained off-policy first, round 0) "
-            "or start_model = \"<model directory or hub id>\""
-        )
-    for key, v in (("start", start), ("start_model", start_model)):
-        if v is not None and (not isinstance(v, str) or not v.strip()):
-            raise ConfigError(f"{w}.{key}: expected a non-empty string, got {v!r}")
-    prompts = t.get("prompts")
-    if not isinstance(prompts, Mapping) or not (prompts.get("dataset") or prompts.get("data")):
-        raise ConfigError(f"{w}.prompts: expected a table with at least dataset = \"<prompts file or hub id>\", got {prompts!r}")
-    for k in prompts:
-        if k not in PROMPT_KEYS:
-            raise unknown_key_error(f"{w}.prompts", k, PROMPT_KEYS)
-    for key in ("train", "generation"):
-        if not isinstance(t.get(key, {}), Mapping):
-            raise ConfigError(f"{w}.{key}: expected a table of phase keys, got {t[key]!r}")
-    for key in ("stores", "out", "student", "model", "steps", "resume"):
-        if key in t.get("train", {}):
-            raise ConfigError(f"{w}.train.{key}: set by the round chain (student = the previous round's final weights, "
-                              "stores = the round's store, steps = steps_per_round); remove it")
-    for key in ("out", "store", "data", "dataset", "task_index", "num_tasks") + NOT_INHERITED:
-        if key in t.get("generation", {}):
-            raise ConfigError(f"{w}.generation.{key}: set by the round chain (or by [on_policy] itself); remove it")
-    every = t.get("evaluate_every_round", False)
-    if not isinstance(every, bool):
-        raise ConfigError(f"{w}.evaluate_every_round: expected true or false, got {every!r}")
-    return OnPolicySpec(
-        rounds=rounds, steps_per_round=steps, prompts=dict(prompts), samples_per_prompt=n, temperature=float(temp),
-        start=start, start_model=start_model, evaluate_every_round=every, train=dict(t.get("train", {})),
-        generation=dict(t.get("generation", {})), nodes=integer("nodes", 1, 1), gpus=integer("gpus", 0, 0),
-    )
 
 
 def round_dir(job, r: int) -> Path:
@@ -182,7 +100,7 @@ def _train_config(job, model: str, store: Path, run: Path):
 
 def _sampled_from_other_weights(store: Path, sampler: str) -> str | None:
     """Why a finalized round store no longer matches its sampler's weights (None when it does / cannot tell)."""
-    from kdpipe.pipeline.generate.run import local_model_revision
+    from kdpipe.pipeline.generate.teacher import local_model_revision
     from kdpipe.storage import open_store
 
     if not Path(sampler).is_dir():
@@ -195,7 +113,7 @@ def _sampled_from_other_weights(store: Path, sampler: str) -> str | None:
 def round_steps(job, python: str, runs: list[RunSpec], steps: list, toml) -> tuple[list, list[str], list[RoundPlan]]:
     """The round chain's steps (appended after the off-policy ones), the skipped ones (why), and each round's state."""
     from kdpipe.jobs import phases
-    from kdpipe.jobs.plan import Step, _same_config, inspect_store
+    from kdpipe.jobs.steps import Step, check_store, same_config
 
     op = job.on_policy
     cfgdir = job.run_dir / "configs"
@@ -219,14 +137,14 @@ def round_steps(job, python: str, runs: list[RunSpec], steps: list, toml) -> tup
         train_text = note + toml(tr)
         run_spec = RunSpec(name=tag, student=start_run.student if start_run else 0, nodes=op.nodes, gpus=gpus,
                            procs_per_node=max(gpus, 1), values={}, swept={"round": r})
-        done = _same_config(run / "final" / "train_config.toml", train_text, ignore={"resume"})
+        done = same_config(run / "final" / "train_config.toml", train_text, ignore={"resume"})
         after_prev = (prev_train,) if prev_train else ()
         if done:
             skipped.append(f"{tag}-train: {run / 'final'} exists with the same config (round {r} done)")
             rounds.append(RoundPlan(r, store, run, model, "done"))
             prev_train = None
         else:
-            st = inspect_store(store, num_tasks, None)
+            st = check_store(store, num_tasks, None)
             why = _sampled_from_other_weights(store, model) if st.status == "finalized" else None
             if why:
                 raise ConfigError(f"on-policy round {r}: the finalized store {store} was {why}; delete {rd} to redo the round")
@@ -254,7 +172,7 @@ def round_steps(job, python: str, runs: list[RunSpec], steps: list, toml) -> tup
             # The report records the round's store (an on-policy-only job has no off-policy store).
             ev = dataclasses.replace(phases.eval_config(job, run_spec, run), stores=(str(store),))
             ev_text = toml(ev)
-            if done and (run / "eval" / "report.json").is_file() and _same_config(run / "eval" / "eval_config.toml", ev_text):
+            if done and (run / "eval" / "report.json").is_file() and same_config(run / "eval" / "eval_config.toml", ev_text):
                 skipped.append(f"{tag}-evaluate: {run / 'eval' / 'report.json'} exists with the same config")
             else:
                 out.append(Step(kind="evaluate", name=f"{tag}-evaluate", argv=tuple(phases.eval_argv(python, cfgdir / f"{tag}-evaluate.toml")),
@@ -265,9 +183,9 @@ def round_steps(job, python: str, runs: list[RunSpec], steps: list, toml) -> tup
 
 
 def phases_eval_gpus(job, ev) -> int:
-    from kdpipe.jobs.plan import _eval_gpus
+    from kdpipe.jobs.steps import eval_gpus
 
-    return _eval_gpus(job, ev)
+    return eval_gpus(job, ev)
 
 
 def describe_rounds(plan) -> list[str]:
@@ -287,28 +205,3 @@ def rounds_doc(plan) -> list[dict[str, Any]]:
     """The rounds as submission.json / run.json record them (kdpipe status reads this)."""
     return [{"round": rp.index, "store": str(rp.store), "run": str(rp.run), "model": rp.model, "state_at_start": rp.state,
              "num_tasks": plan.job.generation.num_tasks} for rp in plan.rounds]
-
-
-def rounds_status(rounds: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    from kdpipe.jobs.status import last_metrics, store_progress
-
-    out = []
-    for rd in rounds:
-        run, num_tasks = Path(rd["run"]), int(rd.get("num_tasks", 1))
-        store = store_progress(Path(rd["store"]), num_tasks)
-        state = ("done" if (run / "final").is_dir() else "training" if (run / "metrics.jsonl").exists()
-                 else "store finalized" if store["finalized"] else f"generating ({len(store['tasks_complete'])}/{num_tasks} tasks)"
-                 if store["tasks_started"] else "waiting")
-        out.append({**rd, "state": state, "store_progress": store, "last_metrics": last_metrics(run)})
-    return out
-
-
-def format_rounds(rounds: list[dict[str, Any]]) -> list[str]:
-    import json
-
-    lines = []
-    for rd in rounds:
-        m = rd.get("last_metrics")
-        lines.append(f"round {rd['round']}: {rd['state']}" + (f"  step {m['step']} loss {m['loss']:.4f} loss_kd {m['loss_kd']:.4f}" if m else "")
-                     + f"  ({rd['run']})")
-    return lines or [json.dumps(rounds)]
