@@ -38,7 +38,7 @@ from kdpipe.pipeline.generate.run import generate_logits
 
 pytestmark = pytest.mark.vllm
 
-K, MAX_LEN, BLOCK = 8, 512, 32  # the shared engine's (tests/generate/conftest.py)
+K, MAX_LEN, BLOCK = 8, 512, 32  # the shared engine's (tests/conftest.py)
 
 
 def cfg_for(teacher, data, out, **kw) -> GenerateConfig:
