@@ -56,8 +56,8 @@ SHARED_BLOCKS = 48
 @pytest.fixture(scope="session")
 def shared_vllm_engine(tiny_teacher):
     """One in-process VllmEngine for every test that only needs the tiny teacher's scores (prefix caching on):
-    test_matrix_e2e, test_score_prefix_cache, test_validation_e2e, the on-policy teacher (one engine start
-    costs ~20-40 s on 2 cores)."""
+    test_matrix_e2e, test_score_prefix_cache, test_validation_e2e, test_xtok_e2e (one engine start costs
+    ~20-40 s on 2 cores)."""
     require("vllm", "phase one's default teacher engine")
     from transformers import AutoTokenizer
 

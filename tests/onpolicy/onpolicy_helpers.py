@@ -12,7 +12,7 @@ WORDS = ("the city council approved a new budget for parks and schools on monday
          "reported that river reached its highest level ten years quick brown fox jumps over lazy dog").split()
 
 K = 8
-MAX_LEN = 512  # the session's shared scoring engine's (tests/conftest.py), the on-policy teacher in test_onpolicy_vllm
+MAX_LEN = 256
 NEW = 12
 
 

@@ -27,23 +27,23 @@ N = 2
 
 
 @pytest.fixture(scope="module")
-def engines(shared_vllm_engine, tiny_teacher, tiny_student):
-    """The teacher: the session's shared scoring engine (tests/conftest.py: K = 8, a 512-token context),
-    so this module adds one engine start, the sampler's."""
+def engines(tiny_teacher, tiny_student):
     require("vllm", "the on-policy recipe's sampler and teacher engines")
     from transformers import AutoTokenizer
 
     from kdpipe.pipeline.generate.config import GenerateConfig
     from kdpipe.pipeline.generate.engines import VllmEngine
 
-    teacher = shared_vllm_engine
-    assert teacher.max_logprobs >= K and teacher.max_model_len == MAX_LEN
     vocab = len(AutoTokenizer.from_pretrained(tiny_teacher))
+    tcfg = GenerateConfig(teacher=str(tiny_teacher), data="-", out="-", top_k=K, max_model_len=MAX_LEN, dtype="float32",
+                          enforce_eager=True, seed=5)
     scfg = GenerateConfig(teacher=str(tiny_student), data="-", out="-", top_k=1, max_model_len=MAX_LEN, dtype="float32",
                           enforce_eager=True, seed=5, temperature=1.0)
+    teacher = VllmEngine.from_config(tcfg, MAX_LEN, vocab)
     sampler = VllmEngine.from_config(scfg, MAX_LEN, vocab)
     yield teacher, sampler
     sampler.close()
+    teacher.close()
 
 
 @pytest.fixture(scope="module")
