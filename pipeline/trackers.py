@@ -244,8 +244,17 @@ class _Trackio:
         self.run.log({k: self.trackio.Image(str(p)) for k, p in paths.items()}, step=step)
 
     def close(self) -> None:
+        # trackio.finish() also clears trackio's current run; Run.finish() alone leaves it set, and
+        # trackio's atexit hook then finishes it a second time, printing "Run finished. Uploading
+        # logs to Trackio" at interpreter exit (after the run's own output, or a test session's).
+        from trackio import context_vars
+
         with contextlib.redirect_stdout(io.StringIO()):
-            self.run.finish()
+            try:
+                self.run.finish()
+            finally:
+                if context_vars.current_run.get() is self.run:
+                    context_vars.current_run.set(None)
 
 
 _BACKENDS = {b.name: b for b in (_TensorBoard, _WandB, _MLflow, _Trackio)}

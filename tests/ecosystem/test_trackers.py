@@ -121,6 +121,25 @@ def test_evaluate_report_to_reaches_the_run_and_its_card(tracked_run, tiny_teach
     assert "Evaluated with `kdpipe evaluate` on 2 examples" in card and f"| kd | student | {r1:.3f} |" in card
 
 
+def test_closed_trackio_run_is_not_finished_again_at_exit(tmp_path, monkeypatch, capfd):
+    """A closed trackio run is no longer trackio's current run: its atexit hook has nothing left to
+    finish, so no "Run finished. Uploading logs to Trackio" line prints when the process exits."""
+    require("trackio", "the tracker under test")
+    import trackio
+
+    from kdpipe.pipeline.trackers import open_trackers
+
+    tracker_env(monkeypatch, tmp_path)
+    t = open_trackers(("trackio",), tmp_path / "trackers", "run", {"lr": 1e-3})
+    t.log_metrics({"step": 1, "loss": 2.0})
+    t.close()
+    capfd.readouterr()
+    trackio._cleanup_current_run()  # what trackio registered with atexit
+    assert "Run finished" not in capfd.readouterr().out
+    logs, _ = readers.trackio_logs(t.state["trackers"]["trackio"]["project"], t.state["trackers"]["trackio"]["name"])
+    assert logs["train/loss"] == {1: 2.0}  # closing still flushed the run's logs
+
+
 # ------------------------------------------------------------------------------------ refusals
 
 
@@ -201,3 +220,4 @@ def test_evaluation_of_plain_models_gets_its_own_runs_once(tmp_path, monkeypatch
     assert tb["eval/a/rougeL"] == {0: pytest.approx(0.5)} and tb["eval/b/rougeL"] == {0: pytest.approx(0.3)}
     with pytest.raises(ConfigError, match=r"report/trackers: holds the tracker runs of another run .*choose a new --out"):
         evaluation_to_trackers(("tensorboard",), report, tmp_path / "report", {})
+

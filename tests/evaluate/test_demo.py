@@ -5,27 +5,27 @@ the jobs layer, evaluation; a quiet terminal, the report's sections, the teacher
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-from kdtest import require
+from kdtest import DEMO_KEY, BackgroundDemo, require
 
-# ~7 min on a quiet 2-core machine (the teacher's 1,000 steps are half of it); the fixture's subprocess gets room on a loaded one.
+# ~7 min on a quiet 2-core machine (the teacher's 1,000 steps are half of it), started in the background when
+# collection ends (tests/conftest.py); the timeout gives the demo room on a loaded one.
 pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.timeout(3000)]
 
 
 @pytest.fixture(scope="module")
-def demo_out(tmp_path_factory):
+def demo_out(request, tmp_path_factory):
+    """The demo's output; tests/conftest.py started it when collection ended (kdtest.BackgroundDemo)
+    and orders these tests last, so they wait only for what is left of it."""
     require("vllm", "the demo runs phase one and evaluation under vLLM")
-    out = tmp_path_factory.mktemp("demo") / "demo-output"
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    r = subprocess.run([sys.executable, "-m", "kdpipe.pipeline.cli", "demo", "--budget", "small", "--out", str(out)],
-                       capture_output=True, text=True, timeout=3000, env=env)
-    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-4000:])
-    return out, r.stdout, r.stderr
+    demo = request.config.stash.get(DEMO_KEY, None)
+    if demo is None:  # not started at collection (e.g. vLLM was found only now): start it here
+        demo = BackgroundDemo(tmp_path_factory.mktemp("demo") / "demo-output")
+    rc, stdout, stderr = demo.result()
+    assert rc == 0, (stdout[-2000:], stderr[-4000:])
+    return demo.out, stdout, stderr
 
 
 def test_demo_prints_headline_sentence_and_report_path(demo_out):

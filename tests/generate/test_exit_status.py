@@ -4,8 +4,11 @@ Before the fix, `kdpipe generate-logits --recipe score --top-k 64` printed its s
 died in vLLM/torch teardown ("terminate called without an active exception", exit 134) in about
 half the runs, so SLURM's `afterok` never fired. kdpipe now shuts the engine down explicitly and
 ends the process with the status of its work (kdpipe.pipeline.shutdown). Here: five fresh CLI
-processes in a row, each on 100 documents of several hundred tokens, each must exit 0; then a
+processes, two at a time, each on 100 documents of several hundred tokens, each must exit 0; then a
 `kdpipe run` chain whose store is a score store proceeds through finalize to training.
+Two at a time: most of a run (imports, engine process spawns, the front end) keeps about one of two
+cores busy, so a pair takes little longer than one run; each is still a fresh process with its own
+engine, its own teardown and its own exit status.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import os
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -24,6 +28,7 @@ pytestmark = pytest.mark.vllm
 
 N_DOCS = 100
 RUNS = 5
+PARALLEL = 2  # runs at a time
 K = 64
 
 
@@ -47,15 +52,20 @@ def test_score_k64_exits_0_every_time(tiny_teacher, long_docs, tmp_path):
     tok = AutoTokenizer.from_pretrained(tiny_teacher)
     first = long_docs.read_text().splitlines()[0]
     assert len(tok(first)["input_ids"]) > 250  # "several hundred tokens" per document
-    for i in range(RUNS):
-        out = tmp_path / f"store{i}"
-        r = subprocess.run(
+
+    def one(i: int) -> subprocess.CompletedProcess:
+        return subprocess.run(
             [sys.executable, "-m", "kdpipe.pipeline.cli", "generate-logits", "--teacher", str(tiny_teacher),
              "--data", str(long_docs), "--text-field", "document", "--id-field", "id", "--recipe", "score",
              "--target-field", "ref", "--top-k", str(K), "--max-model-len", "1024", "--dtype", "float32",
-             "--enforce-eager", "--no-progress", "--out", str(out)],
+             "--enforce-eager", "--no-progress", "--out", str(tmp_path / f"store{i}")],
             capture_output=True, text=True, env=_env(), timeout=600,
         )
+
+    with ThreadPoolExecutor(PARALLEL) as pool:
+        results = list(pool.map(one, range(RUNS)))
+    for i, r in enumerate(results):
+        out = tmp_path / f"store{i}"
         log = "".join(p.read_text(errors="replace")[-3000:] for p in (out / "logs").glob("*.log")) if (out / "logs").is_dir() else ""
         assert r.returncode == 0, f"run {i}: exit {r.returncode}\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}\n{log}"
         assert f"wrote {N_DOCS} samples" in r.stdout, r.stdout

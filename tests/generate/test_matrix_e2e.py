@@ -30,7 +30,7 @@ from kdpipe.storage import finalize_store
 
 pytestmark = pytest.mark.vllm
 
-K, MAX_LEN = 8, 512  # the shared engine's (tests/generate/conftest.py)
+K, MAX_LEN = 8, 512  # the shared engine's (tests/conftest.py)
 CODECS = ("topk", "sampled")
 RECIPES = ("summarize", "score", "basic-reading")
 ENGINES = ("vllm", "hf")

@@ -11,22 +11,34 @@ prefix-cache route must give byte-identical stores (both codecs) when the cache 
   evicted    (the admission window opened wide on the small cache: prefixes are evicted,
               requests may be preempted, the rows that are not cached are recomputed),
 and for basic-reading's scoring pass.
+
+"The same targets" is the bound of docs/generate.md ("Scoring routes"), not byte equality: vLLM's
+CPU kernels are not batch-invariant, so a row computed in another batch (the other route, or the
+same route under other load) may differ in the last bits of its float32 log-probs. Stores must
+hold the same samples, sequences and positions byte for byte, and the targets within
+benchmarks/score_diff.py's bound (codes within one step, near-tie swaps only, |Δ tail| <= 1e-6);
+test_batch_composition_moves_only_last_bits pins the engine-side bound itself.
 """
 
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 from gen_helpers import make_docs, read_records, write_jsonl
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+from score_diff import RAW_EPS, raw_diff, row_diff  # noqa: E402  (the benchmark's comparator)
 
 from kdpipe.pipeline.generate.config import GenerateConfig
 from kdpipe.pipeline.generate.run import generate_logits
 
 pytestmark = pytest.mark.vllm
 
-K, MAX_LEN, BLOCK = 8, 512, 32  # the shared engine's (tests/generate/conftest.py)
+K, MAX_LEN, BLOCK = 8, 512, 32  # the shared engine's (tests/conftest.py)
 
 
 def cfg_for(teacher, data, out, **kw) -> GenerateConfig:
@@ -51,12 +63,16 @@ def docs(tmp_path_factory):
 
 
 def assert_same_store(a: dict, b: dict) -> None:
-    """Byte-for-byte the same targets: sequences, positions, ids, decoded log-probs, tails."""
+    """The same samples, sequences and positions byte for byte; every target row within the bound."""
     assert sorted(a) == sorted(b)
     for sid in a:
         ra, rb = a[sid], b[sid]
-        for name in ("input_ids", "target_positions", "ids", "logprobs", "tail"):
+        for name in ("input_ids", "target_positions"):
             assert np.array_equal(getattr(ra, name), getattr(rb, name)), (sid, name)
+        for j in range(len(ra.target_positions)):
+            d = row_diff(ra.ids[j], ra.logprobs[j], ra.tail[j], rb.ids[j], rb.logprobs[j], rb.tail[j])
+            assert d.get("max_code_step", 0) <= 1 and d.get("tie_gap_steps", 0) <= 1 and d["tail_delta"] <= 1e-6, \
+                (sid, j, d)
 
 
 def run(engine, teacher, data, out, mode, **kw):
@@ -139,3 +155,33 @@ def test_both_routes_match_transformers(engine, tiny_teacher, docs, tmp_path):
         run(engine, tiny_teacher, data, tmp_path / mode, mode)
         for rec in read_records(tmp_path / mode).values():
             check_against_reference(rec, ref.logprobs(rec.input_ids, rec.target_positions), lp_tol)
+
+
+def test_batch_composition_moves_only_last_bits(engine, tiny_teacher, docs):
+    """The same score requests one at a time, all batched, batched in reverse order, and on the
+    prefix-cache route: the engine's float32 top-K (before the codec) agree within RAW_EPS, with
+    the same ids except where two values lie within RAW_EPS (near-ties). This is the guarantee
+    docs/generate.md states; bitwise equality across batch compositions is not one on vLLM CPU."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_teacher)
+    rows = [json.loads(x) for x in docs.read_text().splitlines()]
+    seqs = [tok(r["text"] + " " + r["ref"])["input_ids"][: MAX_LEN - 1] for r in rows]
+    pos = [list(range(len(s) - 12, len(s))) for s in seqs]  # the last 12 rows of ~150-token sequences
+    engine.top_k, engine.temperature = K, 0.0
+    runs = {}
+    try:
+        for name, mode, order in (("batched", "full", None), ("reversed", "full", -1), ("prefix-cache", "prefix-cache", None)):
+            assert engine.llm.reset_prefix_cache()
+            engine.score_mode = mode
+            got = engine.score(seqs[::order], pos[::order])
+            runs[name] = got[::order]
+        engine.score_mode = "full"
+        runs["alone"] = [engine.score([s], [p])[0] for s, p in zip(seqs, pos)]
+    finally:
+        engine.score_mode = "prefix-cache"
+    n_rows = sum(len(p) for p in pos)
+    for name in ("reversed", "prefix-cache", "alone"):
+        d = raw_diff(runs["batched"], runs[name])
+        assert d["rows"] == n_rows, (name, d)
+        assert d["within_bound"], (name, d, RAW_EPS)

@@ -1,7 +1,7 @@
 """Validation end to end on real phase-one output (issue 10 §3): vLLM (int32 ids) -> finalize ->
 `kdpipe inspect --verify` -> `train-student --val-fraction --eval-every --save-best` through the CLI.
 
-Uses the session's shared vLLM engine (tests/generate/conftest.py), so it adds no engine start.
+Uses the session's shared vLLM engine (tests/conftest.py), so it adds no engine start.
 """
 
 from __future__ import annotations

@@ -39,8 +39,8 @@ def student_b(tmp_path_factory):
     return out
 
 
-def test_phase_one_with_tokenizer_a_trains_a_student_with_tokenizer_b(tiny_teacher, student_b, tmp_path):
-    require("vllm", "phase one runs on vLLM")
+def test_phase_one_with_tokenizer_a_trains_a_student_with_tokenizer_b(tiny_teacher, student_b, shared_vllm_engine, tmp_path):
+    require("vllm", "phase one runs on vLLM")  # on the session's shared scoring engine (tests/conftest.py): no engine start here
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from kdpipe.pipeline.cli import main as cli
@@ -54,8 +54,8 @@ def test_phase_one_with_tokenizer_a_trains_a_student_with_tokenizer_b(tiny_teach
     store = tmp_path / "store"
     s = generate_logits(GenerateConfig(
         teacher=str(tiny_teacher), data=str(docs), out=str(store), codec="topk", recipe="score", engine="vllm",
-        target_field="ref", id_field="id", top_k=8, max_model_len=256, dtype="float32", enforce_eager=True,
-        progress=False))
+        target_field="ref", id_field="id", top_k=8, max_model_len=shared_vllm_engine.max_model_len, dtype="float32",
+        enforce_eager=True, progress=False), engine=shared_vllm_engine)
     assert s.written == 12, s.line()
     assert (store / "teacher_tokenizer" / "tokenizer.json").exists()  # phase one saved the teacher's tokenizer
     finalize_store(str(store))
