@@ -203,7 +203,10 @@ def _files(src: Path, exts: tuple[str, ...]) -> list[Path]:
 
 
 def _check_entries(where: str, t: int, ids: np.ndarray, lps: np.ndarray, vocab: int) -> np.ndarray:
-    """One position's entries: refuse duplicates, ids outside the vocabulary, NaN and log-probs > 0."""
+    """One position's entries: refuse duplicates, ids outside the vocabulary, NaN and log-probs > 0.
+
+    -inf is kept: it means p = 0, as in the codec (the entry carries no mass and is not stored; the
+    tail is 1 - Σ p; a position whose entries are all -inf is stored with 0 entries and tail 1)."""
     if ids.size and (ids.min() < 0 or ids.max() >= vocab):
         bad = int(ids[(ids < 0) | (ids >= vocab)][0])
         raise DataError(f"{where}: position {t}: token id {bad} is outside the tokenizer's vocabulary [0, {vocab}); "
@@ -418,7 +421,7 @@ def _parse_axolotl(path: Path, row: int, r: Any, vocab: int, top_k: int | None) 
             continue
         if t + 1 >= L:
             raise DataError(f"{where}: position {t}: row {t} holds the next token's distribution, but the sequence "
-                            f"ends at {L - 1}; unmask the last row")
+                            f"ends at {L - 1}; mask that row (target_mask 0 at row {t})")
         ids = np.asarray(ids_t, dtype=np.int64)[keep]
         lps = _check_entries(where, t, ids, np.asarray(lp_t, dtype=np.float64)[keep], vocab)
         if top_k is not None and len(ids) > top_k:

@@ -265,6 +265,9 @@ def test_renormalized_source_refuses_tail_bucket(tmp_path, tiny_teacher, tiny_st
     ("duplicate", _axolotl_row([[5, 5]], [[-1.0, -2.0]]), r"row 1: position 0: token id 5 is listed twice"),
     ("positive", _axolotl_row([[5, 6]], [[0.5, -2.0]]), r"row 1: position 0: log-prob 0.5 > 0 is not a log-probability"),
     ("vocab", _axolotl_row([[5, 99999]], [[-1.0, -2.0]]), r"row 1: position 0: token id 99999 is outside the tokenizer's vocabulary"),
+    ("last", _axolotl_row([[5, 6]] * 3, [[-1.0, -2.0]] * 3),
+     r"row 1: position 2: row 2 holds the next token's distribution, but the sequence ends at 2; mask that row "
+     r"\(target_mask 0 at row 2\)"),
 ])
 def test_bad_axolotl_rows_name_file_and_row(tmp_path, tiny_teacher, case, row, message):
     from kdpipe.storage.interop import import_source
@@ -312,3 +315,35 @@ def test_export_of_unfinalized_store_is_refused(tmp_path, tiny_teacher):
     r = CliRunner().invoke(kdpipe, ["export", str(tmp_path / "raw"), str(tmp_path / "o"), "--format", "parquet"])
     assert r.exit_code != 0 and "export: " in r.output and "raw/manifest.json: manifest not found; the store is not finalized" in r.output
     assert not (tmp_path / "o").exists()
+
+
+def test_import_of_p0_logprobs_verifies(tmp_path, tiny_teacher):
+    """-inf (p = 0), subnormal and -1e30 log-probs, one position all -inf and one row with no other
+    target: the import finishes, and the store it wrote passes finalize + inspect --verify; -inf
+    entries are dropped (no mass), the tail is 1 - Σ p of the rest."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    ninf = float("-inf")
+    rows = [
+        _axolotl_row([[5, 6, 7], [8, 9, 10], [11, 12, 13]], [[-30.0, -1e-45, ninf], [ninf] * 3, [-740.0, -1e30, -2.0]],
+                     input_ids=(1, 2, 3, 4), sample_id="mixed"),
+        _axolotl_row([[5, 6, 7]], [[ninf] * 3], input_ids=(1, 2, 3, 4), sample_id="all-inf"),
+    ]
+    i32, f32 = pa.int32(), pa.float32()
+    schema = pa.schema([("sample_id", pa.string()), ("input_ids", pa.list_(i32)), ("target_token_ids", pa.list_(pa.list_(i32))),
+                        ("target_logprobs", pa.list_(pa.list_(f32))), ("target_mask", pa.list_(pa.list_(pa.int8())))])
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp_path / "p0.parquet")
+    store = tmp_path / "s"
+    assert "imported 2 sequences" in cli("import", tmp_path / "p0.parquet", store, "--format", "axolotl", "--tokenizer", tiny_teacher)
+    cli("finalize", store)
+    r = CliRunner().invoke(kdpipe, ["inspect", str(store), "--verify"])
+    assert r.exit_code == 0 and "BAD SHARD" not in r.output, r.output
+    got = records(store)
+    m = got["mixed"]
+    assert m.target_positions.tolist() == [1, 2, 3]
+    assert m.ids[0][m.ids[0] >= 0].tolist() == [6, 5] and (m.ids[1] == -1).all() and m.ids[2][m.ids[2] >= 0].tolist() == [13, 11, 12]
+    np.testing.assert_allclose(m.tail, [0.0, 1.0, 1 - np.exp(-2.0) - np.exp(-740.0)], atol=1e-6)  # p = 1 - 1e-45 fills 0
+    assert m.tail[1] == 1.0 and np.exp(m.logprobs[2, 2].astype(np.float64)) == 0.0
+    a = got["all-inf"]
+    assert a.ids.shape == (1, 0) and a.tail.tolist() == [1.0]
