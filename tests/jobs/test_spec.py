@@ -142,6 +142,24 @@ def test_missing_required_keys(tmp_path, edit, words):
         assert w in msg
 
 
+@pytest.mark.parametrize(
+    "edit, key, what",
+    [
+        (("steps = 10", 'steps = "6"'), "[[students]] #1 steps", "an integer, got the string '6'"),
+        (("alpha = 0.5", 'alpha = "0.5"'), "[[students]] #1 alpha", "a number, got the string '0.5'"),
+        (("alpha = 0.5", 'alpha = 0.5\noptimizer = { lr = "3e-3" }'), "[[students]] #1.optimizer lr", "a number, got the string '3e-3'"),
+        (("alpha = 0.5", 'alpha = ["0.5", 0.7]'), "[[students]] #1 alpha", "a number, got the string '0.5'"),
+        (("k = 8", 'k = "8"'), "[generation] k", "an integer, got the string '8'"),
+    ],
+)
+def test_quoted_numbers_are_refused_naming_the_key_as_written(tmp_path, edit, key, what):
+    """TOML has numbers: "6" where a number goes is a slip, refused under the key the user wrote
+    (`[generation] k`, not the phase's `top_k` behind `[teacher]/[data]/[generation]`)."""
+    msg = plan_error(tmp_path, BASE.replace(*edit))
+    assert f"{tmp_path / 'job.toml'} {key}: expected {what}; write the number without quotes" in msg, msg
+    assert "top_k" not in msg and "[teacher]/[data]" not in msg
+
+
 def test_no_students(tmp_path):
     text = BASE[: BASE.index("[[students]]")] + "[slurm]\ngpus_per_node = 4\n"
     assert "[[students]]" in plan_error(tmp_path, text)
