@@ -19,7 +19,7 @@ from typing import Any, Mapping
 
 from kdpipe.jobs.render import TASK_ID
 from kdpipe.jobs.spec import JobSpec, RunSpec, unknown_key_error
-from kdpipe.pipeline.config import build_config
+from kdpipe.pipeline.config import build_config, looks_like_path
 from kdpipe.storage.errors import ConfigError, KdpipeError
 
 PHASE_CLASSES = {
@@ -135,6 +135,15 @@ def _path_or_hub_id(job: JobSpec, value: str) -> str:
     return str(p) if p.exists() else value
 
 
+def _model_path_or_hub_id(job: JobSpec, value: str, key: str) -> str:
+    """_path_or_hub_id for a model, refusing a local path that does not exist (`key`: as the user wrote it)."""
+    out = _path_or_hub_id(job, value)
+    if out == value and looks_like_path(value) and not job.resolve_path(value).exists():
+        raise ConfigError(f"{key}: no such directory: {job.resolve_path(value)} ({value!r}, relative to the job file); "
+                          "point it at a model directory or give a hub id (ORG/NAME)")
+    return out
+
+
 # -- phase one -----------------------------------------------------------------------------------
 
 
@@ -142,7 +151,7 @@ def generate_config(job: JobSpec) -> Any:
     cls = phase_class("generate")
     w = str(job.path)
     teacher = {k: v for k, v in job.teacher.extra.items()}
-    teacher["model"] = _path_or_hub_id(job, job.teacher.model)
+    teacher["model"] = _model_path_or_hub_id(job, job.teacher.model, f"{w} [teacher] model")
     teacher["tensor_parallel_size"] = job.teacher.tensor_parallel_size
     data = dict(job.data)
     for key in ("dataset", "data"):
@@ -228,7 +237,7 @@ def train_config(job: JobSpec, run: RunSpec, out_dir: Path) -> Any:
         # starts fresh when there is none); a changed config is refused by phase two.
         values.setdefault("resume", True)
     if isinstance(values.get("model"), str):
-        values["model"] = _path_or_hub_id(job, values["model"])
+        values["model"] = _model_path_or_hub_id(job, values["model"], f"{w} model")
     if isinstance(values.get("val_stores"), (str, list, tuple)):  # validation stores: relative to the job file
         vs = values["val_stores"]
         values["val_stores"] = tuple(str(job.resolve_path(str(v))) for v in ([vs] if isinstance(vs, str) else vs))

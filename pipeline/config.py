@@ -213,6 +213,19 @@ def build_config(cls: type[C], values: Mapping[str, Any], where: str = "config",
         raise ConfigError(f"{where}: {e}") from None
 
 
+def looks_like_path(model: str) -> bool:
+    """A model value that can only be a local path: a hub id is NAME or ORG/NAME, so "./m", "/m", "~/m"
+    and "a/b/c" are paths (the hub loader would answer "Repo id must be in the form ..." for them)."""
+    return model.startswith((".", "/", "~", os.sep)) or model.count("/") > 1
+
+
+def check_model_dir(model: str, what: str) -> None:
+    """Refuse a local model path that does not exist before any hub loader sees it."""
+    if looks_like_path(model) and not Path(os.path.expanduser(model)).exists():
+        raise ConfigError(f"{what}: no such directory: {model}; point it at a model directory (config.json, "
+                          "weights, tokenizer) or give a hub id (ORG/NAME)")
+
+
 def read_toml(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     try:

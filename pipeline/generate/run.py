@@ -28,7 +28,7 @@ from pathlib import Path
 
 import xxhash
 
-from kdpipe.pipeline.config import write_resolved
+from kdpipe.pipeline.config import check_model_dir, write_resolved
 from kdpipe.pipeline.console import engine_output
 from kdpipe.pipeline.generate.config import GenerateConfig
 from kdpipe.pipeline.generate.data import load_task_data
@@ -77,6 +77,7 @@ class GenerateSummary:
 def load_tokenizer(cfg: GenerateConfig):
     from transformers import AutoTokenizer
 
+    check_model_dir(cfg.teacher, "teacher")  # a missing local path, not a malformed hub id
     try:
         return AutoTokenizer.from_pretrained(cfg.teacher, revision=cfg.teacher_revision, trust_remote_code=cfg.trust_remote_code)
     except Exception as e:  # OSError, ValueError (remote code refused), ...

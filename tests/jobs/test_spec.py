@@ -30,9 +30,28 @@ def test_examples_are_shipped():
     assert "basic-reading.toml" in names
 
 
+def with_local_models(path: Path, tmp_path: Path) -> Path:
+    """The example copied beside the local model folders it names (`kdpipe demo` and the benchmarks build
+    them), created empty: a missing local model is refused, and the test is about the job file itself."""
+    import shutil
+    import tomllib
+
+    from kdpipe.pipeline.config import looks_like_path
+
+    data = tomllib.loads(path.read_text())
+    models = [data["teacher"]["model"], *(s.get("model", "") for s in data.get("students", []))]
+    copy = tmp_path / "jobs" / "examples" / path.name
+    copy.parent.mkdir(parents=True)
+    shutil.copy(path, copy)
+    for m in models:
+        if isinstance(m, str) and looks_like_path(m):
+            (copy.parent / m).mkdir(parents=True, exist_ok=True)
+    return copy
+
+
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
 def test_every_shipped_example_parses_and_plans(path, tmp_path):
-    job = load_job(path, run_dir=tmp_path / "run")
+    job = load_job(with_local_models(path, tmp_path), run_dir=tmp_path / "run")
     plan = make_plan(job)
     text = describe(plan)
     assert job.name in text
@@ -158,6 +177,16 @@ def test_quoted_numbers_are_refused_naming_the_key_as_written(tmp_path, edit, ke
     msg = plan_error(tmp_path, BASE.replace(*edit))
     assert f"{tmp_path / 'job.toml'} {key}: expected {what}; write the number without quotes" in msg, msg
     assert "top_k" not in msg and "[teacher]/[data]" not in msg
+
+
+@pytest.mark.parametrize("edit, key", [
+    (('model = "org/teacher"', 'model = "./models/teacher"'), "[teacher] model"),
+    (('model = "org/student"', 'model = "../models/student"'), "[[students]] #1 model"),
+])
+def test_missing_local_model_says_no_such_directory(tmp_path, edit, key):
+    msg = plan_error(tmp_path, BASE.replace(*edit))
+    path = (tmp_path / edit[1].split('"')[1])
+    assert f"{tmp_path / 'job.toml'} {key}: no such directory: {path}" in msg and "Repo id" not in msg, msg
 
 
 def test_no_students(tmp_path):
