@@ -252,7 +252,10 @@ def round_steps(job, python: str, runs: list[RunSpec], steps: list, toml) -> tup
             prev_train = f"{tag}-train"
         if job.evaluation is not None and (r == op.rounds or op.evaluate_every_round):
             # The report records the round's store (an on-policy-only job has no off-policy store).
-            ev = dataclasses.replace(phases.eval_config(job, run_spec, run), stores=(str(store),))
+            ev = phases.eval_config(job, run_spec, run)
+            # The report names the round's student by the round (its folder is "run", as in every round).
+            names = ev.names or tuple(tag if i == 1 else n for i, n in enumerate(ev.model_names()))
+            ev = dataclasses.replace(ev, stores=(str(store),), names=names)
             ev_text = toml(ev)
             if done and (run / "eval" / "report.json").is_file() and _same_config(run / "eval" / "eval_config.toml", ev_text):
                 skipped.append(f"{tag}-evaluate: {run / 'eval' / 'report.json'} exists with the same config")
@@ -306,9 +309,11 @@ def rounds_status(rounds: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def format_rounds(rounds: list[dict[str, Any]]) -> list[str]:
     import json
 
+    from kdpipe.pipeline.console import shown_path
+
     lines = []
     for rd in rounds:
         m = rd.get("last_metrics")
-        lines.append(f"round {rd['round']}: {rd['state']}" + (f"  step {m['step']} loss {m['loss']:.4f} loss_kd {m['loss_kd']:.4f}" if m else "")
-                     + f"  ({rd['run']})")
+        lines.append(f"round {rd['round']}: {rd['state']}" + (f"  step {m['step']} loss {m['loss']:.4g} loss_kd {m['loss_kd']:.4g}" if m else "")
+                     + f"  ({shown_path(rd['run'])})")
     return lines or [json.dumps(rounds)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ from kdpipe.jobs.plan import describe, make_plan
 from kdpipe.jobs.spec import load_job
 from kdpipe.storage.errors import ConfigError
 
-from jobs_helpers import EXAMPLES
+from jobs_helpers import EXAMPLES, with_local_models
 
 SHIPPED = sorted(EXAMPLES.glob("*.toml"))
 REFERENCE_PAIRS = {
@@ -28,25 +29,6 @@ def test_examples_are_shipped():
     names = {p.name for p in SHIPPED}
     assert set(REFERENCE_PAIRS) <= names
     assert "basic-reading.toml" in names
-
-
-def with_local_models(path: Path, tmp_path: Path) -> Path:
-    """The example copied beside the local model folders it names (`kdpipe demo` and the benchmarks build
-    them), created empty: a missing local model is refused, and the test is about the job file itself."""
-    import shutil
-    import tomllib
-
-    from kdpipe.pipeline.config import looks_like_path
-
-    data = tomllib.loads(path.read_text())
-    models = [data["teacher"]["model"], *(s.get("model", "") for s in data.get("students", []))]
-    copy = tmp_path / "jobs" / "examples" / path.name
-    copy.parent.mkdir(parents=True)
-    shutil.copy(path, copy)
-    for m in models:
-        if isinstance(m, str) and looks_like_path(m):
-            (copy.parent / m).mkdir(parents=True, exist_ok=True)
-    return copy
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
@@ -185,7 +167,7 @@ def test_quoted_numbers_are_refused_naming_the_key_as_written(tmp_path, edit, ke
 ])
 def test_missing_local_model_says_no_such_directory(tmp_path, edit, key):
     msg = plan_error(tmp_path, BASE.replace(*edit))
-    path = (tmp_path / edit[1].split('"')[1])
+    path = os.path.normpath(tmp_path / edit[1].split('"')[1])
     assert f"{tmp_path / 'job.toml'} {key}: no such directory: {path}" in msg and "Repo id" not in msg, msg
 
 
