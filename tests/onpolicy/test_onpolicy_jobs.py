@@ -32,7 +32,7 @@ def ran(tmp_path_factory, tiny_teacher, tiny_student, prompts):
     kdpipe = [sys.executable, "-m", "kdpipe.pipeline.cli"]
     r = subprocess.run(kdpipe + ["run", str(job)], capture_output=True, text=True, timeout=900, cwd=base)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
-    return base, job
+    return base, job, r.stdout
 
 
 def test_check_prints_the_chain_with_its_links(tmp_path, tiny_teacher, tiny_student, prompts):
@@ -58,8 +58,10 @@ def test_check_prints_the_chain_with_its_links(tmp_path, tiny_teacher, tiny_stud
 
 def test_local_run_executes_the_round_and_status_shows_it(ran):
     """`kdpipe run` of a 1-round chain (test_onpolicy_slurm.py runs 2 rounds and the re-plans)."""
-    base, job = ran
+    base, job, stdout = ran
     rd = base / "run"
+    # the closing summary names the round's run (paths relative to where `kdpipe run` ran: base)
+    assert "run      onpolicy-r1: run/onpolicy/round-1/run  (student: run/onpolicy/round-1/run/final)" in stdout, stdout
     run = rd / "onpolicy" / "round-1" / "run"
     assert (run / "final" / "config.json").is_file()
     assert len(read_records(rd / "onpolicy" / "round-1" / "store")) == 4 * 2
