@@ -35,17 +35,24 @@ def check(job_file: str, run_dir: str | None) -> None:
 
 
 def outputs_summary(plan) -> str:
-    """Where a finished chain's outputs are (printed at the end of `kdpipe run`)."""
+    """Where a finished chain's outputs are (printed at the end of `kdpipe run`): the store, every
+    student run and every on-policy round (its store, student and report), paths as openable from here."""
     from kdpipe.jobs.local import logs_dir
+    from kdpipe.pipeline.console import shown_path as p
 
-    lines = [f"done: job {plan.job.name}", f"  store    {plan.store.path}"]
-    for r in plan.runs:
-        out = plan.run_dir_of(r)
-        lines.append(f"  run      {out}  (student: {out / 'final'})")
+    lines = [f"done: job {plan.job.name}"]
+    if plan.runs or not plan.rounds:  # an on-policy-only job has no off-policy store
+        lines.append(f"  store    {p(plan.store.path)}")
+    outs = [(r.name, plan.run_dir_of(r)) for r in plan.runs]
+    for rp in plan.rounds:
+        lines.append(f"  round {rp.index}  store {p(rp.store)}")
+        outs.append((f"onpolicy-r{rp.index}", rp.run))
+    for name, out in outs:
+        lines.append(f"  run      {name}: {p(out)}  (student: {p(out / 'final')})")
         report = out / "eval" / "report.md"
         if report.is_file():
-            lines.append(f"  report   {report}")
-    lines.append(f"  logs     {logs_dir(plan)}  (summary: {plan.job.run_dir / 'run.json'})")
+            lines.append(f"  report   {name}: {p(report)}")
+    lines.append(f"  logs     {p(logs_dir(plan))}  (summary: {p(plan.job.run_dir / 'run.json')})")
     return "\n".join(lines)
 
 

@@ -46,6 +46,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 from kdpipe.pipeline.config import atomic_write_text, write_resolved
+from kdpipe.pipeline.console import shown_path
 from kdpipe.pipeline.lm_train import train_teacher
 from kdpipe.storage.errors import ConfigError, DataError
 
@@ -241,15 +242,8 @@ def _run_job(out: Path, job: dict, file_name: str, stream: bool, line: Callable[
     atomic_write_text(job_file, tomli_w.dumps(job))
     plan = make_plan(load_job(job_file))
     run_plan(plan, stream=stream, echo=lambda s: line("    " + s),
-             announce=None if stream else lambda label, log: line(f"    ..  {label}  (log: {_rel(log, out)})", transient=True))
+             announce=None if stream else lambda label, log: line(f"    ..  {label}  (log: {shown_path(log)})", transient=True))
     return {r.name: Path(plan.run_dir_of(r)) for r in plan.runs}
-
-
-def _rel(path: Path, out: Path) -> str:
-    try:
-        return str(Path(path).relative_to(out.parent))
-    except ValueError:
-        return str(path)
 
 
 # ---------------------------------------------------------------------------------------- terminal
@@ -387,7 +381,7 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print, verbose: bool 
         n_train, n_transfer = len(data["train"]), len(data["transfer"])
         log(f"kdpipe demo: {corpus_path(cfg).name}, documents <= {cfg.max_doc_chars} characters: "
             f"{n_train} training pairs (teacher), {n_transfer} of them the transfer set (students), "
-            f"{len(data['heldout'])} held-out documents; logs under {_rel(out, out)}/")
+            f"{len(data['heldout'])} held-out documents; logs under {shown_path(out)}/")
 
         # A rerun with the same settings reuses the models (and through the stores' cache keys, the
         # stores and finished runs); other settings mean another teacher or other runs, so whatever
@@ -436,7 +430,7 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print, verbose: bool 
         write_resolved(eval_cfg, eval_toml)
         eval_log = out / "logs" / "evaluate.log"
         if not verbose:
-            term.line(f"    ..  evaluate  (log: {_rel(eval_log, out)})", transient=True)
+            term.line(f"    ..  evaluate  (log: {shown_path(eval_log)})", transient=True)
         run_logged([sys.executable, "-m", "kdpipe.pipeline.cli", "evaluate", "--config", str(eval_toml)], eval_log,
                    "evaluate", stream=verbose)
         done()

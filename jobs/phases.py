@@ -19,7 +19,7 @@ from typing import Any, Mapping
 
 from kdpipe.jobs.render import TASK_ID
 from kdpipe.jobs.spec import JobSpec, RunSpec, unknown_key_error
-from kdpipe.pipeline.config import build_config
+from kdpipe.pipeline.config import build_config, looks_like_path
 from kdpipe.storage.errors import ConfigError, KdpipeError
 
 PHASE_CLASSES = {
@@ -73,10 +73,11 @@ def _collect(
     sections: list[tuple[str, Mapping[str, Any]]],
     injected: Mapping[str, Any],
     job_keys: tuple[str, ...] = (),
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], dict[str, str]]:
     """Merge job sections into one phase mapping; unknown/duplicate/reserved keys are errors.
 
     `job_keys`: keys the job layer itself reads in these sections (listed among the allowed keys).
+    -> (values, field -> the key as the user wrote it, e.g. "FILE [generation] k" for top_k).
     """
     fields = set(field_names(cls))
     aliases = dict(ALIASES[phase])
@@ -90,6 +91,7 @@ def _collect(
     )
     values: dict[str, Any] = {}
     origin: dict[str, str] = {}
+    written: dict[str, str] = {}
     for where, table in sections:
         for key, value in table.items():
             k = aliases.get(key, key.replace("-", "_"))
@@ -108,15 +110,21 @@ def _collect(
                 raise ConfigError(f"{where}.{key}: already set in {origin[k]}; give it once")
             values[k] = value
             origin[k] = f"{where}.{key}"
+            written[k] = f"{where} {key}"
     values.update(injected)
-    return values
+    return values, written
 
 
-def _build(phase: str, cls: type, values: Mapping[str, Any], where: str) -> Any:
+def _build(phase: str, cls: type, values: Mapping[str, Any], where: str, written: Mapping[str, str]) -> Any:
     try:
         return build_config(cls, values, where=where)
     except KdpipeError as e:
         msg = str(e)
+        # An error about a field names it as the user wrote it ("FILE [generation] k", not "….top_k").
+        for field, label in written.items():
+            for prefix in (f"{where}.{field}:", f"{where}.{field}["):
+                if msg.startswith(prefix):
+                    raise ConfigError(label + msg[len(prefix) - 1:]) from None
         # A phase's __post_init__ names only its key; say which job file it came from.
         raise ConfigError(msg if msg.startswith(where) else f"{where}: {msg}") from None
 
@@ -127,6 +135,15 @@ def _path_or_hub_id(job: JobSpec, value: str) -> str:
     return str(p) if p.exists() else value
 
 
+def _model_path_or_hub_id(job: JobSpec, value: str, key: str) -> str:
+    """_path_or_hub_id for a model, refusing a local path that does not exist (`key`: as the user wrote it)."""
+    out = _path_or_hub_id(job, value)
+    if out == value and looks_like_path(value) and not job.resolve_path(value).exists():
+        raise ConfigError(f"{key}: no such directory: {job.resolve_path(value)} ({value!r}, relative to the job file); "
+                          "point it at a model directory or give a hub id (ORG/NAME)")
+    return out
+
+
 # -- phase one -----------------------------------------------------------------------------------
 
 
@@ -134,19 +151,19 @@ def generate_config(job: JobSpec) -> Any:
     cls = phase_class("generate")
     w = str(job.path)
     teacher = {k: v for k, v in job.teacher.extra.items()}
-    teacher["model"] = _path_or_hub_id(job, job.teacher.model)
+    teacher["model"] = _model_path_or_hub_id(job, job.teacher.model, f"{w} [teacher] model")
     teacher["tensor_parallel_size"] = job.teacher.tensor_parallel_size
     data = dict(job.data)
     for key in ("dataset", "data"):
         if isinstance(data.get(key), str):
             data[key] = _path_or_hub_id(job, data[key])
-    values = _collect(
+    values, written = _collect(
         "generate",
         cls,
         [(f"{w} [teacher]", teacher), (f"{w} [data]", data), (f"{w} [generation]", dict(job.generation.extra))],
         {"out": str(job.generation.store), "num_tasks": job.generation.num_tasks},
     )
-    return _build("generate", cls, values, f"{w} [teacher]/[data]/[generation]")
+    return _build("generate", cls, values, f"{w} [teacher]/[data]/[generation]", written)
 
 
 def expected_cache_key(gen_cfg: Any) -> tuple[str | None, str]:
@@ -207,7 +224,7 @@ def train_config(job: JobSpec, run: RunSpec, out_dir: Path) -> Any:
         # starts fresh when there is none); a changed config is refused by phase two.
         values.setdefault("resume", True)
     if isinstance(values.get("model"), str):
-        values["model"] = _path_or_hub_id(job, values["model"])
+        values["model"] = _model_path_or_hub_id(job, values["model"], f"{w} model")
     if isinstance(values.get("val_stores"), (str, list, tuple)):  # validation stores: relative to the job file
         vs = values["val_stores"]
         values["val_stores"] = tuple(str(job.resolve_path(str(v))) for v in ([vs] if isinstance(vs, str) else vs))
@@ -218,8 +235,8 @@ def train_config(job: JobSpec, run: RunSpec, out_dir: Path) -> Any:
     sections = [(w, entry)] + ([(f"{w}.optimizer", opt)] if opt else [])
     from kdpipe.jobs.spec import StudentSpec
 
-    values = _collect("train", cls, sections, train_injected(cls, job, out_dir), job_keys=StudentSpec.ENTRY_KEYS)
-    return _build("train", cls, values, w)
+    values, written = _collect("train", cls, sections, train_injected(cls, job, out_dir), job_keys=StudentSpec.ENTRY_KEYS)
+    return _build("train", cls, values, w, written)
 
 
 def train_injected(cls: type, job: JobSpec, out_dir: Path) -> dict[str, Any]:
@@ -250,8 +267,8 @@ def eval_config(job: JobSpec, run: RunSpec, run_dir: Path) -> Any:
         section["text_field"] = job.data["text_field"]
     models = (_path_or_hub_id(job, job.teacher.model), str(run_dir), *(_path_or_hub_id(job, str(m)) for m in extra))
     injected = {"models": models, "out": str(run_dir / "eval"), "stores": (str(job.generation.store),)}
-    values = _collect("evaluate", cls, [(w, section)], injected)
-    return _build("evaluate", cls, values, w)
+    values, written = _collect("evaluate", cls, [(w, section)], injected)
+    return _build("evaluate", cls, values, w, written)
 
 
 def eval_argv(python: str, config: Path) -> list[str]:

@@ -170,7 +170,10 @@ def round_steps(job, python: str, runs: list[RunSpec], steps: list, toml) -> tup
             prev_train = f"{tag}-train"
         if job.evaluation is not None and (r == op.rounds or op.evaluate_every_round):
             # The report records the round's store (an on-policy-only job has no off-policy store).
-            ev = dataclasses.replace(phases.eval_config(job, run_spec, run), stores=(str(store),))
+            ev = phases.eval_config(job, run_spec, run)
+            # The report names the round's student by the round (its folder is "run", as in every round).
+            names = ev.names or tuple(tag if i == 1 else n for i, n in enumerate(ev.model_names()))
+            ev = dataclasses.replace(ev, stores=(str(store),), names=names)
             ev_text = toml(ev)
             if done and (run / "eval" / "report.json").is_file() and same_config(run / "eval" / "eval_config.toml", ev_text):
                 skipped.append(f"{tag}-evaluate: {run / 'eval' / 'report.json'} exists with the same config")

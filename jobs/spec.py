@@ -167,8 +167,9 @@ class JobSpec:
 
 
 def resolve_path(base_dir: Path, value: str | os.PathLike) -> Path:
+    # Normalized (lexically, as `cd` does): plans, configs and summaries read /x/job-run, not /x/jobs/../job-run.
     p = Path(os.path.expanduser(str(value)))
-    return p if p.is_absolute() else (base_dir / p)
+    return Path(os.path.normpath(p if p.is_absolute() else (base_dir / p)))
 
 
 def _parse_slurm(t: dict[str, Any], where: str, generation_tp: int) -> SlurmSpec:
@@ -418,7 +419,7 @@ def parse_on_policy(t: Any, where: str) -> OnPolicySpec:
 
 def load_job(path: str | os.PathLike, run_dir: str | os.PathLike | None = None) -> JobSpec:
     """Read and validate a job file (structure only; jobs.plan checks each phase's config)."""
-    p = Path(path).absolute()
+    p = Path(os.path.normpath(Path(path).absolute()))
     return parse_job(read_toml(p), p, run_dir=run_dir)
 
 

@@ -14,6 +14,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from kdpipe.pipeline.console import shown_path
 from kdpipe.pipeline.metrics_log import last_metrics
 from kdpipe.storage.errors import ConfigError
 
@@ -91,7 +92,7 @@ def collect_status(run_dir: str | Path) -> dict[str, Any]:
         mode = "local"
     else:
         raise ConfigError(f"{rd}: no submission.json or run.json; pass the run directory of a submitted or run job")
-    status: dict[str, Any] = {"run_dir": str(rd), "mode": mode, "job": doc.get("job")}
+    status: dict[str, Any] = {"run_dir": shown_path(rd), "mode": mode, "job": doc.get("job")}
     if mode == "slurm":
         ids = [j["job_id"] for j in doc.get("jobs", [])]
         states = slurm_states(ids)
@@ -111,6 +112,15 @@ def collect_status(run_dir: str | Path) -> dict[str, Any]:
     if doc.get("on_policy"):
         status["rounds"] = rounds_status(doc["on_policy"])
     return status
+
+
+def format_metrics(m: dict[str, Any]) -> str:
+    """A metrics.jsonl row as one readable line: step first, numbers to 4 significant digits."""
+    def value(v: Any) -> str:
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    keys = (["step"] if "step" in m else []) + sorted(k for k in m if k not in ("step", "split"))
+    return "  ".join(f"{k} {value(m[k])}" for k in keys)
 
 
 def format_status(st: dict[str, Any]) -> str:
@@ -138,9 +148,9 @@ def format_status(st: dict[str, Any]) -> str:
         lines += format_rounds(st["rounds"])
     for r in st.get("runs", []):
         m = r["last_metrics"]
-        lines.append(f"run {r['name']}: " + (json.dumps(m, sort_keys=True) if m else "no metrics yet"))
+        lines.append(f"run {r['name']}: " + (format_metrics(m) if m else "no metrics yet"))
         if r.get("last_validation"):
-            lines.append(f"run {r['name']} validation: " + json.dumps(r["last_validation"], sort_keys=True))
+            lines.append(f"run {r['name']} validation: " + format_metrics(r["last_validation"]))
     return "\n".join(lines)
 
 
@@ -160,6 +170,6 @@ def format_rounds(rounds: list[dict[str, Any]]) -> list[str]:
     lines = []
     for rd in rounds:
         m = rd.get("last_metrics")
-        lines.append(f"round {rd['round']}: {rd['state']}" + (f"  step {m['step']} loss {m['loss']:.4f} loss_kd {m['loss_kd']:.4f}" if m else "")
-                     + f"  ({rd['run']})")
+        lines.append(f"round {rd['round']}: {rd['state']}" + (f"  step {m['step']} loss {m['loss']:.4g} loss_kd {m['loss_kd']:.4g}" if m else "")
+                     + f"  ({shown_path(rd['run'])})")
     return lines or [json.dumps(rounds)]

@@ -106,8 +106,12 @@ def suggest(key: str, allowed, synonyms: dict[str, str] | None = None) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    """Coerce a TOML/CLI value to a dataclass field type, or raise ConfigError naming `where`."""
+def _coerce(value: Any, tp: Any, where: str, strict: bool = True) -> Any:
+    """Coerce a TOML/CLI value to a dataclass field type, or raise ConfigError naming `where`.
+
+    strict (TOML and job files): a quoted "6" where a number goes is refused, since TOML has numbers
+    and a string there is a slip; command-line flags (strict=False) arrive as text and are parsed.
+    """
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if tp is Any:
@@ -120,7 +124,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             if a is type(None):
                 continue
             try:
-                return _coerce(value, a, where)
+                return _coerce(value, a, where, strict)
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
@@ -134,7 +138,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         inner = args[0] if args else Any
-        out = [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
+        out = [_coerce(v, inner, f"{where}[{i}]", strict) for i, v in enumerate(value)]
         return tuple(out) if origin is tuple else out
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
@@ -148,6 +152,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
             return value.lower() in ("true", "1", "yes")
         raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if tp in (int, float) and strict and isinstance(value, str):
+        what = "an integer" if tp is int else "a number"
+        raise ConfigError(f"{where}: expected {what}, got the string {value!r}; write the number without quotes")
     if tp is int:
         if isinstance(value, bool):
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
@@ -171,8 +178,12 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
-def build_config(cls: type[C], values: Mapping[str, Any], where: str = "config") -> C:
-    """Build `cls` from a mapping; unknown keys and bad types raise ConfigError naming `where.key`."""
+def build_config(cls: type[C], values: Mapping[str, Any], where: str = "config", text_keys: frozenset[str] | set[str] = frozenset()) -> C:
+    """Build `cls` from a mapping; unknown keys and bad types raise ConfigError naming `where.key`.
+
+    text_keys: keys whose values came from command-line flags (text that may spell a number);
+    every other value must have its type already (a TOML "6" for an integer is refused).
+    """
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     hints = typing.get_type_hints(cls)
     kwargs = {}
@@ -192,7 +203,7 @@ def build_config(cls: type[C], values: Mapping[str, Any], where: str = "config")
             raise ConfigError(
                 f"{where}: unknown key '{key}'{suggest(k, list(fields))}; allowed keys: {', '.join(fields)}"
             )
-        kwargs[k] = _coerce(value, hints[k], f"{where}.{k}")
+        kwargs[k] = _coerce(value, hints[k], f"{where}.{k}", strict=key not in text_keys and k not in text_keys)
     missing = [
         n for n, f in fields.items()
         if n not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
@@ -205,6 +216,19 @@ def build_config(cls: type[C], values: Mapping[str, Any], where: str = "config")
         if isinstance(e, ConfigError):
             raise
         raise ConfigError(f"{where}: {e}") from None
+
+
+def looks_like_path(model: str) -> bool:
+    """A model value that can only be a local path: a hub id is NAME or ORG/NAME, so "./m", "/m", "~/m"
+    and "a/b/c" are paths (the hub loader would answer "Repo id must be in the form ..." for them)."""
+    return model.startswith((".", "/", "~", os.sep)) or model.count("/") > 1
+
+
+def check_model_dir(model: str, what: str) -> None:
+    """Refuse a local model path that does not exist before any hub loader sees it."""
+    if looks_like_path(model) and not Path(os.path.expanduser(model)).exists():
+        raise ConfigError(f"{what}: no such directory: {model}; point it at a model directory (config.json, "
+                          "weights, tokenizer) or give a hub id (ORG/NAME)")
 
 
 def read_toml(path: str | os.PathLike) -> dict[str, Any]:
@@ -256,7 +280,7 @@ def load_config(
             also = " (or set " + ", ".join(missing) + f" in {toml_path})" if toml_path is not None else ""
             raise ConfigError(f"{command or cls.__name__}: missing required option(s) {opts}{also}")
     try:
-        return build_config(cls, values, where=where)
+        return build_config(cls, values, where=where, text_keys=given)
     except ConfigError as e:
         if not flag_names:
             raise

@@ -17,6 +17,16 @@ from pathlib import Path
 from typing import IO, Iterator
 
 
+def shown_path(path: str | os.PathLike) -> str:
+    """A path as a person can open it from here: normalized (no `jobs/../x`), relative to the working
+    directory when it lies below it, else absolute."""
+    p = Path(os.path.normpath(os.path.abspath(path)))
+    try:
+        return str(p.relative_to(Path.cwd())) or "."
+    except ValueError:
+        return str(p)
+
+
 @contextlib.contextmanager
 def engine_output(log_path: str | os.PathLike, verbose: bool = False) -> Iterator[IO[str]]:
     """Route fds 1/2 (this process and every child started inside) to `log_path`; yield the console.

@@ -15,7 +15,7 @@ from kdpipe.storage.interop import EXPORT_FORMATS, IMPORT_FORMATS, TAIL_MODES
               help="parquet: plain per-sequence columns (datasets.load_dataset('parquet')); axolotl: its KD rows.")
 @click.option("--rows-per-file", type=int, default=10_000, show_default=True, help="Rows per Parquet file.")
 def export(store: str, out: str, fmt: str, rows_per_file: int) -> None:
-    """Write the finalized STORE into OUT as Parquet files (+ OUT/kdpipe_meta.json)."""
+    """Write the finalized STORE into OUT as Parquet files (the store's meta in their schema metadata)."""
     from kdpipe.storage.interop import export_store
 
     side = run_command(export_store, store, out, fmt, rows_per_file=rows_per_file)
@@ -27,7 +27,8 @@ def export(store: str, out: str, fmt: str, rows_per_file: int) -> None:
 @click.argument("src", type=click.Path(exists=True))
 @click.argument("store", type=click.Path(file_okay=False))
 @click.option("--format", "fmt", type=click.Choice(IMPORT_FORMATS), required=True,
-              help="vllm-logprobs: vLLM completions responses with prompt_logprobs (.json/.jsonl); axolotl: its KD rows.")
+              help="vllm-logprobs: vLLM completions responses with prompt_logprobs (.json/.jsonl); axolotl: its KD rows; "
+                   "parquet: `kdpipe export --format parquet` files.")
 @click.option("--tokenizer", required=True, help="The tokenizer the source's token ids belong to (the teacher's).")
 @click.option("--teacher", default=None, help="Teacher name recorded in the store (default: the source's).")
 @click.option("--top-k", type=int, default=None, help="Entries kept per position (default: what the source has).")

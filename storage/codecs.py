@@ -2,6 +2,9 @@
 
 `topk` keeps up to k entries (optionally cut at cumulative mass top_p), sorted by log-prob
 descending, their log-probs quantized (error bound below), plus the exact tail mass.
+A log-prob of -inf means p = 0: the entry carries no mass and is not stored (like -1 padding), so
+the tail is 1 - Σ p of the finite entries and a position may keep 0 entries (tail 1). Finite
+log-probs below the table's last code (-1e30, say) are stored at that code: p̂ = p = 0 in float64.
 `sampled` draws N times from the teacher's top-K plus its tail bucket and stores the unique ids
 with their counts: an unbiased estimate of that distribution.
 
@@ -310,8 +313,8 @@ def decode_topk(cfg: CodecConfig, counts: np.ndarray, q_lo: np.ndarray, q_hi: np
     delta <<= 8
     delta |= q_lo
     table = codec_table(cfg)
-    if P and E == P * int(counts[0]) and (counts == counts[0]).all():
-        # every position keeps K entries: codes = row-wide running sum minus each position's base
+    if P and counts[0] and E == P * int(counts[0]) and (counts == counts[0]).all():
+        # every position keeps K > 0 entries (K = 0, a row whose every entry was -inf, takes the general path): codes = row-wide running sum minus each position's base
         K = int(counts[0])
         c = np.cumsum(delta).reshape(P, K)
         c -= (c[:, 0] - delta[::K])[:, None]

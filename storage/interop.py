@@ -1,12 +1,16 @@
-"""kdpipe stores in other tools' formats: export to Parquet and axolotl's KD layout, import vLLM
-log-prob responses and axolotl datasets. Store-API code: phase one and phase two never see it.
+"""kdpipe stores in other tools' formats: export to Parquet and axolotl's KD layout, import them back,
+and vLLM log-prob responses. Store-API code: phase one and phase two never see it.
 
 Export (`kdpipe export STORE OUT --format parquet|axolotl`) reads a finalized store through
-StoreReader (checksums verified) and writes OUT/data-NNNNN.parquet plus OUT/kdpipe_meta.json (the
-store's cache key and meta). One row per sequence:
+StoreReader (checksums verified) and writes OUT/data-NNNNN.parquet only, so that
+`pandas.read_parquet(OUT)` and `datasets.load_dataset("parquet", data_dir=OUT)` read the folder as
+it is. The store's cache key and meta (what an import carries over) ride in every file's Parquet
+schema metadata, key `kdpipe_meta` (exports before that wrote OUT/kdpipe_meta.json; still read).
+One row per sequence:
 
     parquet  sample_id, text, input_ids [L], target_positions [P], target_token_ids [P][K_p],
-             target_logprobs [P][K_p] (log p̂ of the full-vocabulary distribution), tail [P]
+             target_logprobs [P][K_p] (log p̂ of the full-vocabulary distribution), tail_mass [P]
+             (named so it does not shadow pandas' Series.tail; an import also reads the old `tail`)
     axolotl  the pre-tokenized KD rows axolotl's KD collator and loss take (axolotl 0.18.0,
              src/axolotl/integrations/kd/): input_ids, attention_mask, labels [L] (-100 off
              target), target_token_ids / target_logprobs / target_mask [L][K]. Row t holds the
@@ -14,11 +18,12 @@ store's cache key and meta). One row per sequence:
              state at t with it), so kdpipe target position p lands in row p-1; rows without a
              target have mask 0, ids 0..K-1 and log-prob -inf (as axolotl pads). The log-probs are
              the teacher's own (not renormalized); plus a sample_id column (the HF Trainer drops
-             columns the model does not take).
+             columns the model does not take) and the store's text.
 
-Import (`kdpipe import SRC STORE --format vllm-logprobs|axolotl --tokenizer TOK`) validates the whole
-source first (nothing is written if a row is bad), then writes it through ShardWriter (checksums,
-task manifest, resume: a rerun skips stored sample ids) and finalizes the store. The tail is
+Import (`kdpipe import SRC STORE --format vllm-logprobs|axolotl|parquet --tokenizer TOK`) validates the
+whole source first (nothing is written if a row is bad), then writes it through ShardWriter (checksums,
+task manifest, resume: a rerun skips stored sample ids), saves TOK's files as STORE/teacher_tokenizer/
+(as phase one does) and finalizes the store. The tail is
 computed from the given log-probs exactly as phase one does: the entries go to the codec, which
 keeps the top-k and stores 1 - Σ p of what it kept. A source whose lists are renormalized (Σ p = 1
 at every position, or --tail unknown) has no knowable tail: its meta records
@@ -40,9 +45,10 @@ import numpy as np
 from kdpipe.storage.errors import DataError, StoreError
 
 EXPORT_FORMATS = ("parquet", "axolotl")
-IMPORT_FORMATS = ("vllm-logprobs", "axolotl")
+IMPORT_FORMATS = ("vllm-logprobs", "axolotl", "parquet")
 TAIL_MODES = ("auto", "exact", "unknown")
-META_SIDE_FILE = "kdpipe_meta.json"
+META_SIDE_FILE = "kdpipe_meta.json"  # exports before the meta moved into the schema metadata
+META_KEY = b"kdpipe_meta"  # Parquet schema metadata key of an export's cache key and meta
 AXOLOTL_VERSION = "0.18.0"  # the axolotl release whose src/axolotl/integrations/kd/ layout is followed
 LOGPROB_SLACK = 1e-5  # log-probs up to this above 0 are rounding (clipped to 0); more is refused
 RENORMALIZED_SLACK = 1e-5  # |Σ p - 1| at every position below this: the lists were renormalized
@@ -67,7 +73,7 @@ def _parquet_rows(rec) -> dict[str, Any]:
         "target_positions": rec.target_positions.astype(np.int32).tolist(),
         "target_token_ids": [row[v].tolist() for row, v in zip(ids, valid)],
         "target_logprobs": [row[v].astype(np.float32).tolist() for row, v in zip(lps, valid)],
-        "tail": rec.tail.astype(np.float32).tolist(),
+        "tail_mass": rec.tail.astype(np.float32).tolist(),
     }
 
 
@@ -86,7 +92,7 @@ def _axolotl_rows(rec) -> dict[str, Any]:
     labels = np.full(L, -100, dtype=np.int64)
     labels[rec.target_positions] = rec.input_ids[rec.target_positions]
     return {
-        "sample_id": rec.sample_id,
+        "sample_id": rec.sample_id, "text": rec.text,
         "input_ids": rec.input_ids.astype(np.int32).tolist(),
         "attention_mask": [1] * L,
         "labels": labels.tolist(),
@@ -104,10 +110,10 @@ def _schema(fmt: str):
         return pa.schema([
             ("sample_id", pa.string()), ("text", pa.string()), ("input_ids", pa.list_(i32)),
             ("target_positions", pa.list_(i32)), ("target_token_ids", pa.list_(pa.list_(i32))),
-            ("target_logprobs", pa.list_(pa.list_(f32))), ("tail", pa.list_(f32)),
+            ("target_logprobs", pa.list_(pa.list_(f32))), ("tail_mass", pa.list_(f32)),
         ])
     return pa.schema([
-        ("sample_id", pa.string()), ("input_ids", pa.list_(i32)), ("attention_mask", pa.list_(pa.int8())),
+        ("sample_id", pa.string()), ("text", pa.string()), ("input_ids", pa.list_(i32)), ("attention_mask", pa.list_(pa.int8())),
         ("labels", pa.list_(pa.int64())), ("target_token_ids", pa.list_(pa.list_(i32))),
         ("target_logprobs", pa.list_(pa.list_(f32))), ("target_mask", pa.list_(pa.list_(pa.int8()))),
     ])
@@ -129,7 +135,9 @@ def export_store(store: str | os.PathLike, out: str | os.PathLike, fmt: str, row
     except StoreError as e:
         raise StoreError(f"export: {e}") from None
     _out_dir(out)
-    schema = _schema(fmt)
+    side = {"format": fmt, "axolotl_version": AXOLOTL_VERSION if fmt == "axolotl" else None,
+            "source_store": str(store), "cache_key": m.cache_key, "meta": m.meta.to_dict()}
+    schema = _schema(fmt).with_metadata({META_KEY: json.dumps(side).encode()})
     to_row = _parquet_rows if fmt == "parquet" else _axolotl_rows
     files, rows, buf = [], 0, []
 
@@ -149,12 +157,7 @@ def export_store(store: str | os.PathLike, out: str | os.PathLike, fmt: str, row
         if len(buf) >= rows_per_file:
             flush()
     flush()
-    side = {"format": fmt, "axolotl_version": AXOLOTL_VERSION if fmt == "axolotl" else None,
-            "source_store": str(store), "cache_key": m.cache_key, "meta": m.meta.to_dict(), "files": files, "rows": rows}
-    from kdpipe.storage.manifest import atomic_write_json
-
-    atomic_write_json(out / META_SIDE_FILE, side)
-    return side
+    return {**side, "files": files, "rows": rows}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -182,7 +185,10 @@ def _files(src: Path, exts: tuple[str, ...]) -> list[Path]:
 
 
 def _check_entries(where: str, t: int, ids: np.ndarray, lps: np.ndarray, vocab: int) -> np.ndarray:
-    """One position's entries: refuse duplicates, ids outside the vocabulary, NaN and log-probs > 0."""
+    """One position's entries: refuse duplicates, ids outside the vocabulary, NaN and log-probs > 0.
+
+    -inf is kept: it means p = 0, as in the codec (the entry carries no mass and is not stored; the
+    tail is 1 - Σ p; a position whose entries are all -inf is stored with 0 entries and tail 1)."""
     if ids.size and (ids.min() < 0 or ids.max() >= vocab):
         bad = int(ids[(ids < 0) | (ids >= vocab)][0])
         raise DataError(f"{where}: position {t}: token id {bad} is outside the tokenizer's vocabulary [0, {vocab}); "
@@ -356,17 +362,29 @@ def _parse_vllm(path: Path, row: int, obj: Any, vocab: int, top_k: int | None) -
                      c.get("text") if isinstance(c.get("text"), str) else None)
 
 
-def _axolotl_rows_of(path: Path) -> Iterator[tuple[int, dict]]:
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
+def _unreadable_parquet(path: Path, e: Exception) -> DataError:
+    msg = (str(e).splitlines() or [""])[0][:160]
+    return DataError(f"{path}: not a readable Parquet file ({type(e).__name__}: {msg}); give a complete .parquet "
+                     "file (a truncated copy, or another format renamed, reads like this)")
 
-        i = 0
+
+def _parquet_values(path: Path) -> Iterator[tuple[int, dict]]:
+    """(row, dict) of a Parquet file; an unreadable file is a one-line DataError naming it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    i = 0
+    try:
         for batch in pq.ParquetFile(path).iter_batches(batch_size=256):
             for r in batch.to_pylist():
                 yield i, r
                 i += 1
-        return
-    yield from _json_values(path)
+    except (pa.ArrowException, OSError) as e:
+        raise _unreadable_parquet(path, e) from None
+
+
+def _axolotl_rows_of(path: Path) -> Iterator[tuple[int, dict]]:
+    yield from (_parquet_values(path) if path.suffix == ".parquet" else _json_values(path))
 
 
 def _parse_axolotl(path: Path, row: int, r: Any, vocab: int, top_k: int | None) -> Iterator[Sample]:
@@ -374,6 +392,9 @@ def _parse_axolotl(path: Path, row: int, r: Any, vocab: int, top_k: int | None) 
     if not isinstance(r, dict):
         raise DataError(f"{where}: expected an object with input_ids, target_token_ids, target_logprobs, target_mask")
     missing = [k for k in ("input_ids", "target_token_ids", "target_logprobs", "target_mask") if k not in r]
+    if missing and "target_positions" in r:
+        raise DataError(f"{where}: missing column(s) {', '.join(missing)}: these are kdpipe's Parquet export columns "
+                        "(target_positions), not axolotl's; import them with --format parquet")
     if missing:
         raise DataError(f"{where}: missing column(s) {', '.join(missing)} (axolotl's pre-tokenized KD rows)")
     input_ids = np.asarray(r["input_ids"], dtype=np.int64)
@@ -397,7 +418,7 @@ def _parse_axolotl(path: Path, row: int, r: Any, vocab: int, top_k: int | None) 
             continue
         if t + 1 >= L:
             raise DataError(f"{where}: position {t}: row {t} holds the next token's distribution, but the sequence "
-                            f"ends at {L - 1}; unmask the last row")
+                            f"ends at {L - 1}; mask that row (target_mask 0 at row {t})")
         ids = np.asarray(ids_t, dtype=np.int64)[keep]
         lps = _check_entries(where, t, ids, np.asarray(lp_t, dtype=np.float64)[keep], vocab)
         if top_k is not None and len(ids) > top_k:
@@ -413,6 +434,46 @@ def _parse_axolotl(path: Path, row: int, r: Any, vocab: int, top_k: int | None) 
                  text if isinstance(text, str) else None)
 
 
+def _parse_parquet(path: Path, row: int, r: Any, vocab: int, top_k: int | None) -> Iterator[Sample]:
+    """A row of `kdpipe export --format parquet`: per target position its ids and log-probs."""
+    where = f"{path}: row {row}"
+    cols = ("input_ids", "target_positions", "target_token_ids", "target_logprobs")
+    missing = [k for k in cols if not isinstance(r, dict) or k not in r]
+    if missing:
+        raise DataError(f"{where}: missing column(s) {', '.join(missing)} (kdpipe's Parquet export: "
+                        f"{', '.join(cols)}; axolotl rows take --format axolotl)")
+    input_ids = np.asarray(r["input_ids"], dtype=np.int64)
+    L = len(input_ids)
+    if L and (input_ids.min() < 0 or input_ids.max() >= vocab):
+        raise DataError(f"{where}: input_ids holds id {int(input_ids.max())} outside the tokenizer's vocabulary "
+                        f"[0, {vocab}); give the tokenizer the source was made with (--tokenizer)")
+    positions = np.asarray(r["target_positions"], dtype=np.int64)
+    tids, tlps = r["target_token_ids"], r["target_logprobs"]
+    lens = {"target_positions": len(positions), "target_token_ids": len(tids), "target_logprobs": len(tlps)}
+    if len(set(lens.values())) != 1:
+        raise DataError(f"{where}: the per-position lists are inconsistent (lengths {lens}); each holds one entry "
+                        "per target position")
+    if not len(positions):
+        raise DataError(f"{where}: target_positions is empty: the row has no teacher targets")
+    if positions.min() < 1 or positions.max() >= L or (np.diff(positions) <= 0).any():
+        raise DataError(f"{where}: target_positions must increase strictly within [1, {L - 1}] (position t holds "
+                        "p(input_ids[t] | input_ids[:t]))")
+    entries = []
+    for t, ids_t, lp_t in zip(positions.tolist(), tids, tlps):
+        if len(ids_t) != len(lp_t):
+            raise DataError(f"{where}: position {t}: target_token_ids has {len(ids_t)} entries, target_logprobs "
+                            f"{len(lp_t)}; the per-position lists are inconsistent")
+        ids = np.asarray(ids_t, dtype=np.int64)
+        lps = _check_entries(where, t, ids, np.asarray(lp_t, dtype=np.float64), vocab)
+        if top_k is not None and len(ids) > top_k:
+            order = np.argsort(-lps, kind="stable")[:top_k]
+            ids, lps = ids[order], lps[order]
+        entries.append((ids, lps))
+    sid, text = r.get("sample_id"), r.get("text")
+    yield Sample(str(sid) if sid is not None else f"{path.stem}-{row}", input_ids, positions, entries,
+                 text if isinstance(text, str) else None)
+
+
 def iter_source(src: str | os.PathLike, fmt: str, vocab: int, top_k: int | None = None) -> Iterator[Sample]:
     """Every sample of an import source, validated (DataError naming file and row)."""
     src = Path(src)
@@ -424,6 +485,10 @@ def iter_source(src: str | os.PathLike, fmt: str, vocab: int, top_k: int | None 
         for path in _files(src, (".parquet", ".jsonl", ".json")):
             for row, r in _axolotl_rows_of(path):
                 yield from _parse_axolotl(path, row, r, vocab, top_k)
+    elif fmt == "parquet":
+        for path in _files(src, (".parquet",)):
+            for row, r in _parquet_values(path):
+                yield from _parse_parquet(path, row, r, vocab, top_k)
     else:
         raise DataError(f"--format {fmt!r}: import reads one of {', '.join(IMPORT_FORMATS)}")
 
@@ -454,6 +519,7 @@ def import_source(src: str | os.PathLike, store: str | os.PathLike, fmt: str, to
     from kdpipe.storage.codecs import CodecConfig
     from kdpipe.storage.finalize import finalize_store
     from kdpipe.storage.manifest import StoreMeta, tokenizer_fingerprint
+    from kdpipe.storage.tokenizer_files import save_teacher_tokenizer
     from kdpipe.storage.writer import ShardWriter
 
     if fmt not in IMPORT_FORMATS:
@@ -496,7 +562,7 @@ def import_source(src: str | os.PathLike, store: str | os.PathLike, fmt: str, to
         generation_params={**carried.get("generation_params", {}), "imported_from": fmt, "tail": tail_state},
     )
     if carried and carried.get("tokenizer_fingerprint") not in (None, meta.tokenizer_fingerprint):
-        raise DataError(f"{src / META_SIDE_FILE}: the export was made with another tokenizer (fingerprint "
+        raise DataError(f"{side['where']}: the export was made with another tokenizer (fingerprint "
                         f"{carried['tokenizer_fingerprint'][:12]}… != {meta.tokenizer_fingerprint[:12]}… of --tokenizer "
                         f"{tokenizer}); give the teacher's tokenizer")
 
@@ -514,18 +580,35 @@ def import_source(src: str | os.PathLike, store: str | os.PathLike, fmt: str, to
                 top_ids[j, :len(ids)] = ids
                 top_lp[j, :len(ids)] = lps
             w.add(s.sample_id, s.input_ids, s.positions, top_ids, top_lp, text=s.text)
+    save_teacher_tokenizer(store, tok)  # as phase one does: cross-tokenizer and sequence-level training need it
     manifest = finalize_store(store)
     return {"store": str(store), "sequences": manifest["num_sequences"], "top_k": k, "tail": tail_state,
             "cache_key": manifest["cache_key"], "teacher": meta.teacher}
 
 
 def _side_meta(src: Path) -> dict[str, Any] | None:
-    """OUT/kdpipe_meta.json of a kdpipe export: the cache-relevant meta that carries over on import."""
-    path = (src if src.is_dir() else src.parent) / META_SIDE_FILE
-    if not path.is_file():
-        return None
+    """The meta of a kdpipe export that carries over on import: the first Parquet file's schema
+    metadata (key kdpipe_meta), or an older export's OUT/kdpipe_meta.json. `where` names its origin."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = src if src.is_dir() else src.parent
+    path = folder / META_SIDE_FILE
+    if path.is_file():
+        raw, where = path.read_bytes(), str(path)
+    else:
+        files = sorted(folder.glob("*.parquet")) if src.is_dir() else [src] if src.suffix == ".parquet" else []
+        if not files:
+            return None
+        try:
+            md = pq.read_schema(files[0]).metadata or {}
+        except (pa.ArrowException, OSError) as e:
+            raise _unreadable_parquet(files[0], e) from None
+        raw, where = md.get(META_KEY), f"{files[0]} (schema metadata {META_KEY.decode()})"
+        if raw is None:
+            return None
     try:
-        side = json.loads(path.read_text())
+        side = json.loads(raw)
     except ValueError as e:
-        raise DataError(f"{path}: not valid JSON ({e}); delete it to import without the carried-over meta") from None
-    return side if isinstance(side, dict) else None
+        raise DataError(f"{where}: not valid JSON ({e}); delete it to import without the carried-over meta") from None
+    return {**side, "where": where} if isinstance(side, dict) else None

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import xxhash
 
+from kdpipe.pipeline.config import check_model_dir
 from kdpipe.pipeline.generate.config import GenerateConfig
 from kdpipe.storage import CodecConfig, StoreMeta, tokenizer_fingerprint
 from kdpipe.storage.errors import ConfigError
@@ -20,6 +21,7 @@ CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_le
 def load_tokenizer(cfg: GenerateConfig):
     from transformers import AutoTokenizer
 
+    check_model_dir(cfg.teacher, "teacher")  # a missing local path, not a malformed hub id
     try:
         return AutoTokenizer.from_pretrained(cfg.teacher, revision=cfg.teacher_revision, trust_remote_code=cfg.trust_remote_code)
     except Exception as e:  # OSError, ValueError (remote code refused), ...

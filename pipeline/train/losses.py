@@ -26,7 +26,9 @@ Tail modes (topk stores)
   Student: q_T(i) at the kept ids plus ``q_T(tail) = 1 − Σ_kept q_T(i)``, the student's mass
   outside the kept ids (the whole vocabulary is accounted for).
 * ``renormalize``: K categories. Both distributions renormalized over the kept ids:
-  ``p̃(i) = p_T(i) / Σ_kept p_T``, ``q̃(i) = q_T(i) / Σ_kept q_T``.
+  ``p̃(i) = p_T(i) / Σ_kept p_T``, ``q̃(i) = q_T(i) / Σ_kept q_T``. A position that keeps no
+  entry (its listed log-probs were all −inf, i.e. p = 0; or a sampled store drew only the tail)
+  has nothing to renormalize over and contributes 0 (``bucket`` puts all its mass on the tail).
 
 A tail is a difference of two numbers close to 1 when the kept ids hold nearly all the mass,
 so its rounding noise is ~eps·K. Both tails therefore get ``TAIL_FLOOR_EPS · eps(dtype)`` added
@@ -281,6 +283,17 @@ def kd_divergence_from_kept(
     stores; a position where it is not contributes 0). Not multiplied by T².
     """
     valid = teacher_logprobs > -math.inf  # [N, K]
+    if tail_mode == "renormalize" and divergence != "reverse_kl_sampled_token":
+        if valid.shape[-1] == 0:  # no position of the batch keeps an entry: nothing to renormalize over
+            return kept_log_q.sum(-1)  # [N] zeros, still attached to the graph
+        # A position with no kept entry (its listed log-probs were all -inf, or a sampled store drew only
+        # the tail) has nothing to renormalize over: it contributes 0. One dummy category with
+        # log p = log q = 0 gives D = 0 exactly for every divergence, with every value finite, so no
+        # NaN can reach the gradient (a torch.where over a NaN branch would still leak it).
+        dummy = ~valid.any(-1, keepdim=True) & (torch.arange(valid.shape[-1], device=valid.device) == 0)  # [N, K]
+        teacher_logprobs = teacher_logprobs.masked_fill(dummy, 0.0)
+        kept_log_q = kept_log_q.masked_fill(dummy, 0.0)
+        valid = valid | dummy
     if divergence == "reverse_kl_sampled_token":
         hit = valid & (teacher_ids == target_ids.unsqueeze(-1))  # [N, K] the sampled token's entry
         log_q_x = torch.where(hit, kept_log_q, torch.zeros_like(kept_log_q)).sum(-1)  # [N]

@@ -153,3 +153,36 @@ def test_evaluate_selection_says_what_was_selected(tmp_path):
                          for i in range(6)))
     ex = load_examples(EvalConfig(models=("m",), data=str(p), out="o", max_samples=2))
     assert len(ex) == 2 and ex.selection == "rows with split == 'heldout', the first 2 (--max-samples)"
+
+
+def test_printed_paths_open_from_the_working_directory(tmp_path, monkeypatch):
+    """Paths the commands print (demo logs, `kdpipe run` summaries, status) are normalized and relative to
+    where the user stands, not to the output's parent (`demo-output/logs/…` printed for --out runs/demo-output)."""
+    from kdpipe.pipeline.console import shown_path
+
+    (tmp_path / "runs" / "demo" / "logs").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert shown_path(tmp_path / "runs" / "demo" / "logs" / "evaluate.log") == "runs/demo/logs/evaluate.log"
+    assert shown_path(tmp_path / "jobs" / ".." / "job-run") == "job-run"
+    assert shown_path("runs/./demo/../demo") == "runs/demo"
+    monkeypatch.chdir(tmp_path / "runs" / "demo")
+    assert shown_path(tmp_path / "other" / "x") == str(tmp_path / "other" / "x")  # outside: absolute
+
+
+def test_status_prints_metrics_readably(tmp_path):
+    """`kdpipe status`: the last metrics as `key value` to 4 significant digits, not raw JSON floats."""
+    run = tmp_path / "job-run" / "runs" / "s"
+    run.mkdir(parents=True)
+    (tmp_path / "jobs").mkdir()
+    rows = [{"step": 5, "loss": 2.3456789012345678, "loss_kd": 1.0, "lr": 0.0029999999999999996, "tokens": 4096},
+            {"step": 6, "loss": 2.1234567890123456, "loss_kd": 0.98765432109876543, "lr": 0.0030000000000000001,
+             "tokens": 4096},
+            {"step": 6, "split": "validation", "loss": 2.5432109876543210}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "job-run" / "run.json").write_text(json.dumps(
+        {"job": "j", "steps": [], "runs": [{"name": "s", "dir": str(tmp_path / "jobs" / ".." / "job-run" / "runs" / "s")}]}))
+    r = CliRunner().invoke(main, ["status", str(tmp_path / "jobs" / ".." / "job-run")])
+    assert r.exit_code == 0, r.output
+    assert "run s: step 6  loss 2.123  loss_kd 0.9877  lr 0.003  tokens 4096" in r.output, r.output
+    assert "run s validation: step 6  loss 2.543" in r.output
+    assert "{" not in r.output and "/../" not in r.output

@@ -212,5 +212,5 @@ gpus = 0
     assert r.exit_code == 0, r.output
     tail = r.output.splitlines()[-4:]
     assert tail[0] == "done: job newcomer" and tail[1].split() == ["store", str(store)]
-    assert tail[2].split()[:2] == ["run", str(tmp_path / "chain" / "runs" / "s")]
+    assert tail[2].split()[:3] == ["run", "s:", str(tmp_path / "chain" / "runs" / "s")]
     assert tail[3].startswith("  logs")

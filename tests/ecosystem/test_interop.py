@@ -53,21 +53,25 @@ def assert_same_targets(a, b, codec) -> None:
 
 def test_parquet_export_loads_through_datasets(topk_store, tmp_path):
     import datasets
+    import pandas as pd
+    import pyarrow.parquet as pq
 
     out = tmp_path / "pq"
     assert "format parquet" in cli("export", topk_store, out, "--format", "parquet", "--rows-per-file", "10")
     files = sorted(str(p) for p in out.glob("data-*.parquet"))
-    assert len(files) == 3  # 24 rows, 10 per file
+    assert len(files) == 3 and sorted(p.name for p in out.iterdir()) == [Path(f).name for f in files]  # 24 rows, 10 per file
     ds = datasets.load_dataset("parquet", data_files=files, split="train")
-    side = json.loads((out / "kdpipe_meta.json").read_text())
+    side = json.loads(pq.read_schema(files[0]).metadata[b"kdpipe_meta"])  # the meta rides in the schema metadata
     recs = records(topk_store)
-    assert len(ds) == len(recs) == side["rows"] and side["cache_key"] == json.loads((topk_store / "manifest.json").read_text())["cache_key"]
+    assert len(ds) == len(recs) and side["cache_key"] == json.loads((topk_store / "manifest.json").read_text())["cache_key"]
+    df = pd.read_parquet(out)  # the folder as it is (no side file in it); no column shadows a DataFrame method
+    assert len(df) == len(recs) and callable(df.tail) and "tail_mass" in df.columns
     for row in ds:
         r = recs[row["sample_id"]]
         assert row["input_ids"] == r.input_ids.tolist() and row["target_positions"] == r.target_positions.tolist()
         assert row["target_token_ids"] == [ids[ids >= 0].tolist() for ids in r.ids]
         np.testing.assert_allclose(row["target_logprobs"][0], r.logprobs[0][r.ids[0] >= 0], rtol=1e-6)
-        np.testing.assert_allclose(row["tail"], r.tail, rtol=1e-6)
+        np.testing.assert_allclose(row["tail_mass"], r.tail, rtol=1e-6)
         assert row["text"] == r.text
 
 
@@ -92,6 +96,8 @@ def test_axolotl_round_trip_within_codec_bound(topk_store, tiny_teacher, tmp_pat
     cli("import", out, imported, "--format", "axolotl", "--tokenizer", tiny_teacher)
     a, b = open_store(topk_store), open_store(imported)
     assert_same_targets(recs, records(imported), a.meta.codec)
+    assert {s: r.text for s, r in records(imported).items()} == {s: r.text for s, r in recs.items()}  # text kept
+    assert (imported / "teacher_tokenizer" / "tokenizer.json").is_file() and "teacher_tokenizer" in b.raw
     for key in ("teacher", "teacher_revision", "tokenizer_fingerprint", "vocab_size", "recipe", "recipe_params",
                 "dataset_fingerprint"):
         assert getattr(b.meta, key) == getattr(a.meta, key), key
@@ -265,6 +271,9 @@ def test_renormalized_source_refuses_tail_bucket(tmp_path, tiny_teacher, tiny_st
     ("duplicate", _axolotl_row([[5, 5]], [[-1.0, -2.0]]), r"row 1: position 0: token id 5 is listed twice"),
     ("positive", _axolotl_row([[5, 6]], [[0.5, -2.0]]), r"row 1: position 0: log-prob 0.5 > 0 is not a log-probability"),
     ("vocab", _axolotl_row([[5, 99999]], [[-1.0, -2.0]]), r"row 1: position 0: token id 99999 is outside the tokenizer's vocabulary"),
+    ("last", _axolotl_row([[5, 6]] * 3, [[-1.0, -2.0]] * 3),
+     r"row 1: position 2: row 2 holds the next token's distribution, but the sequence ends at 2; mask that row "
+     r"\(target_mask 0 at row 2\)"),
 ])
 def test_bad_axolotl_rows_name_file_and_row(tmp_path, tiny_teacher, case, row, message):
     from kdpipe.storage.interop import import_source
@@ -312,3 +321,105 @@ def test_export_of_unfinalized_store_is_refused(tmp_path, tiny_teacher):
     r = CliRunner().invoke(kdpipe, ["export", str(tmp_path / "raw"), str(tmp_path / "o"), "--format", "parquet"])
     assert r.exit_code != 0 and "export: " in r.output and "raw/manifest.json: manifest not found; the store is not finalized" in r.output
     assert not (tmp_path / "o").exists()
+
+
+def test_import_of_p0_logprobs_verifies(tmp_path, tiny_teacher):
+    """-inf (p = 0), subnormal and -1e30 log-probs, one position all -inf and one row with no other
+    target: the import finishes, and the store it wrote passes finalize + inspect --verify; -inf
+    entries are dropped (no mass), the tail is 1 - Σ p of the rest."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    ninf = float("-inf")
+    rows = [
+        _axolotl_row([[5, 6, 7], [8, 9, 10], [11, 12, 13]], [[-30.0, -1e-45, ninf], [ninf] * 3, [-740.0, -1e30, -2.0]],
+                     input_ids=(1, 2, 3, 4), sample_id="mixed"),
+        _axolotl_row([[5, 6, 7]], [[ninf] * 3], input_ids=(1, 2, 3, 4), sample_id="all-inf"),
+    ]
+    i32, f32 = pa.int32(), pa.float32()
+    schema = pa.schema([("sample_id", pa.string()), ("input_ids", pa.list_(i32)), ("target_token_ids", pa.list_(pa.list_(i32))),
+                        ("target_logprobs", pa.list_(pa.list_(f32))), ("target_mask", pa.list_(pa.list_(pa.int8())))])
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp_path / "p0.parquet")
+    store = tmp_path / "s"
+    assert "imported 2 sequences" in cli("import", tmp_path / "p0.parquet", store, "--format", "axolotl", "--tokenizer", tiny_teacher)
+    cli("finalize", store)
+    r = CliRunner().invoke(kdpipe, ["inspect", str(store), "--verify"])
+    assert r.exit_code == 0 and "BAD SHARD" not in r.output, r.output
+    got = records(store)
+    m = got["mixed"]
+    assert m.target_positions.tolist() == [1, 2, 3]
+    assert m.ids[0][m.ids[0] >= 0].tolist() == [6, 5] and (m.ids[1] == -1).all() and m.ids[2][m.ids[2] >= 0].tolist() == [13, 11, 12]
+    np.testing.assert_allclose(m.tail, [0.0, 1.0, 1 - np.exp(-2.0) - np.exp(-740.0)], atol=1e-6)  # p = 1 - 1e-45 fills 0
+    assert m.tail[1] == 1.0 and np.exp(m.logprobs[2, 2].astype(np.float64)) == 0.0
+    a = got["all-inf"]
+    assert a.ids.shape == (1, 0) and a.tail.tolist() == [1.0]
+
+
+def test_parquet_export_imports_back(topk_store, tiny_teacher, tmp_path):
+    """README: "as Parquet ... and back": export --format parquet -> import --format parquet -> finalize ->
+    inspect --verify -> the same targets, text and cache-relevant meta; an old export (kdpipe_meta.json beside
+    the files, column `tail`) imports too; axolotl's format on it says which format to use."""
+    import pyarrow.parquet as pq
+
+    from kdpipe.storage import open_store
+
+    out = tmp_path / "pq"
+    cli("export", topk_store, out, "--format", "parquet", "--rows-per-file", "10")
+    r = CliRunner().invoke(kdpipe, ["import", str(out), str(tmp_path / "x"), "--format", "axolotl", "--tokenizer", str(tiny_teacher)])
+    assert r.exit_code != 0 and "kdpipe's Parquet export columns (target_positions), not axolotl's; import them with " \
+        "--format parquet" in r.output
+    back = tmp_path / "back"
+    assert "imported 24 sequences" in cli("import", out, back, "--format", "parquet", "--tokenizer", tiny_teacher)
+    cli("finalize", back)
+    assert "BAD SHARD" not in cli("inspect", back, "--verify")
+    a, b = open_store(topk_store), open_store(back)
+    recs = records(topk_store)
+    assert_same_targets(recs, records(back), a.meta.codec)
+    assert {s: r.text for s, r in records(back).items()} == {s: r.text for s, r in recs.items()}
+    assert (b.meta.teacher, b.meta.dataset_fingerprint, b.meta.codec) == (a.meta.teacher, a.meta.dataset_fingerprint, a.meta.codec)
+
+    old = tmp_path / "old"
+    old.mkdir()
+    for f in sorted(out.glob("*.parquet")):
+        t = pq.read_table(f)
+        side = t.schema.metadata[b"kdpipe_meta"]
+        pq.write_table(t.rename_columns(["tail" if c == "tail_mass" else c for c in t.column_names]).replace_schema_metadata(None),
+                       old / f.name)
+    (old / "kdpipe_meta.json").write_bytes(side)
+    cli("import", old, tmp_path / "back-old", "--format", "parquet", "--tokenizer", tiny_teacher)
+    assert_same_targets(recs, records(tmp_path / "back-old"), a.meta.codec)
+    assert open_store(tmp_path / "back-old").meta.teacher == a.meta.teacher
+
+
+@pytest.mark.parametrize("fmt", ["axolotl", "parquet"])
+def test_unreadable_parquet_is_one_line_naming_the_file(topk_store, tiny_teacher, tmp_path, fmt):
+    cli("export", topk_store, tmp_path / "pq", "--format", "parquet")
+    good = (tmp_path / "pq" / "data-00000.parquet").read_bytes()
+    (tmp_path / "cut.parquet").write_bytes(good[: len(good) // 2])
+    (tmp_path / "text.parquet").write_text("sample_id,input_ids\na,1 2 3\n")
+    for bad in ("cut.parquet", "text.parquet"):
+        r = CliRunner().invoke(kdpipe, ["import", str(tmp_path / bad), str(tmp_path / "s"), "--format", fmt,
+                                        "--tokenizer", str(tiny_teacher)])
+        assert r.exit_code != 0 and "Traceback" not in r.output and len(r.output.strip().splitlines()) == 1, r.output
+        assert f"{tmp_path / bad}: not a readable Parquet file (" in r.output, r.output
+        assert not (tmp_path / "s").exists()
+
+
+def test_imported_store_without_tokenizer_files_says_so(tmp_path, tiny_teacher, tiny_student):
+    """An imported store whose teacher_tokenizer/ is missing (imports before it was saved): the error says
+    it was imported and to pass the import's tokenizer, not that an old phase one wrote it."""
+    import shutil
+
+    from kdpipe.pipeline.train.config import TrainConfig
+    from kdpipe.pipeline.train.xtok import load_teacher_tokenizer
+    from kdpipe.storage import open_store
+
+    src = _write(tmp_path / "a.jsonl", [_axolotl_row([[5, 6]], [[-1.0, -2.0]], sample_id="a")])
+    cli("import", src, tmp_path / "s", "--format", "axolotl", "--tokenizer", tiny_teacher)
+    cfg = TrainConfig(student=str(tiny_student), stores=(str(tmp_path / "s"),), out=str(tmp_path / "run"), steps=1)
+    assert load_teacher_tokenizer(cfg, open_store(tmp_path / "s")) is not None  # saved by the import
+    shutil.rmtree(tmp_path / "s" / "teacher_tokenizer")
+    with pytest.raises(ConfigError, match=r"carries no teacher_tokenizer/ \(it was imported from axolotl \(`kdpipe "
+                                          r"import`\) by a kdpipe that did not save the --tokenizer it was given\).*"
+                                          r"\(the import's --tokenizer\)"):
+        load_teacher_tokenizer(cfg, open_store(tmp_path / "s"))

@@ -200,6 +200,15 @@ def test_missing_file_and_unknown_type(tiny_teacher, tmp_path, no_engine):
         generate_logits(cfg_for(tiny_teacher, tmp_path / "d.txt", tmp_path / "s"))
 
 
+@pytest.mark.parametrize("teacher", ["./models/teacher", "{tmp}/models/teacher", "models/kd/teacher"])
+def test_missing_local_teacher_says_no_such_directory(docs_file, tmp_path, no_engine, teacher):
+    """Not the hub loader's "Repo id must be in the form ...": the path does not exist, and nothing is written."""
+    teacher = teacher.format(tmp=tmp_path)
+    r = CliRunner().invoke(cli_command, ["--teacher", teacher, "--data", str(docs_file), "--out", str(tmp_path / "s")])
+    assert r.exit_code != 0 and f"teacher: no such directory: {teacher};" in r.output and "Repo id" not in r.output, r.output
+    assert len(r.output.strip().splitlines()) == 1 and not (tmp_path / "s").exists()
+
+
 def test_max_model_len_above_teacher(tiny_teacher, docs_file, tmp_path, no_engine):
     with pytest.raises(ConfigError, match="above the teacher's context length 1024"):
         generate_logits(cfg_for(tiny_teacher, docs_file, tmp_path / "s", max_model_len=4096))

@@ -69,3 +69,22 @@ def tiny_job_text(teacher, student, data, store="store", alpha="0.5", evaluation
     if evaluation:
         text += TINY_EVAL.format(data=esc(data))
     return text
+
+
+def with_local_models(path: Path, tmp_path: Path) -> Path:
+    """The example copied beside the local model folders it names (`kdpipe demo` and the benchmarks build
+    them), created empty: a missing local model is refused, and the test is about the job file itself."""
+    import shutil
+    import tomllib
+
+    from kdpipe.pipeline.config import looks_like_path
+
+    data = tomllib.loads(path.read_text())
+    models = [data["teacher"]["model"], *(s.get("model", "") for s in data.get("students", []))]
+    copy = tmp_path / "jobs" / "examples" / path.name
+    copy.parent.mkdir(parents=True)
+    shutil.copy(path, copy)
+    for m in models:
+        if isinstance(m, str) and looks_like_path(m):
+            (copy.parent / m).mkdir(parents=True, exist_ok=True)
+    return copy

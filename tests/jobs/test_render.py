@@ -20,7 +20,7 @@ from kdpipe.jobs.render import placeholders, template_text
 from kdpipe.jobs.spec import load_job
 from kdpipe.jobs.submit import SubmitError, render_all, submit_plan
 
-from jobs_helpers import EXAMPLES
+from jobs_helpers import EXAMPLES, with_local_models
 
 SHIPPED = sorted(EXAMPLES.glob("*.toml"))
 
@@ -34,7 +34,7 @@ def sbatch_lines(script: str) -> dict[str, list[str]]:
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
 def test_rendered_scripts_match_the_plan(path, tmp_path):
-    job = load_job(path, run_dir=tmp_path / "run")
+    job = load_job(with_local_models(path, tmp_path), run_dir=tmp_path / "run")
     plan = make_plan(job)
     scripts = dict((s.name, (s, text)) for s, text in render_all(plan))
     for name, (step, text) in scripts.items():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ from kdpipe.jobs.plan import describe, make_plan
 from kdpipe.jobs.spec import load_job
 from kdpipe.storage.errors import ConfigError
 
-from jobs_helpers import EXAMPLES
+from jobs_helpers import EXAMPLES, with_local_models
 
 SHIPPED = sorted(EXAMPLES.glob("*.toml"))
 REFERENCE_PAIRS = {
@@ -32,7 +33,7 @@ def test_examples_are_shipped():
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
 def test_every_shipped_example_parses_and_plans(path, tmp_path):
-    job = load_job(path, run_dir=tmp_path / "run")
+    job = load_job(with_local_models(path, tmp_path), run_dir=tmp_path / "run")
     plan = make_plan(job)
     text = describe(plan)
     assert job.name in text
@@ -140,6 +141,34 @@ def test_missing_required_keys(tmp_path, edit, words):
     msg = plan_error(tmp_path, BASE.replace(*edit))
     for w in words:
         assert w in msg
+
+
+@pytest.mark.parametrize(
+    "edit, key, what",
+    [
+        (("steps = 10", 'steps = "6"'), "[[students]] #1 steps", "an integer, got the string '6'"),
+        (("alpha = 0.5", 'alpha = "0.5"'), "[[students]] #1 alpha", "a number, got the string '0.5'"),
+        (("alpha = 0.5", 'alpha = 0.5\noptimizer = { lr = "3e-3" }'), "[[students]] #1.optimizer lr", "a number, got the string '3e-3'"),
+        (("alpha = 0.5", 'alpha = ["0.5", 0.7]'), "[[students]] #1 alpha", "a number, got the string '0.5'"),
+        (("k = 8", 'k = "8"'), "[generation] k", "an integer, got the string '8'"),
+    ],
+)
+def test_quoted_numbers_are_refused_naming_the_key_as_written(tmp_path, edit, key, what):
+    """TOML has numbers: "6" where a number goes is a slip, refused under the key the user wrote
+    (`[generation] k`, not the phase's `top_k` behind `[teacher]/[data]/[generation]`)."""
+    msg = plan_error(tmp_path, BASE.replace(*edit))
+    assert f"{tmp_path / 'job.toml'} {key}: expected {what}; write the number without quotes" in msg, msg
+    assert "top_k" not in msg and "[teacher]/[data]" not in msg
+
+
+@pytest.mark.parametrize("edit, key", [
+    (('model = "org/teacher"', 'model = "./models/teacher"'), "[teacher] model"),
+    (('model = "org/student"', 'model = "../models/student"'), "[[students]] #1 model"),
+])
+def test_missing_local_model_says_no_such_directory(tmp_path, edit, key):
+    msg = plan_error(tmp_path, BASE.replace(*edit))
+    path = os.path.normpath(tmp_path / edit[1].split('"')[1])
+    assert f"{tmp_path / 'job.toml'} {key}: no such directory: {path}" in msg and "Repo id" not in msg, msg
 
 
 def test_no_students(tmp_path):

@@ -19,7 +19,7 @@ import pytest
 from kdpipe.jobs.plan import make_plan
 from kdpipe.jobs.spec import expand_students, load_job
 
-from jobs_helpers import EXAMPLES
+from jobs_helpers import EXAMPLES, with_local_models
 
 pytestmark = pytest.mark.slow  # a real teacher pass (hf engine) and 5 one-step students (~60 s CPU)
 
@@ -64,8 +64,8 @@ def _kdpipe() -> str:
     return shutil.which("kdpipe", path=os.path.dirname(sys.executable))
 
 
-def test_shipped_sweep_is_one_store_many_students():
-    job = load_job(EXAMPLES / "debian-sweep.toml")
+def test_shipped_sweep_is_one_store_many_students(tmp_path):
+    job = load_job(with_local_models(EXAMPLES / "debian-sweep.toml", tmp_path))
     runs = expand_students(job)
     assert len(runs) >= 8
     swept = {k for r in runs for k in r.swept}

@@ -32,7 +32,7 @@ def ran(tmp_path_factory, tiny_teacher, tiny_student, prompts):
     kdpipe = [sys.executable, "-m", "kdpipe.pipeline.cli"]
     r = subprocess.run(kdpipe + ["run", str(job)], capture_output=True, text=True, timeout=900, cwd=base)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
-    return base, job
+    return base, job, r.stdout
 
 
 def test_check_prints_the_chain_with_its_links(tmp_path, tiny_teacher, tiny_student, prompts):
@@ -58,8 +58,10 @@ def test_check_prints_the_chain_with_its_links(tmp_path, tiny_teacher, tiny_stud
 
 def test_local_run_executes_the_round_and_status_shows_it(ran):
     """`kdpipe run` of a 1-round chain (test_onpolicy_slurm.py runs 2 rounds and the re-plans)."""
-    base, job = ran
+    base, job, stdout = ran
     rd = base / "run"
+    # the closing summary names the round's run (paths relative to where `kdpipe run` ran: base)
+    assert "run      onpolicy-r1: run/onpolicy/round-1/run  (student: run/onpolicy/round-1/run/final)" in stdout, stdout
     run = rd / "onpolicy" / "round-1" / "run"
     assert (run / "final" / "config.json").is_file()
     assert len(read_records(rd / "onpolicy" / "round-1" / "store")) == 4 * 2
@@ -82,6 +84,32 @@ def test_evaluation_after_the_last_round_or_every_round(tmp_path, tiny_teacher, 
     doc["on_policy"]["evaluate_every_round"] = True
     plan = make_plan(load_job(write_job(tmp_path / "b", doc)))
     assert plan.step("onpolicy-r1-evaluate").after == ("onpolicy-r1-train",)
+
+
+def test_run_summary_lists_every_round_by_name(tmp_path, tiny_teacher, tiny_student, prompts, monkeypatch):
+    """`kdpipe run`'s closing summary: every round's store, student and report under the round's name
+    (the report names the round's model onpolicy-rN, not its folder "run"); paths without `..`."""
+    from kdpipe.jobs.command import outputs_summary
+
+    doc = job_doc(tiny_teacher, tiny_student, prompts)
+    doc["evaluation"] = {"data": str(prompts), "text_field": "text", "max_samples": 2, "similarity_model": "none"}
+    doc["run_dir"] = "../job-run"
+    job = write_job(tmp_path / "jobs", doc)
+    plan = make_plan(load_job(tmp_path / "jobs" / ".." / "jobs" / job.name))
+    assert 'names = [' in plan.step("onpolicy-r2-evaluate").config_text
+    assert '"onpolicy-r2"' in plan.step("onpolicy-r2-evaluate").config_text
+    report = tmp_path / "job-run" / "onpolicy" / "round-2" / "run" / "eval" / "report.md"
+    report.parent.mkdir(parents=True)
+    report.write_text("# report\n")
+    monkeypatch.chdir(tmp_path)
+    text = outputs_summary(plan)
+    assert "/../" not in text and "store    " not in text, text  # an on-policy-only job has no off-policy store
+    for r in (1, 2):
+        assert f"round {r}  store job-run/onpolicy/round-{r}/store" in text
+        assert (f"run      onpolicy-r{r}: job-run/onpolicy/round-{r}/run  (student: job-run/onpolicy/round-{r}/run/final)"
+                in text), text
+    assert "report   onpolicy-r2: job-run/onpolicy/round-2/run/eval/report.md" in text
+    assert "logs     job-run/logs" in text
 
 
 def test_bad_inputs_are_refused(tmp_path, tiny_teacher, tiny_student, prompts):

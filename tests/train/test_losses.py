@@ -131,6 +131,36 @@ def test_padding_entries_are_ignored():
             assert torch.isfinite(gb).all(), (div, mode)
 
 
+@pytest.mark.parametrize("codec", ["topk", "sampled"])
+def test_a_position_without_entries_is_finite(codec):
+    """A stored position with 0 entries (every listed log-prob was -inf: p = 0, tail 1; or a sampled
+    store that drew only the tail): bucket puts all teacher mass on the tail, renormalize has nothing
+    to compare and gives 0; the other positions' values are unchanged and every gradient is finite."""
+    g = torch.Generator().manual_seed(4)
+    t = torch.randn(3, 30, generator=g, dtype=torch.float64)
+    s = torch.randn(3, 30, generator=g, dtype=torch.float64)
+    ids, lps, tail = topk_store(t, 4)
+    e_ids, e_lps, e_tail = ids.clone(), lps.clone(), tail.clone()
+    e_lps[1] = -math.inf
+    e_tail[1] = 1.0
+    lq = torch.log_softmax(s, -1).requires_grad_()
+    divs = ["forward_kl"] if codec == "sampled" else DIVERGENCES
+    for div in divs:
+        for mode in TAIL_MODES:
+            a = kd_divergence(lq, ids, lps, tail, divergence=div, tail_mode=mode, codec=codec)
+            b = kd_divergence(lq, e_ids, e_lps, e_tail, divergence=div, tail_mode=mode, codec=codec)
+            assert torch.isfinite(b).all(), (div, mode, b)
+            torch.testing.assert_close(b[[0, 2]], a[[0, 2]])
+            if mode == "renormalize":
+                assert b[1] == 0
+            (gb,) = torch.autograd.grad(b.sum(), lq)
+            assert torch.isfinite(gb).all(), (div, mode)
+            # a whole batch without entries (K = 0)
+            z = kd_divergence(lq, ids[:, :0], lps[:, :0], torch.ones(3, dtype=lps.dtype), divergence=div,
+                              tail_mode=mode, codec=codec)
+            assert torch.isfinite(z).all() and (mode == "bucket" or (z == 0).all()), (div, mode, z)
+
+
 @pytest.mark.parametrize("tail_mode", TAIL_MODES)
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 def test_gradients_match_finite_differences(divergence, tail_mode):

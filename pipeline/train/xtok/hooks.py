@@ -37,10 +37,13 @@ def load_teacher_tokenizer(cfg, manifest):
 
     path = cfg.teacher_tokenizer or teacher_tokenizer_dir(manifest.store_dir)
     if path is None:
+        imported = manifest.meta.generation_params.get("imported_from")
+        why = (f"it was imported from {imported} (`kdpipe import`) by a kdpipe that did not save the --tokenizer it was "
+               "given" if imported else "written by a kdpipe before phase one saved the teacher's tokenizer")
         raise ConfigError(
-            f"{manifest.store_dir}: the store carries no {TEACHER_TOKENIZER_DIR}/ (written by a kdpipe before phase one "
-            "saved the teacher's tokenizer) and no --teacher-tokenizer was given; pass --teacher-tokenizer PATH, the "
-            f"folder of the tokenizer of {manifest.meta.teacher!r}"
+            f"{manifest.store_dir}: the store carries no {TEACHER_TOKENIZER_DIR}/ ({why}) and no --teacher-tokenizer "
+            f"was given; pass --teacher-tokenizer PATH, the folder of the tokenizer of {manifest.meta.teacher!r}"
+            + (" (the import's --tokenizer)" if imported else "")
         )
     path = check_tokenizer_folder(path)
     try:
