@@ -16,7 +16,7 @@ from kdpipe.storage.interop import EXPORT_FORMATS, IMPORT_FORMATS, TAIL_MODES
 @click.option("--rows-per-file", type=int, default=10_000, show_default=True, help="Rows per Parquet file.")
 def export(store: str, out: str, fmt: str, rows_per_file: int) -> None:
     """Write the finalized STORE into OUT as Parquet files (the store's meta in their schema metadata)."""
-    from kdpipe.storage.interop import export_store
+    from kdpipe.storage.interop_export import export_store
 
     side = run_command(export_store, store, out, fmt, rows_per_file=rows_per_file)
     click.echo(f"{out}: {side['rows']} sequences in {len(side['files'])} file(s), format {fmt} "

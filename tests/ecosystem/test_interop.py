@@ -411,7 +411,7 @@ def test_imported_store_without_tokenizer_files_says_so(tmp_path, tiny_teacher, 
     import shutil
 
     from kdpipe.pipeline.train.config import TrainConfig
-    from kdpipe.pipeline.train.xtok import load_teacher_tokenizer
+    from kdpipe.pipeline.train.xtok.hooks import load_teacher_tokenizer
     from kdpipe.storage import open_store
 
     src = _write(tmp_path / "a.jsonl", [_axolotl_row([[5, 6]], [[-1.0, -2.0]], sample_id="a")])
