@@ -43,7 +43,7 @@ class EvalConfig:
     # Engine settings: the same for every model so latencies compare.
     max_new_tokens: int = 64  # generation length cap (the same for every model)
     temperature: float = 0.0  # sampling temperature (0 = greedy)
-    max_model_len: int = 1024  # engine context length (the same for every model)
+    max_model_len: int | None = None  # engine context length, the same for every model; None = the smallest of the models' own
     engine: str = "vllm"  # vllm | hf (plain transformers: no engine start, for small models on CPU; same protocol)
     dtype: str = "float32"  # engine dtype: float32 | bfloat16 | float16 | auto (each model's torch_dtype on GPU, float32 on CPU; resolved before its engine starts)
     seed: int = 0  # engine and bootstrap seed
@@ -103,6 +103,8 @@ class EvalConfig:
             raise ConfigError("confidence: must be in (0.5, 1), e.g. 0.95")
         if self.bootstrap_samples < 100:
             raise ConfigError("bootstrap_samples: use at least 100 resamples")
+        if self.max_model_len is not None and self.max_model_len < 16:
+            raise ConfigError(f"max_model_len: {self.max_model_len} is too small (>= 16; unset = the models' own)")
         if self.nli_chunk_tokens < 16:
             raise ConfigError("nli_chunk_tokens: must be >= 16")
 

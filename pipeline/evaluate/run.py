@@ -21,7 +21,8 @@ from kdpipe.pipeline.evaluate.config import EvalConfig
 from kdpipe.pipeline.trackers import check_installed, evaluation_to_trackers
 from kdpipe.pipeline.train.metrics_log import read_metrics
 from kdpipe.pipeline.evaluate.generate import (
-    ModelOutputs, build_prompt_ids, generate_outputs, load_examples, load_tokenizers, resolve_model, summarize_template,
+    ModelOutputs, build_prompt_ids, generate_outputs, load_examples, load_tokenizers, resolve_max_model_len, resolve_model,
+    summarize_template,
 )
 
 QUALITY_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum", "similarity_reference", "similarity_source", "nli_entailment")
@@ -99,6 +100,7 @@ def evaluate(cfg: EvalConfig, verbose: bool = False) -> dict[str, Any]:
     toks = load_tokenizers(specs, cfg)
     # --dtype auto: resolved per model here and passed explicitly (see generate/dtype.py)
     dtypes = {s.name: resolve_dtype(cfg.dtype, s.model) for s in specs}
+    max_model_len = resolve_max_model_len(specs, cfg)  # unset: the smallest of the models' own context lengths
     sim_model = None
     if cfg.similarity_model.lower() != "none":
         sim_model = M.load_similarity_model(cfg.similarity_model, cfg.score_device)
@@ -121,7 +123,7 @@ def evaluate(cfg: EvalConfig, verbose: bool = False) -> dict[str, Any]:
         with engine_output(out / "logs" / f"evaluate-{s.name}.log", verbose) as console:
             bar = _progress(len(prompts), f"generate {s.name}", console)
             try:
-                outputs[s.name] = generate_outputs(s, toks[s.name], prompts, dataclasses.replace(cfg, dtype=dtypes[s.name]), bar)
+                outputs[s.name] = generate_outputs(s, toks[s.name], prompts, dataclasses.replace(cfg, dtype=dtypes[s.name], max_model_len=max_model_len), bar)
             finally:
                 bar.close()
 
@@ -198,7 +200,7 @@ def evaluate(cfg: EvalConfig, verbose: bool = False) -> dict[str, Any]:
 
     report = {
         "kdpipe_report_version": 1,
-        "config": config_to_dict(cfg),
+        "config": config_to_dict(dataclasses.replace(cfg, max_model_len=max_model_len)),  # the length the engines used
         "prompt_template": template,
         "data": {"path": cfg.data, "split": cfg.split, "selection": getattr(examples, "selection", None),
                  "num_examples": len(examples)},
