@@ -49,6 +49,7 @@ class EvalConfig:
     seed: int = 0  # engine and bootstrap seed
     gpu_memory_utilization: float = 0.8  # fraction of GPU memory vLLM may use
     tensor_parallel_size: int = 1  # vLLM tensor parallel size for every model
+    teacher_cache: str | None = None  # folder caching the teacher's outputs per (model, prompts, settings): a second evaluation of that teacher reuses them (job chains set RUN_DIR/eval-cache); None = off
     latency_requests: int | None = None  # prompts timed one request at a time (None = all); the rest are batched
     warmup_requests: int = 2  # untimed requests per model before timing (one-off costs)
     # Scoring
