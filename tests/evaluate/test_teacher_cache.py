@@ -14,24 +14,20 @@ from kdpipe.pipeline.evaluate.config import EvalConfig
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    from kdpipe.pipeline.tiny import TinyModelConfig, build_model, build_tiny
-
-    root = tmp_path_factory.mktemp("cache_models")
-    teacher = build_tiny(root / "teacher", cfg=TinyModelConfig(vocab_size=300, hidden_size=64, num_hidden_layers=1, seed=0))
-    student = build_model(root / "student", teacher, TinyModelConfig(vocab_size=300, hidden_size=32, num_attention_heads=1,
-                                                                      num_key_value_heads=1, num_hidden_layers=1, seed=1))
-    data = root / "held.jsonl"
+def models(tmp_path_factory, tiny_teacher, tiny_student):
+    """The suite's shared tiny teacher and student (built once per session) and two held-out rows."""
+    data = tmp_path_factory.mktemp("cache_data") / "held.jsonl"
     data.write_text("".join(json.dumps({"id": str(i), "text": d, "summary": s}) + "\n" for i, (d, s) in enumerate([
         ("The city council approved a new budget for parks.", "Council approves park budget."),
         ("Researchers in Paris reported that the river rose.", "Paris river rose."),
     ])))
-    return teacher, root / "student", data
+    return tiny_teacher, tiny_student, data
 
 
 def run(models, out, cache, **kw):
     teacher, student, data = models
-    values = dict(models=(str(teacher), str(student)), names=("teacher", "student"), data=str(data), out=str(out),
+    names = ("teacher", "student") if student is not None else ("teacher",)
+    values = dict(models=tuple(str(m) for m in (teacher, student) if m is not None), names=names, data=str(data), out=str(out),
                   engine="hf", similarity_model="none", max_new_tokens=4, bootstrap_samples=100, warmup_requests=1,
                   reference_scores=False, plots=False, teacher_cache=str(cache))
     values.update(kw)
@@ -71,6 +67,7 @@ def test_retrained_weights_or_a_damaged_cache_file_miss(models, tmp_path):
     copy = tmp_path / "teacher"
     shutil.copytree(teacher, copy)
     cache = tmp_path / "cache"
+    student = None  # the teacher alone: only its outputs are cached
     run((copy, student, data), tmp_path / "r1", cache)
     [f] = cache.glob("teacher-outputs-*.json")
     f.write_text("{not json")
