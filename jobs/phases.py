@@ -265,6 +265,8 @@ def eval_config(job: JobSpec, run: RunSpec, run_dir: Path) -> Any:
     # One name for the document field: evaluation reads it as [data] names it, unless it says otherwise.
     if not {"text_field", "document_field"} & set(section) and isinstance(job.data.get("text_field"), str):
         section["text_field"] = job.data["text_field"]
+    # Every run's evaluation compares it with the same teacher on the same prompts: the teacher generates once.
+    section.setdefault("teacher_cache", str(job.run_dir / "eval-cache"))
     models = (_path_or_hub_id(job, job.teacher.model), str(run_dir), *(_path_or_hub_id(job, str(m)) for m in extra))
     injected = {"models": models, "out": str(run_dir / "eval"), "stores": (str(job.generation.store),)}
     values, written = _collect("evaluate", cls, [(w, section)], injected)

@@ -171,6 +171,12 @@ def write_configs(plan: Plan) -> None:
     for s in plan.steps:
         if s.config is not None and s.config_text is not None:
             atomic_write_text(s.config, s.config_text)
+        if s.kind == "train" and s.config_text is not None:
+            # A chain's training step runs with resume = true (a rerun continues a preempted run); phase two
+            # refuses --resume into a folder that does not exist (a mistyped --out), so the run's folder is made here.
+            out = tomllib.loads(s.config_text).get("out")
+            if isinstance(out, str) and out:
+                Path(out).mkdir(parents=True, exist_ok=True)
     atomic_write_text(plan.configs_dir / "job.toml", plan.job.path.read_text(encoding="utf-8"))
     atomic_write_text(plan.configs_dir / "plan.txt", describe(plan) + "\n")
 

@@ -24,6 +24,7 @@ COMMANDS = {
     "train-student": ("kdpipe.pipeline.train.command:train_student", "Phase two: stream one or more stores into student training."),
     "evaluate": ("kdpipe.pipeline.evaluate.command:evaluate", "Generate with each model and score it against the teacher."),
     "demo": ("kdpipe.jobs.demo_command:demo", "The whole pipeline on a tiny built-in teacher, on CPU."),
+    "tiny-model": ("kdpipe.pipeline.tiny_command:tiny_model", "A tiny local Llama trained briefly on your JSONL: a teacher for trying things on CPU."),
     "check": ("kdpipe.jobs.command:check", "Validate a job file and print its resolved plan."),
     "run": ("kdpipe.jobs.command:run", "Run a job file's chain locally, in order."),
     "submit": ("kdpipe.jobs.command:submit", "Submit a job file to SLURM as a dependency chain."),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sys
 from pathlib import Path
 from typing import IO, Iterator
@@ -59,3 +60,24 @@ def engine_output(log_path: str | os.PathLike, verbose: bool = False) -> Iterato
             os.close(fd)
         log.close()
         console.close()
+
+
+# A Python exception line as tracebacks print it, possibly behind a log prefix ("(EngineCore pid=1) ERROR ... ").
+_EXC_LINE = re.compile(r"(?:^|\s)((?:[A-Za-z_]\w*\.)*[A-Za-z_]\w*(?:Error|Exception)): (\S.*)$")
+# Wrappers that only say "it failed elsewhere": the cause is an earlier line.
+_WRAPPERS = ("Engine core initialization failed", "See root cause above", "EngineDeadError", "EngineCore encountered")
+
+
+def root_cause(log_path: str | os.PathLike | None, offset: int, exc: BaseException) -> str:
+    """One line: the first exception the engine's log records after byte `offset` (the engine's own processes
+    print their tracebacks there, the calling process only gets "initialization failed"), else `exc`'s."""
+    text = ""
+    if log_path is not None and Path(log_path).is_file():
+        with open(log_path, "rb") as f:
+            f.seek(offset)
+            text = f.read().decode("utf-8", errors="replace")
+    for line in text.splitlines():
+        m = _EXC_LINE.search(line.strip())
+        if m and not any(w in line for w in _WRAPPERS):
+            return f"{m.group(1).rsplit('.', 1)[-1]}: {m.group(2).strip()}"
+    return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}".rstrip(": ")

@@ -152,3 +152,109 @@ def build_unigram_tokenizer(out_dir: str | os.PathLike, texts: Iterable[str] | N
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     fast.save_pretrained(out_dir)
     return fast
+
+
+# --------------------------------------------------------------------------- `kdpipe tiny-model`
+@dataclasses.dataclass(frozen=True)
+class TinyTeacherConfig:
+    """A small local model for trying the pipeline on CPU: a tokenizer and a Llama trained briefly on your documents.
+
+    out: the model folder to write (Hugging Face format: vLLM and transformers load it).
+    train_on: a JSONL file of documents and their summaries (the same fields phase one and evaluate read).
+    """
+
+    out: str  # the model folder to write (must not exist yet)
+    train_on: str  # JSONL file: one document and its summary per line (the tokenizer is trained on them too)
+    text_field: str = "text"  # field with the document (as phase one's and evaluate's --text-field)
+    target_field: str = "summary"  # field with the summary the model learns to write
+    layers: int = 2  # decoder layers
+    hidden: int = 64  # hidden size, a multiple of 32 (heads of 32 dimensions: vLLM's CPU attention needs >= 32)
+    vocab: int = 512  # tokenizer vocabulary (byte-level BPE trained on the file)
+    context: int = 512  # context length (max_position_embeddings; phase one and evaluate default to it)
+    steps: int = 200  # training steps (summarize prompt -> summary); 0 = an untrained model (e.g. a student's start)
+    lr: float = 3e-3  # peak learning rate (linear warmup, linear decay)
+    batch_size: int = 16  # examples per step
+    seed: int = 0  # initialization and batch order
+
+    def __post_init__(self) -> None:
+        from kdpipe.storage.errors import ConfigError
+
+        if not self.out:
+            raise ConfigError("out: give the model folder to write (kdpipe tiny-model OUT --train-on FILE)")
+        if not self.train_on:
+            raise ConfigError("train_on: give the JSONL file of documents and summaries (--train-on FILE)")
+        for key in ("layers", "hidden", "vocab", "context", "batch_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key}: {getattr(self, key)} must be >= 1")
+        if self.hidden % 32:
+            raise ConfigError(f"hidden: {self.hidden} is not a multiple of 32 (heads of 32 dimensions); use e.g. 64 or 128")
+        if self.vocab < 300:
+            raise ConfigError(f"vocab: {self.vocab} is too small; the byte alphabet and special tokens need >= 300")
+        if self.context < 64:
+            raise ConfigError(f"context: {self.context} is too small for a prompt and a summary (>= 64)")
+        if self.steps < 0:
+            raise ConfigError(f"steps: {self.steps} must be >= 0 (0 = untrained)")
+        if not self.lr > 0:
+            raise ConfigError(f"lr: {self.lr} must be > 0")
+
+
+def read_pairs(path: str, text_field: str, target_field: str) -> list[dict]:
+    """(document, summary) rows of a JSONL file, every line checked; errors name the file and line."""
+    import json
+
+    from kdpipe.storage.errors import DataError
+
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"{path}: file not found (a JSONL file with one document and its summary per line)")
+    rows = []
+    with open(p, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}: line {line_no} is not valid JSON ({e}); fix that line") from None
+            for field, flag in ((text_field, "--text-field"), (target_field, "--target-field")):
+                if not isinstance(row, dict) or not isinstance(row.get(field), str) or not row[field].strip():
+                    have = ", ".join(sorted(row)) if isinstance(row, dict) else type(row).__name__
+                    raise DataError(f"{path}: line {line_no} has no text in field '{field}' (fields: {have}); "
+                                    f"pass {flag} with the right name")
+            rows.append({"document": row[text_field], "summary": row[target_field]})
+    if not rows:
+        raise DataError(f"{path} is empty (no rows); pass a JSONL file with one document and its summary per line")
+    return rows
+
+
+def train_tiny_model(cfg: TinyTeacherConfig, log=print) -> Path:
+    """Build a tokenizer and a Llama of `cfg` and train it on the file's summaries (kdpipe.pipeline.lm_train)."""
+    import shutil
+
+    from kdpipe.pipeline.config import write_resolved
+    from kdpipe.pipeline.lm_train import train_teacher
+    from kdpipe.storage.errors import ConfigError
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # "Writing model shards" bars for a 1 MB model: noise between kdpipe's lines
+    out = Path(cfg.out)
+    if out.exists():
+        raise ConfigError(f"out: {out} already exists; choose a new folder (or delete it)")
+    rows = read_pairs(cfg.train_on, cfg.text_field, cfg.target_field)
+    init = out.with_name(out.name + ".init")  # the untrained model; train_teacher writes OUT whole or not at all
+    if init.exists():
+        shutil.rmtree(init)
+    heads = cfg.hidden // 32
+    build_tokenizer(init, [t for r in rows for t in (r["document"], r["summary"])], vocab_size=cfg.vocab)
+    build_model(init, init, TinyModelConfig(
+        vocab_size=cfg.vocab, hidden_size=cfg.hidden, intermediate_size=2 * cfg.hidden, num_hidden_layers=cfg.layers,
+        num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=cfg.context, seed=cfg.seed))
+    if cfg.steps == 0:
+        os.replace(init, out)
+    else:
+        train_teacher(init, out, rows, cfg.steps, cfg.lr, cfg.batch_size, cfg.seed, log=log,
+                      doc_loss_weight=0.1, save_every=0, what="tiny-model")
+        shutil.rmtree(init)
+    write_resolved(cfg, out / "tiny_model_config.toml")
+    return out

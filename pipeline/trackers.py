@@ -346,7 +346,9 @@ def open_trackers(names: Iterable[str], root: Path, run_name: str, params: Mappi
     names = tuple(names)
     if not names or not enabled:
         return Trackers([], None, {})
-    root = Path(root)
+    # Absolute: state.json records each tracker's folder (log dir, wandb dir), and a path relative to the
+    # working directory would point elsewhere when the run is resumed or read back from another directory.
+    root = Path(os.path.abspath(root))
     check_trackers(names, root, resuming=resume_step is not None or attach, **({"hint": hint} if hint else {}))
     state = _read_state(root)
     recorded = state.get("trackers", {})

@@ -43,12 +43,13 @@ class EvalConfig:
     # Engine settings: the same for every model so latencies compare.
     max_new_tokens: int = 64  # generation length cap (the same for every model)
     temperature: float = 0.0  # sampling temperature (0 = greedy)
-    max_model_len: int = 1024  # engine context length (the same for every model)
+    max_model_len: int | None = None  # engine context length, the same for every model; None = the smallest of the models' own
     engine: str = "vllm"  # vllm | hf (plain transformers: no engine start, for small models on CPU; same protocol)
     dtype: str = "float32"  # engine dtype: float32 | bfloat16 | float16 | auto (each model's torch_dtype on GPU, float32 on CPU; resolved before its engine starts)
     seed: int = 0  # engine and bootstrap seed
     gpu_memory_utilization: float = 0.8  # fraction of GPU memory vLLM may use
     tensor_parallel_size: int = 1  # vLLM tensor parallel size for every model
+    teacher_cache: str | None = None  # folder caching the teacher's outputs per (model, prompts, settings): a second evaluation of that teacher reuses them (job chains set RUN_DIR/eval-cache); None = off
     latency_requests: int | None = None  # prompts timed one request at a time (None = all); the rest are batched
     warmup_requests: int = 2  # untimed requests per model before timing (one-off costs)
     # Scoring
@@ -103,6 +104,8 @@ class EvalConfig:
             raise ConfigError("confidence: must be in (0.5, 1), e.g. 0.95")
         if self.bootstrap_samples < 100:
             raise ConfigError("bootstrap_samples: use at least 100 resamples")
+        if self.max_model_len is not None and self.max_model_len < 16:
+            raise ConfigError(f"max_model_len: {self.max_model_len} is too small (>= 16; unset = the models' own)")
         if self.nli_chunk_tokens < 16:
             raise ConfigError("nli_chunk_tokens: must be >= 16")
 

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from kdpipe.pipeline.context_length import model_context_length, resolve_context_length
 from kdpipe.storage.errors import ConfigError, DataError
 
 
@@ -42,10 +43,12 @@ def load_examples(cfg) -> Examples:
     rows = Examples()
     matched = unlabeled = 0  # rows whose split field equals cfg.split / rows without a split field
     capped = False
+    lines = 0  # non-blank lines
     with open(path, encoding="utf-8") as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
                 continue
+            lines += 1
             try:
                 row = json.loads(line.rstrip("\r\n"))  # without its line break, as an editor shows the line
             except json.JSONDecodeError as e:
@@ -72,6 +75,8 @@ def load_examples(cfg) -> Examples:
             if cfg.max_samples is not None and len(rows) >= cfg.max_samples:
                 capped = True
                 break
+    if not lines:
+        raise DataError(f"{cfg.data} is empty (no rows); pass a JSONL file with one document per line")
     if not rows:
         where = f" with {cfg.split_field} == {cfg.split!r}" if cfg.split else ""
         raise DataError(f"{cfg.data}: no rows{where}; check --split (or pass --split '' for every row)")
@@ -122,6 +127,15 @@ def build_prompt_ids(tokenizer, document: str, template: str, use_chat_template:
     from kdpipe.pipeline.prompts import Prompter
 
     return Prompter(tokenizer, use_chat_template, system_prompt).ids(template.replace("{text}", document))
+
+
+def resolve_max_model_len(specs: Sequence[ModelSpec], cfg) -> int:
+    """The one engine context length of every model: --max-model-len, or the smallest of the models' own.
+
+    Checked here because vLLM refuses a length above a model's own with a long pydantic trace.
+    """
+    natives = {f"model {s.name!r} ({s.model})": model_context_length(s.model, what=f"model {s.name!r}") for s in specs}
+    return resolve_context_length(cfg.max_model_len, natives)
 
 
 def load_tokenizers(specs: Sequence[ModelSpec], cfg) -> dict[str, Any]:

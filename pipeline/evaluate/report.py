@@ -135,6 +135,11 @@ def markdown(report: dict, plots: list[str]) -> str:
         parts += ["NLI consistency: not computed (no `--nli-model` given).", ""]
     if report["scorers"]["similarity"] is None:
         parts += ["Semantic similarity: not computed (`--similarity-model none`).", ""]
+    for m in report["models"]:
+        if m.get("outputs_from_cache"):
+            c = m["outputs_from_cache"]
+            parts += [f"{m['name']}: all {c['rows']} outputs and latencies come from the teacher cache "
+                      f"(`{c['file']}`, an earlier evaluation with the same model, prompts and settings).", ""]
     parts += [
         "## Latency (per request, one request at a time, same engine settings)",
         "",

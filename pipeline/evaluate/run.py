@@ -15,13 +15,15 @@ import numpy as np
 
 from kdpipe.pipeline.card import update_run_cards
 from kdpipe.pipeline.config import atomic_write_text, config_to_dict, write_resolved
+from kdpipe.pipeline.evaluate import cache as teacher_cache
 from kdpipe.pipeline.evaluate import metrics as M
 from kdpipe.pipeline.evaluate.calibration import reference_scores
 from kdpipe.pipeline.evaluate.config import EvalConfig
 from kdpipe.pipeline.trackers import check_installed, evaluation_to_trackers
 from kdpipe.pipeline.metrics_log import read_metrics
 from kdpipe.pipeline.evaluate.generate import (
-    ModelOutputs, build_prompt_ids, generate_outputs, load_examples, load_tokenizers, resolve_model, summarize_template,
+    ModelOutputs, build_prompt_ids, generate_outputs, load_examples, load_tokenizers, resolve_max_model_len, resolve_model,
+    summarize_template,
 )
 
 QUALITY_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum", "similarity_reference", "similarity_source", "nli_entailment")
@@ -99,6 +101,7 @@ def evaluate(cfg: EvalConfig, verbose: bool = False) -> dict[str, Any]:
     toks = load_tokenizers(specs, cfg)
     # --dtype auto: resolved per model here and passed explicitly (see pipeline/dtype.py)
     dtypes = {s.name: resolve_dtype(cfg.dtype, s.model) for s in specs}
+    max_model_len = resolve_max_model_len(specs, cfg)  # unset: the smallest of the models' own context lengths
     sim_model = None
     if cfg.similarity_model.lower() != "none":
         sim_model = M.load_similarity_model(cfg.similarity_model, cfg.score_device)
@@ -116,14 +119,25 @@ def evaluate(cfg: EvalConfig, verbose: bool = False) -> dict[str, Any]:
     outputs: dict[str, ModelOutputs] = {}
     if not verbose:
         print(f"evaluate: {len(specs)} model(s) on {len(examples)} examples; engine logs in {out / 'logs'}", file=sys.stderr, flush=True)
-    for s in specs:
+    cached: dict[str, str] = {}  # model name -> the cache file its outputs came from
+    for i, s in enumerate(specs):
         prompts = [build_prompt_ids(toks[s.name], ex.document, template, cfg.use_chat_template, cfg.system_prompt) for ex in examples]
+        mcfg = dataclasses.replace(cfg, dtype=dtypes[s.name], max_model_len=max_model_len)
+        key = teacher_cache.cache_key(s.model, prompts, mcfg) if cfg.teacher_cache and i == t_idx else None
+        hit = teacher_cache.load(cfg.teacher_cache, key, len(prompts)) if key else None
+        if hit is not None:  # the teacher's outputs of an earlier evaluation with the same model, prompts, settings
+            outputs[s.name] = ModelOutputs(**hit)
+            cached[s.name] = str(teacher_cache.cache_file(cfg.teacher_cache, key))
+            print(f"evaluate: {s.name}: {len(prompts)} outputs from the teacher cache {cached[s.name]}", file=sys.stderr, flush=True)
+            continue
         with engine_output(out / "logs" / f"evaluate-{s.name}.log", verbose) as console:
             bar = _progress(len(prompts), f"generate {s.name}", console)
             try:
-                outputs[s.name] = generate_outputs(s, toks[s.name], prompts, dataclasses.replace(cfg, dtype=dtypes[s.name]), bar)
+                outputs[s.name] = generate_outputs(s, toks[s.name], prompts, mcfg, bar)
             finally:
                 bar.close()
+        if key:
+            teacher_cache.save(cfg.teacher_cache, key, outputs[s.name])
 
     # --- scoring
     refs = [ex.reference for ex in examples]
@@ -167,6 +181,8 @@ def evaluate(cfg: EvalConfig, verbose: bool = False) -> dict[str, Any]:
                 "per_request_s": o.latencies_s,
             },
             "dtype": dtypes[s.name],
+            # Rows whose outputs (and latencies) an earlier evaluation generated: all of them, or none.
+            "outputs_from_cache": {"file": cached[s.name], "rows": len(o.texts)} if s.name in cached else None,
             "finish_reasons": {r: o.finish_reasons.count(r) for r in sorted(set(o.finish_reasons))},
         })
         if s.name in reference:
@@ -198,7 +214,7 @@ def evaluate(cfg: EvalConfig, verbose: bool = False) -> dict[str, Any]:
 
     report = {
         "kdpipe_report_version": 1,
-        "config": config_to_dict(cfg),
+        "config": config_to_dict(dataclasses.replace(cfg, max_model_len=max_model_len)),  # the length the engines used
         "prompt_template": template,
         "data": {"path": cfg.data, "split": cfg.split, "selection": getattr(examples, "selection", None),
                  "num_examples": len(examples)},

@@ -47,8 +47,12 @@ def generate_logits(config_path: str | None, verbose: bool, **flags) -> None:
 
     from kdpipe.pipeline.shutdown import exit_process
 
-    summary = run_command(go)
+    try:
+        summary = run_command(go)
+    except KeyboardInterrupt:  # Ctrl-C before the run loop (loading, engine start): nothing is lost either
+        click.echo("generate-logits INTERRUPTED before the task finished (rerun the same command to continue)", err=True)
+        exit_process(143)
     click.echo(summary.line())
-    # 143 after SIGTERM, so a job chain does not go on to `kdpipe finalize` (the rerun resumes);
+    # 143 after SIGTERM or Ctrl-C, so a job chain does not go on to `kdpipe finalize` (the rerun resumes);
     # 0 once the task is done, whatever vLLM's teardown would do (see kdpipe.pipeline.shutdown).
     exit_process(143 if summary.interrupted else 0)

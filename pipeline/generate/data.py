@@ -64,6 +64,15 @@ def check_utf8(path: Path, chunk: int = 1 << 20) -> None:
             offset += len(block)
 
 
+def _blank(path: Path, chunk: int = 1 << 20) -> bool:
+    """Whether a text file holds nothing but whitespace (read up to its first other byte)."""
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            if block.strip():
+                return False
+    return True
+
+
 def _one_json_document(path: Path) -> bool:
     try:
         with open(path, encoding="utf-8") as f:
@@ -129,6 +138,8 @@ def load_table(data: str, split: str):
             )
         if path.suffix.lower() in TEXT_SUFFIXES:
             check_utf8(path)
+            if _blank(path):  # `datasets` would end in a bare "StopIteration"
+                raise DataError(f"{data} is empty (no rows); pass a file with one document per line")
         if builder == "json":
             # Found here, before `datasets` turns it into "DatasetGenerationError" without a line.
             check_json_lines(path, whole_document_ok=path.suffix.lower() == ".json")

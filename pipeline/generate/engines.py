@@ -21,6 +21,7 @@ tokenizer defines.
 from __future__ import annotations
 
 import itertools
+import os
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
@@ -121,6 +122,39 @@ def _vllm_on_cpu() -> bool:
         return bool(current_platform.is_cpu())
     except Exception:  # an unusual vLLM build: keep its defaults
         return False
+
+
+CPU_KV_MIN_BYTES = 64 << 20  # a tiny model still gets room for many sequences
+CPU_KV_MAX_SHARE = 0.25  # of the memory available now: the rest is the weights', the writer's and the system's
+CPU_KV_SEQUENCES = 32  # full-length sequences the cache holds (requests beyond wait in vLLM's queue; CPUs gain little more)
+
+
+def cpu_kv_cache_bytes(cfg, max_model_len: int) -> int | None:
+    """The KV cache for vLLM on CPU when VLLM_CPU_KVCACHE_SPACE is unset: sized from the model and the batch.
+
+    vLLM's CPU default (gpu_memory_utilization of the machine's RAM, 0.9) reserved ~20 GiB for a 10 MB
+    model and failed when less was free. Here: bytes per token (K and V, every layer, every KV head) ×
+    max_model_len × min(max_inflight, CPU_KV_SEQUENCES), at least CPU_KV_MIN_BYTES, at most CPU_KV_MAX_SHARE of
+    the available memory. None when the config does not say enough (vLLM's own default then).
+    """
+    import psutil
+    from transformers import AutoConfig
+
+    try:
+        mc = AutoConfig.from_pretrained(cfg.teacher, revision=cfg.teacher_revision, trust_remote_code=cfg.trust_remote_code)
+    except Exception:
+        return None
+    mc = getattr(mc, "text_config", None) or mc
+    layers, heads = getattr(mc, "num_hidden_layers", None), getattr(mc, "num_attention_heads", None)
+    hidden = getattr(mc, "hidden_size", None)
+    if not all(isinstance(v, int) and v > 0 for v in (layers, heads, hidden)):
+        return None
+    kv_heads = getattr(mc, "num_key_value_heads", None) or heads
+    head_dim = getattr(mc, "head_dim", None) or hidden // heads
+    per_token = 2 * layers * kv_heads * head_dim * (4 if cfg.dtype == "float32" else 2)
+    want = per_token * max_model_len * min(max(1, getattr(cfg, "max_inflight", CPU_KV_SEQUENCES)), CPU_KV_SEQUENCES)
+    cap = int(psutil.virtual_memory().available * CPU_KV_MAX_SHARE)
+    return max(per_token * max_model_len, min(max(want, CPU_KV_MIN_BYTES), cap))
 
 
 def flat_actual_logprobs(fl, positions: list[int]) -> np.ndarray:
@@ -241,6 +275,10 @@ class VllmEngine(_BatchHelpers):
             # torch.Generator, which CPU generators cannot do ("CPU Generator does not use offset",
             # the engine dies once prompts exceed one step's token budget). Whole-prompt prefills avoid it.
             kwargs.update(enable_chunked_prefill=False)
+        if _vllm_on_cpu() and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+            kv = cpu_kv_cache_bytes(cfg, max_model_len)  # (vLLM reads the variable itself when it is set)
+            if kv is not None:
+                kwargs.update(kv_cache_memory_bytes=kv)
         kwargs.update(llm_overrides)
         llm = LLM(**kwargs)
         cache = llm.llm_engine.vllm_config.cache_config

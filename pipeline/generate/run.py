@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import queue
 import signal
 import sys
@@ -27,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kdpipe.pipeline.config import write_resolved
-from kdpipe.pipeline.console import engine_output
+from kdpipe.pipeline.console import engine_output, root_cause
 from kdpipe.pipeline.generate.config import GenerateConfig
 from kdpipe.pipeline.generate.data import load_task_data
 from kdpipe.pipeline.dtype import resolve_dtype
@@ -39,6 +38,7 @@ from kdpipe.storage.errors import ConfigError, KdpipeError
 from kdpipe.storage.tokenizer_files import save_teacher_tokenizer
 
 CONFIG_FILE = "generate-config.toml"
+ENGINE_SIGNAL_GRACE_S = 2.0  # how long an engine error waits for a signal flag that explains it (drive)
 
 
 @dataclass
@@ -121,20 +121,27 @@ class WriterThread:
 
 
 class _Stop:
-    """Turns SIGTERM into a flag the loop checks (only the main thread may install handlers)."""
+    """Turns SIGTERM and SIGINT (Ctrl-C) into a flag the loop checks (only the main thread may install handlers).
+
+    Ctrl-C is an interruption like SIGTERM: the open shard is kept and a rerun resumes. Left to Python, it
+    raised KeyboardInterrupt somewhere in the loop while the engine's processes, which get the terminal's
+    SIGINT too, died under it (an EngineDeadError trace).
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self) -> None:
         self.flag = threading.Event()
-        self.old = None
+        self.old: dict = {}
 
     def __enter__(self) -> "_Stop":
         if threading.current_thread() is threading.main_thread():
-            self.old = signal.signal(signal.SIGTERM, lambda *_: self.flag.set())
+            self.old = {s: signal.signal(s, lambda *_: self.flag.set()) for s in self.SIGNALS}
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.old is not None:
-            signal.signal(signal.SIGTERM, self.old)
+        for s, old in self.old.items():
+            signal.signal(s, old)
 
 
 def drive(engine: Engine, recipe: Recipe, todo, sink, max_inflight: int, stop: threading.Event, on_done) -> bool:
@@ -177,7 +184,9 @@ def drive(engine: Engine, recipe: Recipe, todo, sink, max_inflight: int, stop: t
         try:
             finished = engine.poll()
         except Exception:
-            if stop.is_set():  # SIGTERM also reached the engine's processes
+            # SIGTERM / Ctrl-C also reached the engine's processes, which may die before this process's
+            # handler has run: give the flag a moment before calling it an engine failure.
+            if stop.wait(ENGINE_SIGNAL_GRACE_S):
                 return True
             raise
         if not finished:
@@ -261,7 +270,15 @@ def generate_logits(cfg: GenerateConfig, engine: Engine | None = None, sampler_e
         summary = GenerateSummary(cfg.out, task_index, num_tasks, len(samples), len(samples) - len(todo))
         write_resolved(dataclasses.replace(cfg, task_index=None, num_tasks=num_tasks), Path(cfg.out) / CONFIG_FILE)
         if todo and engine is None:
-            engine = make_engine(cfg, max_model_len, tokenizer)
+            log_start = log_path.stat().st_size if log_path.is_file() else 0
+            try:
+                engine = make_engine(cfg, max_model_len, tokenizer)
+            except KdpipeError:
+                raise
+            except Exception as e:  # the cause is in the engine's log, behind ~60 lines of its trace: one line here
+                where = "the log above" if verbose else f"the whole log: {log_path}"
+                raise KdpipeError(f"the teacher engine did not start: {root_cause(None if verbose else log_path, log_start, e)} "
+                                  f"({where})") from None
             own_engine = True
         # One clock for the bar and the summary: target tokens per second of generation, from
         # here (after the engine start) to the last result.

@@ -10,13 +10,10 @@ from pathlib import Path
 import xxhash
 
 from kdpipe.pipeline.config import check_model_dir
+from kdpipe.pipeline.context_length import model_context_length, resolve_context_length
 from kdpipe.pipeline.generate.config import GenerateConfig
 from kdpipe.storage import CodecConfig, StoreMeta, tokenizer_fingerprint
 from kdpipe.storage.errors import ConfigError
-
-# Keys of a model config that give its context length, in the order vLLM consults them.
-CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "max_sequence_length", "n_ctx")
-
 
 def load_tokenizer(cfg: GenerateConfig):
     from transformers import AutoTokenizer
@@ -32,24 +29,9 @@ def load_tokenizer(cfg: GenerateConfig):
 
 
 def resolve_max_model_len(cfg: GenerateConfig) -> int:
-    """The context length used for truncation: --max-model-len, checked against the teacher's."""
-    from transformers import AutoConfig
-
-    try:
-        mc = AutoConfig.from_pretrained(cfg.teacher, revision=cfg.teacher_revision, trust_remote_code=cfg.trust_remote_code)
-    except Exception as e:
-        raise ConfigError(f"teacher: cannot read the model config of {cfg.teacher!r} ({type(e).__name__}: {e})") from None
-    mc = getattr(mc, "text_config", None) or mc
-    native = next((int(v) for k in CONTEXT_KEYS if isinstance(v := getattr(mc, k, None), int) and v > 0), None)
-    if cfg.max_model_len is not None:
-        if native is not None and cfg.max_model_len > native:
-            raise ConfigError(
-                f"max_model_len={cfg.max_model_len} is above the teacher's context length {native}; lower --max-model-len"
-            )
-        return cfg.max_model_len
-    if native is None:
-        raise ConfigError(f"teacher: {cfg.teacher!r} does not state its context length; pass --max-model-len")
-    return native
+    """The context length used for truncation: --max-model-len, checked against the teacher's (default: the teacher's)."""
+    native = model_context_length(cfg.teacher, cfg.teacher_revision, cfg.trust_remote_code, what="teacher")
+    return resolve_context_length(cfg.max_model_len, {"the teacher": native})
 
 
 def local_model_revision(model_dir: Path) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from typing import Literal
 
 from kdpipe.pipeline.train.losses import DIVERGENCES, TARGET_ENTRY_DIVERGENCES
@@ -31,6 +32,15 @@ def loss_defaults(device: str) -> dict[str, object]:
     if device == "cuda":
         return {"loss_backward": "in_forward", "loss_chunk_size": 4096}
     return {"loss_backward": "in_forward", "loss_chunk_size": 1024}
+
+
+# Fields that always name local paths, made absolute in __post_init__ (`student` may be a hub id: left as given).
+PATH_FIELDS = ("stores", "out", "val_stores", "teacher_tokenizer")
+
+
+def absolute_path(path: str) -> str:
+    """`path` made absolute against the working directory, `~` expanded, `..` and `.` folded (no symlinks followed)."""
+    return os.path.abspath(os.path.expanduser(str(path)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,6 +153,9 @@ class TrainConfig:
         for key in ("warmup_steps", "save_every", "keep_checkpoints", "log_every"):
             if getattr(self, key) < 0:
                 raise bad(key, f"{getattr(self, key)} must be >= 0")
+        if self.warmup_steps > self.steps:
+            raise bad("warmup_steps", f"{self.warmup_steps} is more than steps = {self.steps}: the learning rate would "
+                      "never reach lr; lower --warmup-steps (or raise --steps)")
         if not (self.lr > 0):
             raise bad("lr", f"{self.lr} must be > 0")
         if not (0.0 <= self.min_lr_ratio <= 1.0):
@@ -178,6 +191,15 @@ class TrainConfig:
             raise bad("backend", "'nccl' needs CUDA but device = 'cpu'; use backend = 'gloo' or 'auto'")
         # resolved here, once: the written train_config.toml records the trackers actually used
         object.__setattr__(self, "report_to", parse_report_to(self.report_to, "report_to"))
+        # Absolute paths, so `--store store1` and `--store ./store1` (or a resume from another directory)
+        # are the same run, and the train_config.toml written beside the run means the same from anywhere.
+        for key in PATH_FIELDS:
+            v = getattr(self, key)
+            if isinstance(v, tuple):
+                object.__setattr__(self, key, tuple(absolute_path(p) for p in v))
+            elif v:
+                object.__setattr__(self, key, absolute_path(v))
+
         # (the loss's per-device defaults are not: with_loss_defaults, on the device that trains)
 
     def with_loss_defaults(self, device: str) -> "TrainConfig":

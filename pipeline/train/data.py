@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import queue
 import threading
 from dataclasses import dataclass, field
@@ -267,11 +268,14 @@ class StepData:
         self._thread.start()
 
     def _load(self, cursor: dict[str, Any]) -> None:
-        diff = [k for k, v in self.layout.items() if cursor.get(k) != v]
+        if isinstance(cursor.get("stores"), list):  # older cursors hold the stores as given: relative to the run's cwd
+            cursor = {**cursor, "stores": [os.path.abspath(os.path.expanduser(str(s))) for s in cursor["stores"]]}
+        layout = {**self.layout, "stores": [os.path.abspath(os.path.expanduser(str(s))) for s in self.layout["stores"]]}
+        diff = [k for k, v in layout.items() if cursor.get(k) != v]
         if diff:
             raise DataError(
                 "data cursor does not match this run ("
-                + ", ".join(f"{k}: saved {cursor.get(k)!r}, now {self.layout[k]!r}" for k in diff)
+                + ", ".join(f"{k}: saved {cursor.get(k)!r}, now {layout[k]!r}" for k in diff)
                 + "); resume with the same stores, weights, seed, tokens_per_batch, ranks and grad_accum"
             )
         for slot, st in zip(self.slots, cursor["slots"]):

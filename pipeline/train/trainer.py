@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import signal
 import sys
 import time
@@ -26,7 +27,7 @@ import torch
 
 from kdpipe.pipeline.config import config_to_dict, read_toml, write_resolved
 from kdpipe.pipeline.train.checkpoint import latest_checkpoint, load_training_state, save_checkpoint, save_final
-from kdpipe.pipeline.train.config import TrainConfig
+from kdpipe.pipeline.train.config import PATH_FIELDS, TrainConfig, absolute_path
 from kdpipe.pipeline.train.data import DataSpec, StepData
 from kdpipe.pipeline.metrics_log import METRICS_FILE, MetricsLog
 from kdpipe.pipeline.train.distributed import autocast_context, no_sync, setup_distributed, wrap_distributed
@@ -82,14 +83,47 @@ class _Sigterm:
         signal.signal(signal.SIGTERM, self._old)
 
 
+def _check_resume_out(run: Path) -> None:
+    """--resume with an --out that does not exist is a typo, not a new run: refuse, naming the nearest folders."""
+    import difflib
+
+    parent = run.parent
+    siblings = sorted(p.name for p in parent.iterdir() if p.is_dir()) if parent.is_dir() else []
+    close = difflib.get_close_matches(run.name, siblings, n=3, cutoff=0.6)
+    if close:
+        near = f"did you mean {' or '.join(str(parent / c) for c in close)}?"
+    elif siblings:
+        near = f"{parent} holds: {', '.join(siblings[:10])}{' ...' if len(siblings) > 10 else ''}"
+    else:
+        near = f"{parent} does not exist either" if not parent.is_dir() else f"{parent} holds no folder"
+    raise ConfigError(f"--resume: out {run} does not exist, so there is no run to continue ({near}); "
+                      "fix --out, or drop --resume to start a new run there")
+
+
+def _paths_absolute(values: dict) -> dict:
+    """A train config's paths made absolute. Older checkpoints wrote them as given, relative to the directory
+    the run started in: resumed from that directory, they name the same folders. `student` is compared as a
+    path only when it names a local folder (else it is a hub id)."""
+    out = dict(values)
+    for key in PATH_FIELDS + ("student",):
+        v = out.get(key)
+        if isinstance(v, list):
+            out[key] = [absolute_path(p) for p in v]
+        elif isinstance(v, str) and v and (key != "student" or os.path.exists(os.path.expanduser(v))):
+            out[key] = absolute_path(v)
+    return out
+
+
 def _resume_point(cfg: TrainConfig, run: Path) -> Path | None:
+    if cfg.resume and not run.exists():
+        _check_resume_out(run)
     ckpt = latest_checkpoint(run)
     if ckpt is None:
         return None
     if not cfg.resume:
         raise ConfigError(f"out: {run} already holds {ckpt.name}; pass --resume to continue that run, or choose a new --out")
-    saved = read_toml(ckpt / "train_config.toml")
-    now = config_to_dict(cfg)
+    saved = _paths_absolute(read_toml(ckpt / "train_config.toml"))
+    now = _paths_absolute(config_to_dict(cfg))
     # A field added to TrainConfig after the checkpoint was written is absent from its file: the run
     # was computed with that field's default, so only a non-default value now is a real change.
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}

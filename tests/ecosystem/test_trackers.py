@@ -221,3 +221,14 @@ def test_evaluation_of_plain_models_gets_its_own_runs_once(tmp_path, monkeypatch
     with pytest.raises(ConfigError, match=r"report/trackers: holds the tracker runs of another run .*choose a new --out"):
         evaluation_to_trackers(("tensorboard",), report, tmp_path / "report", {})
 
+
+def test_tracker_state_holds_absolute_paths(tmp_path, monkeypatch):
+    """RUN/trackers/state.json is read back from anywhere (docs/ecosystem.md): no path relative to the cwd."""
+    require("tensorboard", "the TensorBoard tracker")
+    from kdpipe.pipeline.trackers import open_trackers
+
+    monkeypatch.chdir(tmp_path)
+    t = open_trackers(("tensorboard",), Path("run") / "trackers", "run", {"lr": 1.0})
+    t.close()
+    state = json.loads((tmp_path / "run" / "trackers" / "state.json").read_text())
+    assert state["trackers"]["tensorboard"]["logdir"] == str(tmp_path / "run" / "trackers" / "tensorboard")

@@ -238,3 +238,36 @@ def test_model_without_chat_template_is_refused_when_others_have_one(tmp_path, t
     specs = [resolve_model(str(tiny_teacher), "t"), resolve_model(str(plain), "plain")]
     with pytest.raises(ConfigError, match="plain have no chat template"):
         load_tokenizers(specs, cfg)
+
+
+def test_empty_file_says_so(tmp_path):
+    """Not "no rows with split == 'heldout'": the file holds no rows at all (issue 23)."""
+    from kdpipe.pipeline.evaluate.config import EvalConfig
+    from kdpipe.pipeline.evaluate.generate import load_examples
+    from kdpipe.storage.errors import DataError
+
+    p = tmp_path / "heldout.jsonl"
+    p.write_text("\n")
+    with pytest.raises(DataError, match=f"^{p} is empty"):
+        load_examples(EvalConfig(models=("m",), data=str(p), out="o"))
+
+
+def test_context_length_defaults_to_the_models_own(tmp_path, tiny_teacher):
+    """Unset: the smallest of the models' own lengths (the demo's 512, not a fixed 1024 vLLM refuses); an
+    explicit length above a model's is a one-line error naming that model (issue 23)."""
+    import shutil
+
+    from kdpipe.pipeline.evaluate.config import EvalConfig
+    from kdpipe.pipeline.evaluate.generate import resolve_max_model_len, resolve_model
+
+    short = tmp_path / "short"
+    shutil.copytree(tiny_teacher, short)
+    c = json.loads((short / "config.json").read_text())
+    c["max_position_embeddings"] = 512
+    (short / "config.json").write_text(json.dumps(c))
+    specs = [resolve_model(str(tiny_teacher), "t"), resolve_model(str(short), "short")]
+    assert resolve_max_model_len(specs, EvalConfig(models=("t", "short"), data="d", out="o")) == 512
+    assert resolve_max_model_len(specs, EvalConfig(models=("t", "short"), data="d", out="o", max_model_len=256)) == 256
+    with pytest.raises(ConfigError, match=r"^max_model_len=1024 is above model 'short' \(.*\)'s context length 512; "
+                                          r"lower --max-model-len \(or leave it unset: 512\)$"):
+        resolve_max_model_len(specs, EvalConfig(models=("t", "short"), data="d", out="o", max_model_len=1024))

@@ -353,3 +353,12 @@ def test_local_teacher_revision_changes_when_weights_change(tmp_path):
     data[(3 << 20) // 2] = 1  # a change in the middle of the weights
     w.write_bytes(bytes(data))
     assert local_model_revision(tmp_path) != r0
+
+
+@pytest.mark.parametrize("content", ["", "\n  \n"])
+def test_empty_file_says_so(tiny_teacher, tmp_path, no_engine, content):
+    """An empty JSONL used to end in a bare `StopIteration:` from `datasets` (issue 23)."""
+    data = tmp_path / "d.jsonl"
+    data.write_text(content)
+    with pytest.raises(DataError, match=f"^{re.escape(str(data))} is empty"):
+        generate_logits(cfg_for(tiny_teacher, data, tmp_path / "s"))

@@ -164,3 +164,53 @@ def test_kill_9_mid_run_then_rerun_stores_every_sample_once(engine, tiny_teacher
     assert 0 < s.already_done < n and s.already_done + s.written == n
     recs = read_records(out)  # asserts no id appears twice
     assert sorted(recs) == sorted(f"k{i}" for i in range(n))
+
+
+def test_ctrl_c_is_a_clean_interruption_like_sigterm(tiny_teacher, tmp_path):
+    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) mid-run: the same one-line
+    "INTERRUPTED (rerun ...)" summary and exit status 143 as SIGTERM, no EngineDeadError trace (issue 23)."""
+    require("vllm", "the engine's processes get the SIGINT too")
+    n = 160
+    data = write_jsonl(tmp_path / "d.jsonl", [{"id": f"c{i}", "text": t} for i, t in enumerate(make_docs(n, seed=4))])
+    out = tmp_path / "ctrlc"
+    cfg = cfg_for(tiny_teacher, data, out, max_new_tokens=24)
+    proc = subprocess.Popen(cli_args(cfg) + ["--max-inflight", "8"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True, env=dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1"))
+    try:
+        deadline = time.time() + 300
+        while not list(out.glob("shard-*.arrow")) and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.communicate()
+        os.killpg(proc.pid, signal.SIGINT)
+        so, se = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 143, (proc.returncode, so[-2000:], se[-3000:])
+    assert "INTERRUPTED (rerun the same command to continue)" in so, so
+    assert "Traceback" not in se and "EngineDeadError" not in se, se[-3000:]
+    task = json.loads((out / "tasks" / "task-00000.json").read_text())
+    assert task["complete"] is False and 0 < sum(s["rows"] for s in task["shards"]) < n
+
+
+def test_cpu_kv_cache_sized_from_the_model_and_an_engine_failure_is_one_line(tiny_teacher, docs, tmp_path):
+    """Without VLLM_CPU_KVCACHE_SPACE, vLLM's CPU default reserved 90% of RAM for the KV cache and failed when
+    less was free: kdpipe sizes it from the model and batch. An engine that cannot start is one line on the
+    terminal naming its root cause (its trace stays in STORE/logs/) (issue 23)."""
+    require("vllm", "the engine's own KV cache sizing is what is tested")
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_CPU_KVCACHE_SPACE"}
+    cfg = cfg_for(tiny_teacher, docs, tmp_path / "fail", limit=4)
+    r = subprocess.run(cli_args(cfg), env=dict(env, VLLM_CPU_KVCACHE_SPACE="100000"), capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 1, r.stderr[-3000:]
+    err = [line for line in r.stderr.splitlines() if line.strip()]
+    assert "Traceback" not in r.stderr and len(err) <= 3, r.stderr[-3000:]
+    assert "Error: the teacher engine did not start: ValueError: Available memory" in r.stderr, r.stderr
+    assert str(tmp_path / "fail" / "logs") in r.stderr
+    r = subprocess.run(cli_args(dataclasses.replace(cfg, out=str(tmp_path / "ok"))), env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "wrote 4 samples" in r.stdout
+    log = next((tmp_path / "ok" / "logs").glob("*.log")).read_text(errors="replace")
+    assert "Explicitly set (0.06/" in log, log[-3000:]  # 64 MiB: the tiny model's few KB per token, at the floor

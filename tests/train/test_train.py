@@ -499,3 +499,66 @@ def test_disk_full_while_writing_a_checkpoint_is_a_clear_error(tiny_student, top
     monkeypatch.setattr(ck.torch, "save", bug)
     with pytest.raises(RuntimeError, match="something else broke"):
         save(6)
+
+
+# ------------------------------------------------------------------------------- paths and --resume (issue 23)
+
+def test_warmup_longer_than_the_run_is_refused():
+    with pytest.raises(ConfigError, match=r"warmup_steps: 50 is more than steps = 10"):
+        TrainConfig(student="s", stores=("x",), out="o", steps=10, warmup_steps=50)
+    TrainConfig(student="s", stores=("x",), out="o", steps=10, warmup_steps=10)  # the whole run warming up is allowed
+
+
+def test_resume_with_the_same_store_spelled_otherwise_or_from_elsewhere(tiny_student, topk_store, tmp_path, monkeypatch):
+    """`--store store1` then `--store ./store1 --resume`, or a resume from another directory with absolute
+    paths: the same run. The config is written with absolute paths."""
+    import shutil
+
+    from kdpipe.pipeline.config import read_toml
+    from kdpipe.pipeline.train.trainer import train
+
+    work = tmp_path / "work"
+    work.mkdir()
+    shutil.copytree(topk_store, work / "store1")
+    monkeypatch.chdir(work)
+    first = train(base_cfg(tiny_student, "store1", "run", steps=4, save_every=2))
+    assert first.steps == 4
+    saved = read_toml(work / "run" / "checkpoint-4" / "train_config.toml")
+    assert saved["stores"] == [str(work / "store1")] and saved["out"] == str(work / "run")
+    again = train(base_cfg(tiny_student, "./store1", "./run", steps=6, save_every=2, resume=True))
+    assert again.steps == 6
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    third = train(base_cfg(tiny_student, work / "store1", work / "run", steps=8, save_every=2, resume=True))
+    assert third.steps == 8
+
+
+def test_resume_of_an_old_run_that_wrote_relative_paths(reference_run, tmp_path, monkeypatch):
+    """Checkpoints written before paths were made absolute hold them as given: resumable from the same directory."""
+    import shutil
+
+    from kdpipe.pipeline.train.checkpoint import latest_checkpoint
+    from kdpipe.pipeline.train.trainer import train
+
+    cfg, ref = reference_run
+    shutil.copytree(ref, tmp_path / "old")
+    shutil.copytree(cfg.stores[0], tmp_path / "store1")
+    shutil.rmtree(tmp_path / "old" / "final")
+    ckpt = latest_checkpoint(tmp_path / "old")
+    for f in (ckpt / "train_config.toml", ckpt / "data-rank0.json"):  # as an older kdpipe wrote them
+        f.write_text(f.read_text().replace(str(ref), "old").replace(cfg.stores[0], "store1"))
+    monkeypatch.chdir(tmp_path)
+    result = train(TrainConfig(**{**cfg.__dict__, "stores": ("./store1",), "out": "old", "resume": True}))
+    assert result.steps == cfg.steps and result.final is not None
+
+
+def test_resume_into_a_folder_that_does_not_exist_is_refused(tmp_path):
+    from kdpipe.pipeline.train.trainer import train
+
+    (tmp_path / "run-a05").mkdir()
+    (tmp_path / "store").mkdir()
+    with pytest.raises(ConfigError, match=r"--resume: out .*run-a5 does not exist.*did you mean .*run-a05\?") as ei:
+        train(TrainConfig(student="s", stores=(str(tmp_path / "store"),), out=str(tmp_path / "run-a5"), resume=True))
+    assert not (tmp_path / "run-a5").exists()
+    assert "drop --resume" in str(ei.value)

@@ -1,0 +1,54 @@
+"""The newcomer's path as the README's CPU quickstart gives it, with default flags only (issue 23):
+tiny-model -> generate-logits -> finalize -> inspect --verify -> train-student -> evaluate.
+
+Only sizes are given (tiny-model's and train-student's --steps, a few rows), never a flag that works around a
+default: no --max-model-len (each model's own), no --dtype, no VLLM_CPU_KVCACHE_SPACE (kdpipe sizes the CPU KV
+cache), evaluate exactly in the form `kdpipe --help` shows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from kdtest import require
+
+pytestmark = [pytest.mark.slow, pytest.mark.vllm]
+
+CORPUS = Path(__file__).resolve().parents[2] / "pipeline" / "data" / "summarization.jsonl"
+
+
+def kdpipe(cwd: Path, *args: str) -> str:
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_CPU_KVCACHE_SPACE"}  # a newcomer sets nothing
+    r = subprocess.run([sys.executable, "-m", "kdpipe.pipeline.cli", *args], cwd=cwd, env=env, capture_output=True,
+                       text=True, timeout=900)
+    assert r.returncode == 0, f"kdpipe {' '.join(args)}: exit {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    return r.stdout + r.stderr
+
+
+def test_newcomer_path_with_default_flags(tmp_path):
+    require("vllm", "phase one and evaluate run the default engine")
+    rows = [json.loads(x) for x in CORPUS.read_text().splitlines()[:16]]
+    (tmp_path / "docs.jsonl").write_text("".join(
+        json.dumps({"id": r["id"], "text": r["document"], "summary": r["summary"]}) + "\n" for r in rows[:12]))
+    (tmp_path / "heldout.jsonl").write_text("".join(
+        json.dumps({"id": r["id"], "text": r["document"], "summary": r["summary"]}) + "\n" for r in rows[12:]))
+
+    kdpipe(tmp_path, "tiny-model", "teacher", "--train-on", "docs.jsonl", "--steps", "30")
+    kdpipe(tmp_path, "tiny-model", "student", "--train-on", "docs.jsonl", "--layers", "1", "--steps", "0")
+    out = kdpipe(tmp_path, "generate-logits", "--teacher", "teacher", "--data", "docs.jsonl", "--out", "store")
+    assert "wrote 12 samples" in out, out
+    kdpipe(tmp_path, "finalize", "store")
+    out = kdpipe(tmp_path, "inspect", "store", "--verify")
+    assert "12" in out
+    out = kdpipe(tmp_path, "train-student", "--student", "student", "--store", "store", "--out", "run", "--steps", "4")
+    assert (tmp_path / "run" / "final" / "config.json").is_file(), out
+    kdpipe(tmp_path, "evaluate", "--model", "teacher", "--model", "run", "--data", "heldout.jsonl", "--out", "report")
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert report["data"]["num_examples"] == 4 and report["config"]["max_model_len"] == 512
+    assert [m["role"] for m in report["models"]] == ["teacher", "student"]
