@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -103,7 +104,8 @@ def make_plan(job: JobSpec, python: str | None = None) -> Plan:
         tpath = cfgdir / f"train-{run.name}.toml"
         # A rerun of the chain (after a failure or preemption) does not redo finished work: a run
         # whose RUN/final holds this very config is done; an interrupted one resumes (resume = true).
-        trained = same_config(out / "final" / "train_config.toml", train_text, ignore={"resume"})
+        from kdpipe.pipeline.train.config import LOSS_AUTO  # resolved by the trainer on its device
+        trained = same_config(out / "final" / "train_config.toml", train_text, ignore={"resume"}, resolved_at_run=LOSS_AUTO)
         if trained:
             skipped.append(f"train-{run.name}: {out / 'final'} exists with the same config")
         else:

@@ -137,7 +137,8 @@ def round_steps(job, python: str, runs: list[RunSpec], steps: list, toml) -> tup
         train_text = note + toml(tr)
         run_spec = RunSpec(name=tag, student=start_run.student if start_run else 0, nodes=op.nodes, gpus=gpus,
                            procs_per_node=max(gpus, 1), values={}, swept={"round": r})
-        done = same_config(run / "final" / "train_config.toml", train_text, ignore={"resume"})
+        from kdpipe.pipeline.train.config import LOSS_AUTO  # resolved by the trainer on its device
+        done = same_config(run / "final" / "train_config.toml", train_text, ignore={"resume"}, resolved_at_run=LOSS_AUTO)
         after_prev = (prev_train,) if prev_train else ()
         if done:
             skipped.append(f"{tag}-train: {run / 'final'} exists with the same config (round {r} done)")

@@ -111,8 +111,11 @@ def check_store(path: Path, num_tasks: int, expected_key: str | None, comparable
     return StoreState(path, "partial", key, expected_key, key_note, tuple(done))
 
 
-def same_config(saved: Path, text: str, ignore: set[str] = frozenset()) -> bool:
-    """Whether the resolved config a phase saved equals the one this plan would hand it."""
+def same_config(saved: Path, text: str, ignore: set[str] = frozenset(), resolved_at_run: dict[str, Any] | None = None) -> bool:
+    """Whether the resolved config a phase saved equals the one this plan would hand it.
+
+    `resolved_at_run`: keys the phase resolves itself on the machine that runs it, with their "auto" value; where the
+    plan hands the auto value, whatever the run resolved it to is the same config."""
     if not saved.is_file():
         return False
     try:
@@ -120,7 +123,8 @@ def same_config(saved: Path, text: str, ignore: set[str] = frozenset()) -> bool:
         b = tomllib.loads(text)
     except (OSError, tomllib.TOMLDecodeError):
         return False
-    return {k: v for k, v in a.items() if k not in ignore} == {k: v for k, v in b.items() if k not in ignore}
+    skip = set(ignore) | {k for k, auto in (resolved_at_run or {}).items() if b.get(k) == auto}
+    return {k: v for k, v in a.items() if k not in skip} == {k: v for k, v in b.items() if k not in skip}
 
 
 def eval_gpus(job: JobSpec, eval_cfg: Any) -> int:

@@ -16,6 +16,11 @@ from kdpipe.pipeline.trackers import parse_report_to
 from kdpipe.storage.errors import ConfigError
 
 
+# The loss fields the trainer resolves on the device that trains (with_loss_defaults), with their "auto" values:
+# a job's planned config keeps these, the finished run's train_config.toml holds what they resolved to.
+LOSS_AUTO: dict[str, object] = {"loss_backward": "auto", "loss_chunk_size": 0}
+
+
 def loss_defaults(device: str) -> dict[str, object]:
     """What loss_backward = "auto" and loss_chunk_size = 0 resolve to on `device` ("cuda" or "cpu"),
     applied by TrainConfig.with_loss_defaults in the trainer, so RUN/train_config.toml holds the values.

@@ -199,7 +199,10 @@ gpus = 0
     assert plan.store.status == "finalized" and [s.kind for s in plan.steps] == ["train"]  # the store is reused
     cfg = tmp_path / "train.toml"
     cfg.write_text(plan.steps[0].config_text)
-    assert invoke("train-student", "--config", str(cfg)).exit_code == 0  # the chain's one step, done here
+    # the chain's one step, done here as write_configs prepares it: the run's folder exists (resume = true)
+    (tmp_path / "chain" / "runs" / "s").mkdir(parents=True)
+    r = invoke("train-student", "--config", str(cfg))
+    assert r.exit_code == 0, r.output
 
     r = invoke("submit", str(job), "--dry-run")
     assert r.exit_code == 0, r.output
