@@ -214,10 +214,8 @@ class TrainConfig:
         the run records what ran, while a config built elsewhere (a job planned on a login node
         without a GPU, configs/*.toml) keeps "auto" and resolves on the compute node.
         """
-        auto = loss_defaults(device)
-        return dataclasses.replace(
-            self, loss_backward=auto["loss_backward"] if self.loss_backward == "auto" else self.loss_backward,
-            loss_chunk_size=auto["loss_chunk_size"] if self.loss_chunk_size == 0 else self.loss_chunk_size)
+        resolved = loss_defaults(device)
+        return dataclasses.replace(self, **{k: resolved[k] for k, auto in LOSS_AUTO.items() if getattr(self, k) == auto})
 
     @property
     def weights(self) -> tuple[float, ...]:
