@@ -41,7 +41,7 @@ def test_refusals_say_what_to_change(rows):
 
 
 def test_a_rerun_reuses_only_the_same_settings(rows, tmp_path):
-    from kdpipe.pipeline import demo
+    from kdpipe.jobs import demo
 
     cfg = DemoConfig(out=str(tmp_path / "o"))
     data = split_rows(cfg, rows)
