@@ -22,6 +22,16 @@ with the paired 95% CI above 0; lower rkl_own; <= 60 minutes on 2 cores.
 
     python benchmarks/bench_onpolicy.py [--seeds 0,1,2,3,4] [--steps 200] [--rounds 2] [--reduced]
 
+Knobs of the rounds (the literature's: Agarwal et al.'s GKD, Thinking Machines' on-policy distillation), to be
+chosen on the VALIDATION split (--split validation; the held-out split once, with the chosen setting):
+  --round-divergence  reverse_kl (default), generalized_jsd (--jsd-beta) or forward_kl on the student's samples;
+  --round-mix W       each round also trains on store off at weight W against the round's store at 1 (0 = none):
+                      the share of on-policy data is 1 / (1 + W);
+  --round-temperature the student's sampling temperature in the rounds (1 = its own distribution);
+  --round-lr          the rounds' learning rate (default: --lr).
+Arm A and the first S/2 steps of arm B do not depend on them and are reused; each setting's rounds live under
+seed-N/round-R<tag> (tag empty for the defaults).
+
 --reduced: the same corpus with a smaller teacher (3x96, 300 steps, cached under OUT) and a
 400-document transfer set, for a check on a busy machine (its JSON says reduced: true; its
 figures are not the benchmark's).
@@ -97,7 +107,8 @@ def train_run(student: Path, stores: list[Path], out: Path, steps: int, args, se
         return out / "final"
     if out.exists():
         shutil.rmtree(out)
-    cfg = TrainConfig(student=str(student), stores=tuple(map(str, stores)), out=str(out), steps=steps, lr=args.lr,
+    kw.setdefault("lr", args.lr)
+    cfg = TrainConfig(student=str(student), stores=tuple(map(str, stores)), out=str(out), steps=steps,
                       warmup_steps=max(1, steps // 20), tokens_per_batch=args.tokens_per_batch, seed=seed, save_every=0,
                       device="cpu", **kw)
     t0 = time.perf_counter()
@@ -210,6 +221,13 @@ def main() -> None:
     ap.add_argument("--alpha", type=float, default=0.5, help="off-policy KD's CE weight (on-policy rounds: alpha 0)")
     ap.add_argument("--engine", default="vllm", choices=("vllm", "hf"))
     ap.add_argument("--reduced", action="store_true", help="small teacher + budgets (quick check; not the benchmark's figures)")
+    ap.add_argument("--split", default="heldout", choices=("heldout", "validation"),
+                    help="where ROUGE-L and rkl_own are measured: validation to choose the round knobs, heldout once")
+    ap.add_argument("--round-divergence", default="reverse_kl", choices=("reverse_kl", "generalized_jsd", "forward_kl"))
+    ap.add_argument("--jsd-beta", type=float, default=0.5)
+    ap.add_argument("--round-mix", type=float, default=0.0, help="weight of store off in each round (0 = rounds on their own samples only)")
+    ap.add_argument("--round-temperature", type=float, default=1.0, help="the student's sampling temperature in the rounds")
+    ap.add_argument("--round-lr", type=float, default=None, help="the rounds' lr (default: --lr)")
     args = ap.parse_args()
     t_start = time.time()
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
@@ -232,7 +250,13 @@ def main() -> None:
     teacher = q["teacher"]
     transfer = q["transfer"][: args.transfer_max] if args.transfer_max else q["transfer"]
     transfer_file = write_jsonl(out / "data" / "transfer.jsonl", transfer)
-    heldout = q["corpus"]["heldout"][: args.heldout]
+    heldout = q["corpus"][args.split][: args.heldout]
+    if args.round_mix < 0 or args.round_temperature <= 0 or not 0 < args.jsd_beta < 1:
+        ap.error("--round-mix must be >= 0, --round-temperature > 0, --jsd-beta in (0, 1)")
+    knobs = {"divergence": args.round_divergence, "jsd_beta": args.jsd_beta if args.round_divergence == "generalized_jsd" else None,
+             "mix": args.round_mix, "temperature": args.round_temperature, "lr": args.round_lr or args.lr}
+    defaults = {"divergence": "reverse_kl", "jsd_beta": None, "mix": 0.0, "temperature": 1.0, "lr": args.lr}
+    tag = "" if knobs == defaults else "-" + "-".join(f"{k}{v}" for k, v in knobs.items() if v != defaults[k])
 
     teacher_engine = None
     if args.engine == "vllm":
@@ -275,12 +299,14 @@ def main() -> None:
         curve = [{"round": 0, "steps": half, **ev.measure(model, seed)}]
         tok_b = tok_off
         for r in range(1, args.rounds + 1):
-            rd = sd / f"round-{r}"
+            rd = sd / f"round-{r}{tag}"
             cfg = gen_config(teacher, prompts_files[r - 1], rd / "store", args, recipe="on-policy", sampler=str(model),
-                             samples_per_prompt=args.samples_per_prompt, sampling_temperature=1.0, seed=seed)
+                             samples_per_prompt=args.samples_per_prompt, sampling_temperature=knobs["temperature"], seed=seed)
             store, tok = make_store(cfg, teacher_engine)
             tok_b += tok
-            model = train_run(model, [store], rd / "run", per_round, args, seed, alpha=0.0)  # divergence auto: reverse_kl
+            mix = dict(stores=[store, store_off], weights=(1.0, knobs["mix"])) if knobs["mix"] else dict(stores=[store], weights=None)
+            model = train_run(model, mix["stores"], rd / "run", per_round, args, seed, alpha=0.0, lr=knobs["lr"],
+                              divergence=knobs["divergence"], jsd_beta=args.jsd_beta, **({"store_weights": mix["weights"]} if mix["weights"] else {}))
             curve.append({"round": r, "steps": half + r * per_round, "teacher_tokens": tok, **ev.measure(model, seed)})
             log(f"seed {seed} round {r}: {curve[-1]}")
         mb = {k: curve[-1][k] for k in ("rougeL", "rkl_own")}
@@ -311,7 +337,8 @@ def main() -> None:
         "rounds": args.rounds, "teacher_tokens": {k: round(statistics.mean(v)) for k, v in teacher_tokens.items()},
         "curves": curves, "goals": goals, "seconds": seconds,
         "settings": {"seeds": seeds, "steps": args.steps, "rounds": args.rounds, "samples_per_prompt": args.samples_per_prompt,
-                     "round_prompts": M, "transfer_docs": len(transfer), "heldout": len(heldout), "max_new_tokens": args.max_new_tokens, "top_k": args.top_k,
+                     "round_prompts": M, "transfer_docs": len(transfer), "split": args.split, "eval_docs": len(heldout),
+                     "round_knobs": knobs, "max_new_tokens": args.max_new_tokens, "top_k": args.top_k,
                      "engine": args.engine, "alpha_off_policy": args.alpha, "reduced": args.reduced,
                      "teacher": str(teacher), "teacher_config": q["config"]},
     }
