@@ -112,18 +112,17 @@ def test_axolotl_round_trip_within_codec_bound(topk_store, tiny_teacher, tmp_pat
 
 
 @pytest.fixture(scope="module")
-def phase_one(tiny_teacher, tmp_path_factory):
+def phase_one(tiny_teacher, shared_vllm_engine, tmp_path_factory):
     """A store written by phase one on vLLM (score recipe, int32 ids), and the same engine's
-    prompt_logprobs serialized as vLLM's OpenAI-compatible server returns them."""
+    prompt_logprobs serialized as vLLM's OpenAI-compatible server returns them (the session's engine,
+    tests/conftest.py: one engine start fewer)."""
     require("vllm", "a real phase-one store")
-    from transformers import AutoTokenizer
     from vllm import SamplingParams
     from vllm.entrypoints.openai.completion.protocol import CompletionResponse, CompletionResponseChoice
     from vllm.entrypoints.serve.engine.protocol import UsageInfo
     from vllm.inputs import TokensPrompt
 
     from kdpipe.pipeline.generate.config import GenerateConfig
-    from kdpipe.pipeline.generate.engines import VllmEngine
     from kdpipe.pipeline.generate.run import generate_logits
 
     root = tmp_path_factory.mktemp("phase1")
@@ -132,44 +131,41 @@ def phase_one(tiny_teacher, tmp_path_factory):
     rows = [{"id": f"d{i}", "text": " ".join(rng.choice(words, 8)), "ref": " ".join(rng.choice(words, 6))} for i in range(8)]
     data = root / "docs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    eng = shared_vllm_engine
     cfg = GenerateConfig(teacher=str(tiny_teacher), data=str(data), out=str(root / "store"), recipe="score",
-                         target_field="ref", id_field="id", top_k=8, max_model_len=256, dtype="float32",
+                         target_field="ref", id_field="id", top_k=8, max_model_len=eng.max_model_len, dtype="float32",
                          enforce_eager=True, progress=False)
-    eng = VllmEngine.from_config(cfg, 256, len(AutoTokenizer.from_pretrained(tiny_teacher)))
-    try:
-        generate_logits(cfg, engine=eng)
-        if not (root / "store" / "manifest.json").exists():
-            cli("finalize", root / "store")
-        recs = records(root / "store")
-        params = SamplingParams(max_tokens=1, prompt_logprobs=8, detokenize=False)
-        outs = eng.llm.generate([TokensPrompt(prompt_token_ids=r.input_ids.tolist()) for r in recs.values()], params,
-                                use_tqdm=False)
-        lines = []
-        for sid, o in zip(recs, outs):
-            choice = CompletionResponseChoice(index=0, text="", prompt_token_ids=list(o.prompt_token_ids),
-                                              prompt_logprobs=[None if p is None else dict(p) for p in o.prompt_logprobs])
-            resp = CompletionResponse(id=f"cmpl-{sid}", model=str(tiny_teacher), choices=[choice],
-                                      usage=UsageInfo(prompt_tokens=len(o.prompt_token_ids), total_tokens=len(o.prompt_token_ids)))
-            lines.append(resp.model_dump_json())
-        (root / "vllm.jsonl").write_text("\n".join(lines) + "\n")
-        # generated tokens with logprobs=K, as the server writes them with return_tokens_as_token_ids
-        from vllm.entrypoints.openai.completion.protocol import CompletionLogProbs
+    generate_logits(cfg, engine=eng)
+    if not (root / "store" / "manifest.json").exists():
+        cli("finalize", root / "store")
+    recs = records(root / "store")
+    params = SamplingParams(max_tokens=1, prompt_logprobs=8, detokenize=False)
+    outs = eng.llm.generate([TokensPrompt(prompt_token_ids=r.input_ids.tolist()) for r in recs.values()], params,
+                            use_tqdm=False)
+    lines = []
+    for sid, o in zip(recs, outs):
+        choice = CompletionResponseChoice(index=0, text="", prompt_token_ids=list(o.prompt_token_ids),
+                                          prompt_logprobs=[None if p is None else dict(p) for p in o.prompt_logprobs])
+        resp = CompletionResponse(id=f"cmpl-{sid}", model=str(tiny_teacher), choices=[choice],
+                                  usage=UsageInfo(prompt_tokens=len(o.prompt_token_ids), total_tokens=len(o.prompt_token_ids)))
+        lines.append(resp.model_dump_json())
+    (root / "vllm.jsonl").write_text("\n".join(lines) + "\n")
+    # generated tokens with logprobs=K, as the server writes them with return_tokens_as_token_ids
+    from vllm.entrypoints.openai.completion.protocol import CompletionLogProbs
 
-        first = next(iter(recs.values()))
-        prompt = first.input_ids[:5].tolist()
-        o = eng.llm.generate([TokensPrompt(prompt_token_ids=prompt)],
-                             SamplingParams(max_tokens=4, logprobs=8, temperature=0.0, detokenize=False), use_tqdm=False)[0]
-        gen = o.outputs[0]
-        lp = CompletionLogProbs(tokens=[f"token_id:{t}" for t in gen.token_ids],
-                                token_logprobs=[d[t].logprob for t, d in zip(gen.token_ids, gen.logprobs)],
-                                top_logprobs=[{f"token_id:{k}": v.logprob for k, v in d.items()} for d in gen.logprobs])
-        choice = CompletionResponseChoice(index=0, text="", logprobs=lp, token_ids=list(gen.token_ids), prompt_token_ids=prompt)
-        resp = CompletionResponse(id="cmpl-gen", model=str(tiny_teacher), choices=[choice],
-                                  usage=UsageInfo(prompt_tokens=5, total_tokens=9, completion_tokens=4))
-        (root / "vllm-gen.json").write_text(resp.model_dump_json())
-        gen_ref = (prompt, list(gen.token_ids), [{k: v.logprob for k, v in d.items()} for d in gen.logprobs])
-    finally:
-        eng.close()
+    first = next(iter(recs.values()))
+    prompt = first.input_ids[:5].tolist()
+    o = eng.llm.generate([TokensPrompt(prompt_token_ids=prompt)],
+                         SamplingParams(max_tokens=4, logprobs=8, temperature=0.0, detokenize=False), use_tqdm=False)[0]
+    gen = o.outputs[0]
+    lp = CompletionLogProbs(tokens=[f"token_id:{t}" for t in gen.token_ids],
+                            token_logprobs=[d[t].logprob for t, d in zip(gen.token_ids, gen.logprobs)],
+                            top_logprobs=[{f"token_id:{k}": v.logprob for k, v in d.items()} for d in gen.logprobs])
+    choice = CompletionResponseChoice(index=0, text="", logprobs=lp, token_ids=list(gen.token_ids), prompt_token_ids=prompt)
+    resp = CompletionResponse(id="cmpl-gen", model=str(tiny_teacher), choices=[choice],
+                              usage=UsageInfo(prompt_tokens=5, total_tokens=9, completion_tokens=4))
+    (root / "vllm-gen.json").write_text(resp.model_dump_json())
+    gen_ref = (prompt, list(gen.token_ids), [{k: v.logprob for k, v in d.items()} for d in gen.logprobs])
     return root / "store", root / "vllm.jsonl", root / "vllm-gen.json", gen_ref
 
 
