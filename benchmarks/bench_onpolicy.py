@@ -28,7 +28,10 @@ chosen on the VALIDATION split (--split validation; the held-out split once, wit
   --round-mix W       each round also trains on store off at weight W against the round's store at 1 (0 = none):
                       the share of on-policy data is 1 / (1 + W);
   --round-temperature the student's sampling temperature in the rounds (1 = its own distribution);
-  --round-lr          the rounds' learning rate (default: --lr).
+  --round-lr          the rounds' learning rate (default: --lr);
+  --round-top-k       entries the teacher keeps per position of the student's samples (default: --top-k): the
+                      rounds' reverse KL sees only how much mass the student puts in the teacher's tail, not where,
+                      so a wider top-k constrains more of what rkl_own measures.
 Arm A and the first S/2 steps of arm B do not depend on them and are reused; each setting's rounds live under
 seed-N/round-R<tag> (tag empty for the defaults).
 
@@ -228,6 +231,7 @@ def main() -> None:
     ap.add_argument("--round-mix", type=float, default=0.0, help="weight of store off in each round (0 = rounds on their own samples only)")
     ap.add_argument("--round-temperature", type=float, default=1.0, help="the student's sampling temperature in the rounds")
     ap.add_argument("--round-lr", type=float, default=None, help="the rounds' lr (default: --lr)")
+    ap.add_argument("--round-top-k", type=int, default=None, help="the rounds' top-k (default: --top-k)")
     args = ap.parse_args()
     t_start = time.time()
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
@@ -254,8 +258,9 @@ def main() -> None:
     if args.round_mix < 0 or args.round_temperature <= 0 or not 0 < args.jsd_beta < 1:
         ap.error("--round-mix must be >= 0, --round-temperature > 0, --jsd-beta in (0, 1)")
     knobs = {"divergence": args.round_divergence, "jsd_beta": args.jsd_beta if args.round_divergence == "generalized_jsd" else None,
-             "mix": args.round_mix, "temperature": args.round_temperature, "lr": args.round_lr or args.lr}
-    defaults = {"divergence": "reverse_kl", "jsd_beta": None, "mix": 0.0, "temperature": 1.0, "lr": args.lr}
+             "mix": args.round_mix, "temperature": args.round_temperature, "lr": args.round_lr or args.lr,
+             "top_k": args.round_top_k or args.top_k}
+    defaults = {"divergence": "reverse_kl", "jsd_beta": None, "mix": 0.0, "temperature": 1.0, "lr": args.lr, "top_k": args.top_k}
     tag = "" if knobs == defaults else "-" + "-".join(f"{k}{v}" for k, v in knobs.items() if v != defaults[k])
 
     teacher_engine = None
@@ -265,7 +270,7 @@ def main() -> None:
         from kdpipe.pipeline.generate.engines import VllmEngine
 
         # temperature 1: the engine serves the greedy store and the sampled off_extra store
-        ecfg = gen_config(teacher, out / "x.jsonl", out / "x", args, temperature=1.0)
+        ecfg = gen_config(teacher, out / "x.jsonl", out / "x", args, temperature=1.0, top_k=max(args.top_k, knobs["top_k"]))
         teacher_engine = VllmEngine.from_config(ecfg, 512, len(AutoTokenizer.from_pretrained(teacher)))
 
     # Round prompts: a seeded disjoint subset of the transfer set per round (the same for every seed).
@@ -301,7 +306,8 @@ def main() -> None:
         for r in range(1, args.rounds + 1):
             rd = sd / f"round-{r}{tag}"
             cfg = gen_config(teacher, prompts_files[r - 1], rd / "store", args, recipe="on-policy", sampler=str(model),
-                             samples_per_prompt=args.samples_per_prompt, sampling_temperature=knobs["temperature"], seed=seed)
+                             samples_per_prompt=args.samples_per_prompt, sampling_temperature=knobs["temperature"], seed=seed,
+                             top_k=knobs["top_k"])
             store, tok = make_store(cfg, teacher_engine)
             tok_b += tok
             mix = dict(stores=[store, store_off], weights=(1.0, knobs["mix"])) if knobs["mix"] else dict(stores=[store], weights=None)
