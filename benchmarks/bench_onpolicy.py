@@ -24,7 +24,9 @@ with the paired 95% CI above 0; lower rkl_own; <= 60 minutes on 2 cores.
 
 Knobs of the rounds (the literature's: Agarwal et al.'s GKD, Thinking Machines' on-policy distillation), to be
 chosen on the VALIDATION split (--split validation; the held-out split once, with the chosen setting):
-  --round-divergence  reverse_kl (default), generalized_jsd (--jsd-beta) or forward_kl on the student's samples;
+  --round-divergence  reverse_kl (default: over the teacher's top-k + one tail bucket), generalized_jsd (--jsd-beta),
+                      forward_kl, or reverse_kl_sampled_token (the per-token estimator of the FULL-vocabulary
+                      KL(q‖p) at the sampled token, as in Thinking Machines' on-policy distillation);
   --round-mix W       each round also trains on store off at weight W against the round's store at 1 (0 = none):
                       the share of on-policy data is 1 / (1 + W);
   --round-temperature the student's sampling temperature in the rounds (1 = its own distribution);
@@ -226,7 +228,8 @@ def main() -> None:
     ap.add_argument("--reduced", action="store_true", help="small teacher + budgets (quick check; not the benchmark's figures)")
     ap.add_argument("--split", default="heldout", choices=("heldout", "validation"),
                     help="where ROUGE-L and rkl_own are measured: validation to choose the round knobs, heldout once")
-    ap.add_argument("--round-divergence", default="reverse_kl", choices=("reverse_kl", "generalized_jsd", "forward_kl"))
+    ap.add_argument("--round-divergence", default="reverse_kl",
+                    choices=("reverse_kl", "generalized_jsd", "forward_kl", "reverse_kl_sampled_token"))
     ap.add_argument("--jsd-beta", type=float, default=0.5)
     ap.add_argument("--round-mix", type=float, default=0.0, help="weight of store off in each round (0 = rounds on their own samples only)")
     ap.add_argument("--round-temperature", type=float, default=1.0, help="the student's sampling temperature in the rounds")
