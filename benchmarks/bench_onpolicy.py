@@ -257,7 +257,7 @@ def main() -> None:
     teacher = q["teacher"]
     transfer = q["transfer"][: args.transfer_max] if args.transfer_max else q["transfer"]
     transfer_file = write_jsonl(out / "data" / "transfer.jsonl", transfer)
-    heldout = q["corpus"][args.split][: args.heldout]
+    eval_rows = q["corpus"][args.split][: args.heldout]  # --split validation: to choose the rounds' knobs
     if args.round_mix < 0 or args.round_temperature <= 0 or not 0 < args.jsd_beta < 1:
         ap.error("--round-mix must be >= 0, --round-temperature > 0, --jsd-beta in (0, 1)")
     knobs = {"divergence": args.round_divergence, "jsd_beta": args.jsd_beta if args.round_divergence == "generalized_jsd" else None,
@@ -291,7 +291,7 @@ def main() -> None:
     store_off, tok_off = make_store(gen_config(teacher, transfer_file, out / "stores" / "off", args), teacher_engine)
     store_extra, tok_extra = make_store(gen_config(teacher, extra_file, out / "stores" / "off-extra", args, temperature=1.0, seed=1),
                                         teacher_engine)
-    ev = Evaluator(teacher, heldout, args)
+    ev = Evaluator(teacher, eval_rows, args)
     half, per_round = args.steps // 2, args.steps // (2 * args.rounds)
     res = {"off_policy": {"rougeL": [], "rkl_own": []}, "on_policy": {"rougeL": [], "rkl_own": []}}
     curves, teacher_tokens = [], {"off_policy": [], "on_policy": []}
@@ -313,9 +313,9 @@ def main() -> None:
                              top_k=knobs["top_k"])
             store, tok = make_store(cfg, teacher_engine)
             tok_b += tok
-            mix = dict(stores=[store, store_off], weights=(1.0, knobs["mix"])) if knobs["mix"] else dict(stores=[store], weights=None)
-            model = train_run(model, mix["stores"], rd / "run", per_round, args, seed, alpha=0.0, lr=knobs["lr"],
-                              divergence=knobs["divergence"], jsd_beta=args.jsd_beta, **({"store_weights": mix["weights"]} if mix["weights"] else {}))
+            stores, weights = ([store, store_off], {"store_weights": (1.0, knobs["mix"])}) if knobs["mix"] else ([store], {})
+            model = train_run(model, stores, rd / "run", per_round, args, seed, alpha=0.0, lr=knobs["lr"],
+                              divergence=knobs["divergence"], jsd_beta=args.jsd_beta, **weights)
             curve.append({"round": r, "steps": half + r * per_round, "teacher_tokens": tok, **ev.measure(model, seed)})
             log(f"seed {seed} round {r}: {curve[-1]}")
         mb = {k: curve[-1][k] for k in ("rougeL", "rkl_own")}
@@ -346,7 +346,7 @@ def main() -> None:
         "rounds": args.rounds, "teacher_tokens": {k: round(statistics.mean(v)) for k, v in teacher_tokens.items()},
         "curves": curves, "goals": goals, "seconds": seconds,
         "settings": {"seeds": seeds, "steps": args.steps, "rounds": args.rounds, "samples_per_prompt": args.samples_per_prompt,
-                     "round_prompts": M, "transfer_docs": len(transfer), "split": args.split, "eval_docs": len(heldout),
+                     "round_prompts": M, "transfer_docs": len(transfer), "split": args.split, "eval_docs": len(eval_rows),
                      "round_knobs": knobs, "max_new_tokens": args.max_new_tokens, "top_k": args.top_k,
                      "engine": args.engine, "alpha_off_policy": args.alpha, "reduced": args.reduced,
                      "teacher": str(teacher), "teacher_config": q["config"]},
