@@ -358,6 +358,9 @@ def main() -> None:
     ap.add_argument("--sweep-job", default=str(SWEEP_JOB))
     ap.add_argument("--sweep-settings", default=None, metavar="A,T,DIV;...",
                     help="sweep only these settings instead of the job file's whole grid (say so: it is in the JSON)")
+    ap.add_argument("--stop-after-sweep", action="store_true",
+                    help="print the validation sweep's scores and stop before any held-out run (to compare a training "
+                         "budget such as --student-steps on validation, in separate --out folders)")
     ap.add_argument("--jobs", type=int, default=2, help="student runs trained at the same time (processes)")
     ap.add_argument("--eval-engine", choices=("hf", "vllm"), default="hf",
                     help="evaluate's generation engine for every model (hf: no engine start per model, same protocol)")
@@ -429,6 +432,10 @@ def main() -> None:
                                     f"the sampled store supports forward KL only: its best validation setting at T = 1")
     log(f"kd setting: {chosen}; kd_sampled: {sampled_setting}")
     timings.save()
+    if args.stop_after_sweep:
+        print(json.dumps({"split": "validation", "student_steps": args.student_steps, "student_lr": args.student_lr,
+                          "sweep": sweep_info, "seconds": round(time.perf_counter() - t0, 1)}))
+        return
 
     # ---- students per seed (same init per seed); each seed is evaluated as soon as its students exist,
     # with the teacher in every report (greedy and seeded: its outputs are the same in each)
