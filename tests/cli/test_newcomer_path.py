@@ -43,6 +43,10 @@ def test_newcomer_path_with_default_flags(tmp_path):
     kdpipe(tmp_path, "tiny-model", "student", "--train-on", "docs.jsonl", "--layers", "1", "--steps", "0")
     out = kdpipe(tmp_path, "generate-logits", "--teacher", "teacher", "--data", "docs.jsonl", "--out", "store")
     assert "wrote 12 samples" in out, out
+    # Without VLLM_CPU_KVCACHE_SPACE, vLLM's CPU default reserved 90% of RAM for the KV cache and failed when less was
+    # free: kdpipe sizes it from the model and batch (issue 23); 64 MiB is the floor a model this small gets.
+    log = next((tmp_path / "store" / "logs").glob("*.log")).read_text(errors="replace")
+    assert "Explicitly set (0.06/" in log, log[-3000:]
     kdpipe(tmp_path, "finalize", "store")
     out = kdpipe(tmp_path, "inspect", "store", "--verify")
     assert "12" in out

@@ -1,4 +1,4 @@
-"""Phase one on the real vLLM CPU engine (one engine shared by the module; ~40 s to start).
+"""Phase one on the real vLLM CPU engine (the session's shared engine, tests/conftest.py; ~20-40 s to start).
 
 Tolerance: stored log-probs are within step/2 (codec quantization, step = 1/512 nats) + 1e-4
 (vLLM CPU vs transformers fp32 numerics) of a transformers forward pass; tails within 1e-4.
@@ -28,23 +28,16 @@ from kdpipe.storage import CodecConfig
 pytestmark = pytest.mark.vllm
 
 K = 8
-MAX_LEN = 256
+MAX_LEN = 512  # the shared engine's (tests/conftest.py)
 STEP = CodecConfig().logprob_step
 LP_TOL = STEP / 2 + 1e-4
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_teacher):
-    require("vllm", "phase one's default teacher engine")
-    from transformers import AutoTokenizer
-
-    from kdpipe.pipeline.generate.engines import VllmEngine
-
-    cfg = GenerateConfig(teacher=str(tiny_teacher), data="-", out="-", top_k=K, max_model_len=MAX_LEN,
-                         dtype="float32", enforce_eager=True, seed=0)
-    eng = VllmEngine.from_config(cfg, MAX_LEN, len(AutoTokenizer.from_pretrained(tiny_teacher)))
-    yield eng
-    eng.close()
+def engine(shared_vllm_engine):
+    """The session's in-process engine (tests/conftest.py: an engine start is ~20-40 s on 2 cores)."""
+    assert shared_vllm_engine.max_logprobs == K and shared_vllm_engine.max_model_len == MAX_LEN
+    return shared_vllm_engine
 
 
 @pytest.fixture(scope="module")
@@ -173,7 +166,7 @@ def test_ctrl_c_is_a_clean_interruption_like_sigterm(tiny_teacher, tmp_path):
     assert task["complete"] is False and 0 < sum(s["rows"] for s in task["shards"]) < n
 
 
-def test_cpu_kv_cache_sized_from_the_model_and_an_engine_failure_is_one_line(tiny_teacher, docs, tmp_path):
+def test_an_engine_that_cannot_start_is_one_line_naming_its_root_cause(tiny_teacher, docs, tmp_path):
     """Without VLLM_CPU_KVCACHE_SPACE, vLLM's CPU default reserved 90% of RAM for the KV cache and failed when
     less was free: kdpipe sizes it from the model and batch. An engine that cannot start is one line on the
     terminal naming its root cause (its trace stays in STORE/logs/) (issue 23)."""
@@ -187,9 +180,5 @@ def test_cpu_kv_cache_sized_from_the_model_and_an_engine_failure_is_one_line(tin
     assert "Traceback" not in r.stderr and len(err) <= 3, r.stderr[-3000:]
     assert "Error: the teacher engine did not start: ValueError: Available memory" in r.stderr, r.stderr
     assert str(tmp_path / "fail" / "logs") in r.stderr
-    r = subprocess.run(cli_args(dataclasses.replace(cfg, out=str(tmp_path / "ok"))), env=env, capture_output=True,
-                       text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "wrote 4 samples" in r.stdout
-    log = next((tmp_path / "ok" / "logs").glob("*.log")).read_text(errors="replace")
-    assert "Explicitly set (0.06/" in log, log[-3000:]  # 64 MiB: the tiny model's few KB per token, at the floor
+    # The other half, an engine that starts with kdpipe's own KV cache size when the variable is unset, is the
+    # newcomer's phase one (tests/cli/test_newcomer_path.py): the same CLI, no VLLM_CPU_KVCACHE_SPACE, asserted there.
