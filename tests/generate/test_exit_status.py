@@ -9,12 +9,15 @@ processes, all at once, each on 100 documents of several hundred tokens, each mu
 All at once (on 2 cores 136 s for the five, against 151 s in three waves of two): each is still a fresh
 process with its own engine, its own teardown and its own exit status, and a loaded machine is where a
 teardown race shows.
+That a chain whose store is a score store proceeds through finalize to training, each step starting only
+after the one before exited 0, is tests/jobs/test_slurm_score_chain.py (the same k=64 score job on 100
+documents under the real Slurm, where an exit 134 once stopped `afterok`); the local runner's chain itself is
+tests/jobs/test_local.py.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -70,59 +73,3 @@ def test_score_k64_exits_0_every_time(tiny_teacher, long_docs, tmp_path):
         assert r.returncode == 0, f"run {i}: exit {r.returncode}\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}\n{log}"
         assert f"wrote {N_DOCS} samples" in r.stdout, r.stdout
         assert (out / "tasks" / "task-00000.json").is_file()
-
-
-SCORE_JOB = """\
-name = "score-chain"
-[teacher]
-model = "{teacher}"
-dtype = "float32"
-max_model_len = 1024
-enforce_eager = true
-
-[data]
-dataset = "{data}"
-text_field = "document"
-target_field = "ref"
-id_field = "id"
-
-[generation]
-recipe = "score"
-k = {k}
-num_tasks = 1
-store = "store"
-progress = false
-
-[[students]]
-name = "s"
-model = "{student}"
-alpha = 0.5
-temperature = 2.0
-steps = 2
-tokens_per_batch = 512
-save_every = 0
-
-[slurm]
-cpus_per_task = 2
-mem = "4G"
-time = {{ generate = "00:15:00", finalize = "00:05:00", train = "00:15:00" }}
-"""
-
-
-def score_job_text(teacher, student, data, k: int = K) -> str:
-    return SCORE_JOB.format(teacher=teacher, student=student, data=data, k=k)
-
-
-def test_run_chain_with_a_score_store_reaches_training(tiny_teacher, tiny_student, long_docs, tmp_path):
-    require("vllm", "the chain's teacher pass runs under vLLM")
-    job = tmp_path / "job.toml"
-    data = tmp_path / "docs.jsonl"  # the chain's point is the step order, not the volume: 20 of the documents
-    data.write_text("".join(long_docs.read_text().splitlines(keepends=True)[:20]))
-    job.write_text(score_job_text(tiny_teacher, tiny_student, data))
-    kdpipe = shutil.which("kdpipe", path=os.path.dirname(sys.executable))
-    r = subprocess.run([kdpipe, "run", str(job)], capture_output=True, text=True, cwd=tmp_path, env=_env(), timeout=900)
-    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
-    for line in ("generate task 0", "finalize", "train-s"):
-        assert f"ok  {line}" in r.stdout, r.stdout
-    assert (tmp_path / "store" / "manifest.json").is_file()
-    assert (tmp_path / "runs" / "score-chain" / "runs" / "s" / "final").is_dir()
