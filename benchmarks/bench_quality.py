@@ -371,6 +371,8 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="a qualitylib.QualitySettings field (teacher_steps=1000, corpus=FILE.jsonl, ...); repeatable")
     args = ap.parse_args()
+    if args.stop_after_sweep and args.kd_setting:
+        ap.error("--stop-after-sweep compares the validation sweep; with --kd-setting there is no sweep to stop after")
 
     t0 = time.perf_counter()
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -391,12 +393,9 @@ def main() -> None:
     teacher_build_s = json.loads(stamp.read_text()).get("seconds", 0.0) if stamp.is_file() else 0.0  # 0: external teacher
     log(f"transfer set: {len(T['transfer'])} of {len(T['corpus']['train'])} training documents")
 
-    # ---- phase one: one teacher pass per codec on the transfer set; the references scored for sft_ref
+    # ---- phase one: the top-k store the validation sweep reads (the sampled and reference stores follow the sweep)
     gen = {"recipe": "summarize"}
     topk = ensure_store(out, "topk", teacher, data["transfer"], args, **gen, codec="topk", top_k=args.top_k)
-    sampled = ensure_store(out, "sampled", teacher, data["transfer"], args, **gen, codec="sampled", draws=args.draws, top_k=args.top_k)
-    refs = ensure_store(out, "references", teacher, reference_targets(out, T), args, recipe="score", target_field="target_ids",
-                        codec="topk", top_k=1)
 
     # ---- the kd setting, picked on validation (seed 0, one student per setting of the sweep grid)
     sweep_info: dict = {}
@@ -437,6 +436,10 @@ def main() -> None:
         print(json.dumps({"split": "validation", "student_steps": args.student_steps, "student_lr": args.student_lr,
                           "sweep": sweep_info, "seconds": round(time.perf_counter() - t0, 1)}))
         return
+    # ---- phase one for the other arms: the sampled codec on the same transfer set; the references scored for sft_ref
+    sampled = ensure_store(out, "sampled", teacher, data["transfer"], args, **gen, codec="sampled", draws=args.draws, top_k=args.top_k)
+    refs = ensure_store(out, "references", teacher, reference_targets(out, T), args, recipe="score", target_field="target_ids",
+                        codec="topk", top_k=1)
 
     # ---- students per seed (same init per seed); each seed is evaluated as soon as its students exist,
     # with the teacher in every report (greedy and seeded: its outputs are the same in each)
