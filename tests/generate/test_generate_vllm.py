@@ -167,9 +167,9 @@ def test_ctrl_c_is_a_clean_interruption_like_sigterm(tiny_teacher, tmp_path):
 
 
 def test_an_engine_that_cannot_start_is_one_line_naming_its_root_cause(tiny_teacher, docs, tmp_path):
-    """Without VLLM_CPU_KVCACHE_SPACE, vLLM's CPU default reserved 90% of RAM for the KV cache and failed when
-    less was free: kdpipe sizes it from the model and batch. An engine that cannot start is one line on the
-    terminal naming its root cause (its trace stays in STORE/logs/) (issue 23)."""
+    """An engine that cannot start (here: a KV cache larger than the machine's memory, as vLLM's CPU default of 90%
+    of RAM once asked for) is one line on the terminal naming its root cause; its trace stays in STORE/logs/
+    (issue 23). kdpipe's own KV-cache sizing when the variable is unset: tests/cli/test_newcomer_path.py."""
     require("vllm", "the engine's own KV cache sizing is what is tested")
     env = {k: v for k, v in os.environ.items() if k != "VLLM_CPU_KVCACHE_SPACE"}
     cfg = cfg_for(tiny_teacher, docs, tmp_path / "fail", limit=4)
