@@ -149,10 +149,9 @@ def run_config(run: Path, init: Path, store: Path, seed: int, args, alpha: float
 
 def is_done(cfg) -> bool:
     """RUN/final holds exactly this config (a run with other settings is retrained)."""
-    from kdpipe.pipeline.config import config_to_dict, read_toml
+    from qualitylib import finished_run_is
 
-    saved = Path(cfg.out) / "final" / "train_config.toml"
-    if not (saved.is_file() and (Path(cfg.out) / "final" / "config.json").is_file()):
+    if not (Path(cfg.out) / "final" / "config.json").is_file():
         return False
     # Same paths, new contents (a retrained teacher rebuilds the stores and the inits): older runs are stale.
     built = (Path(cfg.out) / "final" / "config.json").stat().st_mtime
@@ -160,7 +159,7 @@ def is_done(cfg) -> bool:
     if any(p.stat().st_mtime > built for p in inputs):
         log(f"{Path(cfg.out).name}: older than its store or initialization, retraining")
         return False
-    same = {k: v for k, v in read_toml(saved).items() if k != "resume"} == {k: v for k, v in config_to_dict(cfg).items() if k != "resume"}
+    same = finished_run_is(Path(cfg.out), cfg)
     if not same:
         log(f"{Path(cfg.out).name}: saved config differs, retraining")
     return same

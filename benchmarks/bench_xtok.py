@@ -81,16 +81,15 @@ def ensure_store(out: Path, teacher: Path, data: Path, args) -> Path:
 
 
 def train_run(run: Path, init: Path, store: Path, seed: int, args, **kw) -> Path:
-    from kdpipe.pipeline.config import config_to_dict, read_toml
+    from qualitylib import finished_run_is
+
     from kdpipe.pipeline.train.config import TrainConfig
     from kdpipe.pipeline.train.trainer import train
 
     cfg = TrainConfig(student=str(init), stores=(str(store),), out=str(run), lr=args.lr,
                       warmup_steps=max(1, args.steps // 20), steps=args.steps, tokens_per_batch=args.tokens_per_batch,
                       seed=seed, save_every=0, device="cpu", **kw)
-    saved = run / "final" / "train_config.toml"
-    if saved.is_file() and {k: v for k, v in read_toml(saved).items() if k != "resume"} == \
-            {k: v for k, v in config_to_dict(cfg).items() if k != "resume"}:
+    if finished_run_is(run, cfg):
         return run / "final"
     shutil.rmtree(run, ignore_errors=True)
     t0 = time.perf_counter()

@@ -207,6 +207,23 @@ def _tiny_cfg(vocab: int, layers: int, hidden: int, max_pos: int, seed: int):
                            max_position_embeddings=max_pos, seed=seed)
 
 
+def finished_run_is(run: Path, cfg) -> bool:
+    """Whether RUN/final holds a finished run of exactly `cfg` (a TrainConfig), so a benchmark may reuse it.
+
+    The trainer writes RUN/final/train_config.toml with the loss fields it resolved on its device
+    (TrainConfig.with_loss_defaults: loss_backward, loss_chunk_size), while a benchmark's config leaves them at
+    auto: compare against `cfg` resolved the same way (before, every finished run compared unequal and was
+    retrained). `resume` never counts.
+    """
+    from kdpipe.pipeline.config import config_to_dict, read_toml
+
+    saved = Path(run) / "final" / "train_config.toml"
+    if not (saved.is_file() and (Path(run) / "final" / "config.json").is_file()):
+        return False
+    want = config_to_dict(cfg.with_loss_defaults("cuda" if str(cfg.device).startswith("cuda") else "cpu"))
+    return {k: v for k, v in read_toml(saved).items() if k != "resume"} == {k: v for k, v in want.items() if k != "resume"}
+
+
 def recorded_settings(root: Path) -> dict[str, Any]:
     """The QualitySettings of the teacher cached under ROOT ({} when there is none): a benchmark that shares
     another's cache asks for exactly these, so it reuses (never retrains) that teacher and its bases."""

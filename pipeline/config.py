@@ -225,10 +225,43 @@ def looks_like_path(model: str) -> bool:
 
 
 def check_model_dir(model: str, what: str) -> None:
-    """Refuse a local model path that does not exist before any hub loader sees it."""
-    if looks_like_path(model) and not Path(os.path.expanduser(model)).exists():
+    """Refuse a model that cannot be found before any hub loader sees it: a local path that does not exist, or a
+    hub id (NAME, ORG/NAME) that is neither a local directory nor in the hub cache while the hub cannot be reached
+    (huggingface_hub would retry for ~25 s per file before its own error)."""
+    if Path(os.path.expanduser(model)).exists():
+        return
+    if looks_like_path(model):
         raise ConfigError(f"{what}: no such directory: {model}; point it at a model directory (config.json, "
                           "weights, tokenizer) or give a hub id (ORG/NAME)")
+    host = _unreachable_hub_host(model)
+    if host is not None:
+        raise ConfigError(f"{what}: {model!r} is not a local directory, and as a hub id it is not in the hub cache and "
+                          f"{host} cannot be reached (no name resolution); give the model directory's path (there is no "
+                          f"{model} in the working directory {Path.cwd()}) or connect to the hub")
+
+
+def _unreachable_hub_host(model: str) -> str | None:
+    """The hub's host when a hub id cannot be loaded at all: online mode, not cached, the host's name does not
+    resolve. None when it may load (offline mode reads the cache itself and fails at once; a resolvable host or a
+    cached copy is the loader's business)."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if constants.HF_HUB_OFFLINE:
+        return None
+    try:
+        if isinstance(try_to_load_from_cache(model, "config.json"), str):
+            return None
+    except ValueError:  # not a valid repo id at all: the loader's own message says so
+        return None
+    host = urlparse(constants.ENDPOINT).hostname or constants.ENDPOINT
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError:
+        return host
+    return None
 
 
 def read_toml(path: str | os.PathLike) -> dict[str, Any]:

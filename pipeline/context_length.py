@@ -7,6 +7,7 @@ checking it here turns that into a one-line error before any engine starts.
 
 from __future__ import annotations
 
+from kdpipe.pipeline.config import check_model_dir
 from kdpipe.storage.errors import ConfigError
 
 # Keys of a model config that give its context length, in the order vLLM consults them.
@@ -18,6 +19,7 @@ def model_context_length(model: str, revision: str | None = None, trust_remote_c
     """The context length `model`'s config states (None when it states none); `what` names it in errors."""
     from transformers import AutoConfig
 
+    check_model_dir(model, what)  # a missing path or an unreachable hub id: one line, before the loader's retries
     try:
         mc = AutoConfig.from_pretrained(model, revision=revision, trust_remote_code=trust_remote_code)
     except Exception as e:

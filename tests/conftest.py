@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from kdtest import DEMO_KEY, IN_CI, BackgroundDemo, require  # noqa: F401  (re-exported for fixtures below)
+from kdtest import IN_CI, LANE_KEY, TINY_TEACHER_SEED, BackgroundLane, require  # noqa: F401  (re-exported for fixtures below)
 
 # vLLM on CPU: a small KV cache, and the thread binding TP=2 needs on 2-core machines.
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -32,7 +32,7 @@ def tiny_teacher(tmp_path_factory, tiny_corpus) -> Path:
     """A 2-layer Llama (vocab ~512) with a locally trained tokenizer and chat template."""
     from kdpipe.pipeline.tiny import TinyModelConfig, build_tiny
 
-    return build_tiny(tmp_path_factory.mktemp("teacher"), tiny_corpus, TinyModelConfig(seed=0))
+    return build_tiny(tmp_path_factory.mktemp("teacher"), tiny_corpus, TinyModelConfig(seed=TINY_TEACHER_SEED))
 
 
 @pytest.fixture(scope="session")
@@ -72,33 +72,48 @@ def shared_vllm_engine(tiny_teacher):
     eng.close()
 
 
-# ------------------------------------------------------------------ the demo, started early (kdtest.BackgroundDemo)
-
-DEMO_TESTS = "evaluate/test_demo.py"
+# ------------------------------------------------------------------ the background lane (kdtest.BackgroundLane)
 
 
-def _is_demo(item) -> bool:
-    return item.nodeid.replace("\\", "/").split("::")[0].endswith(DEMO_TESTS)
+def _job_module(item):
+    return item.module if getattr(item.module, "BACKGROUND_JOB", None) is not None else None
 
 
 def pytest_collection_modifyitems(config, items):
-    """The demo's tests run last: they wait for the demo started when collection ended."""
-    items[:] = [i for i in items if not _is_demo(i)] + [i for i in items if _is_demo(i)]
+    """Tests of modules with a BACKGROUND_JOB run last: they wait for jobs started when collection ended."""
+    items[:] = [i for i in items if _job_module(i) is None] + [i for i in items if _job_module(i) is not None]
 
 
 def pytest_collection_finish(session):
+    """Start the lane with every selected module's BACKGROUND_JOB, in the order their tests will run."""
     import importlib.util
 
-    if session.config.option.collectonly or not any(_is_demo(i) for i in session.items):
+    if session.config.option.collectonly:
         return
-    if importlib.util.find_spec("vllm") is None:
-        return  # the demo fixture's require() skips (or fails in CI) as before
-    factory = getattr(session.config, "_tmp_path_factory", None)
-    root = factory.mktemp("demo") if factory is not None else Path(__import__("tempfile").mkdtemp(prefix="kd-demo-"))
-    session.config.stash[DEMO_KEY] = BackgroundDemo(root / "demo-output")
+    modules = list(dict.fromkeys(m for m in map(_job_module, session.items) if m is not None))
+    if not modules or importlib.util.find_spec("vllm") is None:
+        return  # each job's fixture require()s vLLM (a skip, or a failure in CI) as before
+    import kdtest
+
+    lane = BackgroundLane()
+    kdtest._LANE[:] = [lane]
+    session.config.stash[LANE_KEY] = lane
+    factory = session.config._tmp_path_factory
+    for m in modules:
+        lane.submit(m.__name__, m.BACKGROUND_JOB, factory.mktemp(m.__name__.rsplit(".", 1)[-1]))
+
+
+@pytest.fixture(scope="module")
+def background_job(request, tmp_path_factory):
+    """The result of this module's BACKGROUND_JOB: from the lane, or run here when the session started none."""
+    m = request.module
+    lane = request.config.stash.get(LANE_KEY, None)
+    if lane is None or not lane.has(m.__name__):
+        return m.BACKGROUND_JOB(tmp_path_factory.mktemp(m.__name__.rsplit(".", 1)[-1]))
+    return lane.result(m.__name__)
 
 
 def pytest_sessionfinish(session):
-    demo = session.config.stash.get(DEMO_KEY, None)
-    if demo is not None:
-        demo.stop()
+    lane = session.config.stash.get(LANE_KEY, None)
+    if lane is not None:
+        lane.stop()

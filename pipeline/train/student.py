@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from kdpipe.pipeline.config import check_model_dir
 from kdpipe.pipeline.train.config import TrainConfig
 from kdpipe.pipeline.train.data import store_max_sequence_length
 from kdpipe.pipeline.divergence import default_divergence
@@ -30,6 +31,7 @@ from kdpipe.storage.errors import ConfigError, StoreError
 def load_tokenizer(cfg: TrainConfig, path: str | None = None):
     from transformers import AutoTokenizer
 
+    check_model_dir(path or cfg.student, "student")
     try:
         return AutoTokenizer.from_pretrained(path or cfg.student, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as e:

@@ -5,27 +5,38 @@ the jobs layer, evaluation; a quiet terminal, the report's sections, the teacher
 from __future__ import annotations
 
 import json
+import os
+import sys
+from pathlib import Path
 
 import pytest
 
-from kdtest import DEMO_KEY, BackgroundDemo, require
+from kdtest import require, run_in_lane
 
-# ~7 min on a quiet 2-core machine (the teacher's 1,000 steps are half of it), started in the background when
-# collection ends (tests/conftest.py); the timeout gives the demo room on a loaded one.
+# ~7 min on a quiet 2-core machine (the teacher's 1,000 steps are half of it), started in the session's background
+# lane when collection ends (tests/conftest.py); the timeout gives the demo room on a loaded machine.
 pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.timeout(3000)]
 
 
-@pytest.fixture(scope="module")
-def demo_out(request, tmp_path_factory):
-    """The demo's output; tests/conftest.py started it when collection ended (kdtest.BackgroundDemo)
-    and orders these tests last, so they wait only for what is left of it."""
+def run_demo(root: Path):
+    """`kdpipe demo --budget small` into root/demo-output (the session's BackgroundLane runs it)."""
     require("vllm", "the demo runs phase one and evaluation under vLLM")
-    demo = request.config.stash.get(DEMO_KEY, None)
-    if demo is None:  # not started at collection (e.g. vLLM was found only now): start it here
-        demo = BackgroundDemo(tmp_path_factory.mktemp("demo") / "demo-output")
-    rc, stdout, stderr = demo.result()
-    assert rc == 0, (stdout[-2000:], stderr[-4000:])
-    return demo.out, stdout, stderr
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    out = root / "demo-output"
+    r = run_in_lane([sys.executable, "-m", "kdpipe.pipeline.cli", "demo", "--budget", "small", "--out", str(out)],
+                    timeout=3000, capture_output=True, text=True, env=env)
+    return out, r
+
+
+BACKGROUND_JOB = run_demo
+
+
+@pytest.fixture(scope="module")
+def demo_out(background_job):
+    """The demo's output (tests/conftest.py started it when collection ended and orders these tests last)."""
+    out, r = background_job
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-4000:])
+    return out, r.stdout, r.stderr
 
 
 def test_demo_prints_headline_sentence_and_report_path(demo_out):

@@ -209,6 +209,29 @@ def test_missing_local_teacher_says_no_such_directory(docs_file, tmp_path, no_en
     assert len(r.output.strip().splitlines()) == 1 and not (tmp_path / "s").exists()
 
 
+def test_a_bare_name_that_is_neither_here_nor_reachable_fails_at_once(docs_file, tmp_path, monkeypatch):
+    """`--teacher teacher` with no ./teacher and no hub in reach: one line naming the working directory, before
+    huggingface_hub's retries (~25 s per file with the network down), for phase one's teacher and the student."""
+    from huggingface_hub import constants
+
+    from kdpipe.pipeline.train.command import train_student
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "https://kdpipe-no-such-host.invalid")  # never resolves (RFC 6761)
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(cli_command, ["--teacher", "teacher", "--data", str(docs_file), "--out", "s"])
+    assert r.exit_code != 0 and "teacher: 'teacher' is not a local directory" in r.output, r.output
+    assert f"kdpipe-no-such-host.invalid cannot be reached" in r.output and str(tmp_path) in r.output, r.output
+    assert len(r.output.strip().splitlines()) == 1 and not (tmp_path / "s").exists()
+    r = CliRunner().invoke(train_student, ["--student", "student", "--store", str(tmp_path), "--out", "run"])
+    assert r.exit_code != 0 and "student: 'student' is not a local directory" in r.output, r.output
+    # A hub id that is cached is the loader's business even with the host unreachable.
+    monkeypatch.setattr("huggingface_hub.try_to_load_from_cache", lambda *a, **k: str(tmp_path / "config.json"))
+    from kdpipe.pipeline.config import check_model_dir
+
+    check_model_dir("teacher", "teacher")
+
+
 def test_max_model_len_above_teacher(tiny_teacher, docs_file, tmp_path, no_engine):
     with pytest.raises(ConfigError, match="above the teacher's context length 1024"):
         generate_logits(cfg_for(tiny_teacher, docs_file, tmp_path / "s", max_model_len=4096))

@@ -51,3 +51,27 @@ def test_train_student_writes_the_resolved_loss_settings(tiny_student, topk_stor
     for f in (result.run / "train_config.toml", result.final / "train_config.toml"):
         saved = read_toml(f)
         assert (saved["loss_backward"], saved["loss_chunk_size"]) == ("in_forward", 1024), f
+
+
+def test_the_benchmarks_reuse_a_finished_run_of_the_same_config(tiny_student, topk_store, tmp_path):
+    """bench_quality and bench_xtok reuse RUN/final when it holds their config (qualitylib.finished_run_is). The run's
+    saved config holds the resolved loss fields and theirs "auto": compared as they were, every finished run looked
+    stale ("saved config differs, retraining") and was trained again."""
+    import dataclasses
+    import sys
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from kdpipe.pipeline.train.trainer import train
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    import bench_quality
+    from qualitylib import finished_run_is
+
+    args = SimpleNamespace(student_lr=3e-3, student_steps=2, tokens_per_batch=160)
+    cfg = bench_quality.run_config(tmp_path / "run", tiny_student, topk_store, 1, args, alpha=0.5)
+    assert cfg.loss_backward == "auto" and not bench_quality.is_done(cfg)
+    train(cfg)
+    assert bench_quality.is_done(cfg) and finished_run_is(tmp_path / "run", cfg)
+    assert not finished_run_is(tmp_path / "run", dataclasses.replace(cfg, alpha=0.2))
+    assert not finished_run_is(tmp_path / "run", dataclasses.replace(cfg, loss_chunk_size=256))
