@@ -23,7 +23,7 @@ def require(module: str, why: str) -> None:
 
 
 class BackgroundLane:
-    """The session's long, self-contained CLI tests, run one after another in a background thread (nice +10).
+    """The session's long, self-contained CLI tests, run in background threads (WIDTH at a time, nice +10).
 
     Why: the suite shares 2 cores, and most of its tests keep about one busy. A test module that defines
     `BACKGROUND_JOB(root) -> result` (a function that only runs kdpipe's command line in subprocesses, through
@@ -36,7 +36,7 @@ class BackgroundLane:
     TIMEOUT_S = 3000  # per job, from the lane's start (a job waits behind the jobs before it)
     # Jobs at a time. Measured on 2 cores (575 tests, CI=true): one at a time 1,235 s (the suite before the lane,
     # with the demo alone in the background: 1,325 s).
-    WIDTH = 1
+    WIDTH = 2
 
     def __init__(self) -> None:
         import threading
