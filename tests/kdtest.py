@@ -47,6 +47,7 @@ class BackgroundLane:
         self._jobs: dict = {}
         self._procs: set = set()
         self._lock = threading.Lock()
+        self._stopped = False
         self.started = time.monotonic()
 
     def submit(self, key: str, fn, *args) -> None:
@@ -70,8 +71,10 @@ class BackgroundLane:
 
         if kw.pop("capture_output", False):
             kw.update(stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        p = subprocess.Popen(["nice", "-n", "10", *cmd], start_new_session=True, stdin=subprocess.DEVNULL, **kw)
         with self._lock:
+            if self._stopped:  # the session ended (an interrupt): a running job starts nothing more
+                raise RuntimeError("the test session ended; background job stopped")
+            p = subprocess.Popen(["nice", "-n", "10", *cmd], start_new_session=True, stdin=subprocess.DEVNULL, **kw)
             self._procs.add(p)
         try:
             out, err = p.communicate(timeout=timeout)
@@ -97,6 +100,7 @@ class BackgroundLane:
         """Kill what still runs (an interrupted session) and drop queued jobs."""
         self._pool.shutdown(wait=False, cancel_futures=True)
         with self._lock:
+            self._stopped = True
             procs = list(self._procs)
         for p in procs:
             if p.poll() is None:
