@@ -41,6 +41,7 @@ def loss_defaults(device: str) -> dict[str, object]:
 
 # Fields that always name local paths, made absolute in __post_init__ (`student` may be a hub id: left as given).
 PATH_FIELDS = ("stores", "out", "val_stores", "teacher_tokenizer")
+TUPLE_PATH_FIELDS = ("stores", "val_stores")  # one or more paths
 
 
 def absolute_path(path: str) -> str:
@@ -133,6 +134,14 @@ class TrainConfig:
         def bad(key: str, msg: str) -> ConfigError:
             return ConfigError(f"{key}: {msg}")
 
+        # A list (the natural library call) or one path given for a tuple of paths is that tuple: before, a list was
+        # made into one path named after its repr ("/cwd/['store']") and a string was read letter by letter.
+        for key in TUPLE_PATH_FIELDS:
+            v = getattr(self, key)
+            if isinstance(v, (str, os.PathLike)):
+                object.__setattr__(self, key, (os.fspath(v),) if os.fspath(v) else ())
+            elif isinstance(v, list):
+                object.__setattr__(self, key, tuple(os.fspath(p) for p in v))
         if not self.stores:
             raise bad("stores", "give at least one store directory (--store)")
         if self.store_weights:

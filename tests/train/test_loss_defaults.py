@@ -75,3 +75,17 @@ def test_the_benchmarks_reuse_a_finished_run_of_the_same_config(tiny_student, to
     assert bench_quality.is_done(cfg) and finished_run_is(tmp_path / "run", cfg)
     assert not finished_run_is(tmp_path / "run", dataclasses.replace(cfg, alpha=0.2))
     assert not finished_run_is(tmp_path / "run", dataclasses.replace(cfg, loss_chunk_size=256))
+
+
+def test_stores_given_as_a_list_or_one_path_are_that_tuple(tmp_path, monkeypatch):
+    """TrainConfig(stores=["store"]) is a natural library call: it made one path named "/cwd/['store']"."""
+    from pathlib import Path
+
+    monkeypatch.chdir(tmp_path)
+    want = TrainConfig(student="s", stores=("store",), out="run", val_stores=("val",))
+    for stores, val in ((["store"], ["val"]), ("store", "val"), (Path("store"), Path("val"))):
+        got = TrainConfig(student="s", stores=stores, out="run", val_stores=val)
+        assert got == want and got.stores == (str(tmp_path / "store"),), got.stores
+    assert TrainConfig(student="s", stores=("a", "b"), out="run").stores == (str(tmp_path / "a"), str(tmp_path / "b"))
+    with pytest.raises(ConfigError, match="stores"):
+        TrainConfig(student="s", stores=[], out="run")
