@@ -210,18 +210,19 @@ def _tiny_cfg(vocab: int, layers: int, hidden: int, max_pos: int, seed: int):
 def finished_run_is(run: Path, cfg) -> bool:
     """Whether RUN/final holds a finished run of exactly `cfg` (a TrainConfig), so a benchmark may reuse it.
 
-    The trainer writes RUN/final/train_config.toml with the loss fields it resolved on its device
-    (TrainConfig.with_loss_defaults: loss_backward, loss_chunk_size), while a benchmark's config leaves them at
-    auto: compare against `cfg` resolved the same way (before, every finished run compared unequal and was
-    retrained). `resume` never counts.
+    The jobs layer's check of a finished run (jobs.steps.same_config): the trainer writes RUN/final/train_config.toml
+    with the loss fields it resolved on its device (train.config.LOSS_AUTO), which `cfg` leaves at auto (before, a
+    plain comparison found every finished run different and retrained it). `resume` never counts.
     """
-    from kdpipe.pipeline.config import config_to_dict, read_toml
+    import tomli_w
 
-    saved = Path(run) / "final" / "train_config.toml"
-    if not (saved.is_file() and (Path(run) / "final" / "config.json").is_file()):
-        return False
-    want = config_to_dict(cfg.with_loss_defaults("cuda" if str(cfg.device).startswith("cuda") else "cpu"))
-    return {k: v for k, v in read_toml(saved).items() if k != "resume"} == {k: v for k, v in want.items() if k != "resume"}
+    from kdpipe.jobs.steps import same_config
+    from kdpipe.pipeline.config import config_to_dict
+    from kdpipe.pipeline.train.config import LOSS_AUTO
+
+    final = Path(run) / "final"
+    return (final / "config.json").is_file() and same_config(
+        final / "train_config.toml", tomli_w.dumps(config_to_dict(cfg)), ignore={"resume"}, resolved_at_run=LOSS_AUTO)
 
 
 def recorded_settings(root: Path) -> dict[str, Any]:

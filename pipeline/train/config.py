@@ -139,7 +139,8 @@ class TrainConfig:
         for key in TUPLE_PATH_FIELDS:
             v = getattr(self, key)
             if isinstance(v, (str, os.PathLike)):
-                object.__setattr__(self, key, (os.fspath(v),) if os.fspath(v) else ())
+                v = os.fspath(v)
+                object.__setattr__(self, key, (v,) if v else ())
             elif isinstance(v, list):
                 object.__setattr__(self, key, tuple(os.fspath(p) for p in v))
         if not self.stores:
